@@ -1,0 +1,1 @@
+//! Benchmarks of the Ember exit path; see `benches/`.
