@@ -25,9 +25,9 @@ impl BusKind {
         }
     }
 
-    fn address_limit(self) -> u64 {
+    fn max_address(self) -> u64 {
         match self {
-            BusKind::Pio => 0x1_0000,
+            BusKind::Pio => 0xffff,
             BusKind::Mmio => u64::MAX,
         }
     }
@@ -216,7 +216,7 @@ impl Bus {
             return Err(invalid);
         }
         let last = base.checked_add(len - 1).ok_or(invalid)?;
-        if last >= self.kind.address_limit() {
+        if last > self.kind.max_address() {
             return Err(invalid);
         }
         let new = Entry { base, len, device };
@@ -280,8 +280,7 @@ impl Bus {
         let idx = entries.partition_point(|e| e.base <= addr);
         let entry = entries.get(idx.checked_sub(1)?)?;
         let offset = addr - entry.base;
-        // `len` is at most 8 here, so the sum cannot overflow.
-        (offset + len as u64 <= entry.len).then_some(entry)
+        (offset < entry.len && len as u64 <= entry.len - offset).then_some(entry)
     }
 
     /// Dispatches a guest read of `data.len()` bytes at `addr`.
@@ -503,6 +502,10 @@ mod tests {
         let mut data = [0u8; 8];
         mmio.read(u64::MAX - 7, &mut data).unwrap();
         assert!(mmio.read(u64::MAX - 3, &mut data).is_err());
+        // Far past the last device: no overflow, just unclaimed.
+        let small = Bus::new(BusKind::Mmio);
+        small.insert(0, 1, recorder()).unwrap();
+        assert!(small.read(u64::MAX - 1, &mut data).is_err());
     }
 
     #[test]
