@@ -1,1 +1,84 @@
-//! Linux boot loader for x86-64 KVM guests: ELF vmlinux, zero page, command line and e820 map
+//! Linux boot loader for x86-64 KVM guests.
+//!
+//! `ember-boot` puts a Linux kernel and its boot parameters into guest memory
+//! so that a VMM can start a vCPU at the kernel's 64-bit entry point. It
+//! loads a 64-bit ELF kernel (`vmlinux`) with [`load_elf`], and writes the
+//! command line ([`Cmdline`]) and the zero page ([`BootParams`], with an
+//! [e820 map](e820_map)) with [`configure_linux_boot`]. Where each piece goes
+//! in guest physical memory, and why, is documented in [`layout`].
+//!
+//! All input, above all the kernel image, is treated as untrusted: any byte
+//! sequence yields either a load or a [`BootError`], never a panic, and a
+//! rejected image leaves guest memory untouched.
+//!
+//! # Example
+//!
+//! ```
+//! use ember_boot::{configure_linux_boot, load_elf, BootParams, Cmdline, HIMEM_START};
+//! use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+//!
+//! # // A minimal vmlinux-like ELF64: one PT_LOAD of 4 code bytes at 16 MiB
+//! # // (with 0x1000 bytes in memory), entry point at its start.
+//! # fn tiny_vmlinux() -> Vec<u8> {
+//! #     let mut elf = vec![0u8; 64 + 56];
+//! #     elf[..7].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1]);
+//! #     elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+//! #     elf[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+//! #     elf[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes()); // e_entry
+//! #     elf[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+//! #     elf[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+//! #     elf[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+//! #     let ph = &mut elf[64..];
+//! #     ph[..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+//! #     ph[8..16].copy_from_slice(&120u64.to_le_bytes()); // p_offset
+//! #     ph[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes()); // p_paddr
+//! #     ph[32..40].copy_from_slice(&4u64.to_le_bytes()); // p_filesz
+//! #     ph[40..48].copy_from_slice(&0x1000u64.to_le_bytes()); // p_memsz
+//! #     elf.extend_from_slice(&[0xf4, 0xeb, 0xfd, 0x90]); // hlt; jmp $-1; nop
+//! #     elf
+//! # }
+//! // 64 MiB of guest RAM at guest physical address 0.
+//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+//!
+//! // Load the kernel at or above 1 MiB.
+//! let kernel = load_elf(&mem, &tiny_vmlinux(), GuestAddress(HIMEM_START))?;
+//! assert_eq!(kernel.entry, GuestAddress(0x100_0000));
+//! assert_eq!(kernel.end, GuestAddress(0x100_1000));
+//!
+//! // Write the command line and the zero page.
+//! let mut cmdline = Cmdline::default();
+//! cmdline.insert_str("console=ttyS0 reboot=k panic=1")?;
+//! let zero_page = configure_linux_boot(&mem, &cmdline)?;
+//!
+//! // A VMM now starts the vCPU at `kernel.entry` with `rsi = zero_page`.
+//! let mut page = [0u8; 4096];
+//! mem.read_slice(&mut page, zero_page).unwrap();
+//! let params = BootParams::from_bytes(page);
+//! assert_eq!(params.boot_flag(), 0xaa55);
+//! assert_eq!(params.e820_entries(), 3);
+//! # Ok::<(), ember_boot::BootError>(())
+//! ```
+#![deny(missing_docs)]
+
+pub mod cmdline;
+pub mod e820;
+pub mod elf;
+pub mod error;
+mod guest;
+pub mod layout;
+mod le;
+pub mod linux;
+pub mod zero_page;
+
+#[cfg(test)]
+mod testing;
+
+pub use cmdline::{load_cmdline, Cmdline};
+pub use e820::{e820_map, E820Entry, E820_MAX_ENTRIES, E820_RAM, E820_RESERVED};
+pub use elf::{load_elf, KernelLoad};
+pub use error::BootError;
+pub use layout::{
+    CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, ZERO_PAGE_SIZE, ZERO_PAGE_START,
+};
+pub use linux::{configure_linux_boot, linux_boot_params};
+pub use zero_page::BootParams;

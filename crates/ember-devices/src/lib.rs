@@ -1,1 +1,76 @@
-//! Legacy devices for Ember VMMs: 16550 serial, i8042, debug-exit and boot-done ports, in-kernel irqchip and PIT
+//! Legacy PC devices for Ember virtual machine monitors: a 16550A serial port, an
+//! i8042 controller that turns the guest's reset into a clean exit, debug-exit and
+//! boot-done ports, and setup of KVM's in-kernel interrupt controllers and PIT.
+//!
+//! Every device implements [`ember_bus::BusDevice`]: insert it into an
+//! [`ember_bus::Bus`] at its port and the vCPU run loop reaches it through the bus.
+//! Devices lock themselves, so all methods take `&self`, and whatever a guest sends
+//! (offsets, widths, values) is handled without panicking.
+//!
+//! ```
+//! use std::io::Write;
+//! use std::sync::{Arc, Mutex};
+//! use ember_bus::{Bus, BusKind};
+//! use ember_devices::*;
+//!
+//! /// Collects serial output in memory.
+//! #[derive(Clone, Default)]
+//! struct Buf(Arc<Mutex<Vec<u8>>>);
+//! impl Write for Buf {
+//!     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+//!         self.0.lock().unwrap().extend_from_slice(data);
+//!         Ok(data.len())
+//!     }
+//!     fn flush(&mut self) -> std::io::Result<()> { Ok(()) }
+//! }
+//!
+//! let pio = Bus::new(BusKind::Pio);
+//! let out = Buf::default();
+//! let serial = Serial::new(SerialOutput::Writer(Box::new(out.clone())), IrqLine::new()?)?;
+//! pio.insert(COM1_PORT.into(), SERIAL_PORT_SIZE, Arc::new(serial))?;
+//!
+//! let exit = Arc::new(ExitSignal::new()?);
+//! pio.insert(
+//!     DEBUG_EXIT_PORT.into(),
+//!     DEBUG_EXIT_PORT_SIZE,
+//!     Arc::new(DebugExit::new(Arc::clone(&exit))),
+//! )?;
+//!
+//! // What a vCPU does on `out 0x3f8, al` and then `out 0xf4, al`:
+//! pio.write(COM1_PORT.into(), b"A")?;
+//! pio.write(DEBUG_EXIT_PORT.into(), &[7])?;
+//!
+//! assert_eq!(*out.0.lock().unwrap(), b"A");
+//! assert_eq!(exit.requested(), Some(ExitRequest::DebugExit(7)));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Modules, one concept each: [`exit`] (how devices ask the VMM to end the VM),
+//! [`irq`] (eventfd interrupt lines), [`serial`], [`i8042`], [`debug_exit`],
+//! [`boot_done`], [`irqchip`] (KVM's in-kernel PIC/IOAPIC/LAPIC and PIT) and
+//! [`error`].
+
+#![deny(missing_docs)]
+
+pub mod boot_done;
+pub mod debug_exit;
+pub mod error;
+pub mod exit;
+pub mod i8042;
+pub mod irq;
+#[cfg(target_arch = "x86_64")]
+pub mod irqchip;
+pub mod serial;
+
+#[cfg(test)]
+mod testutil;
+
+pub use boot_done::{BootDone, BOOT_DONE_MAGIC, BOOT_DONE_PORT, BOOT_DONE_PORT_SIZE};
+pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_SIZE};
+pub use error::DeviceError;
+pub use exit::{ExitRequest, ExitSignal};
+pub use i8042::{I8042, I8042_PORT, I8042_PORT_SIZE};
+pub use irq::IrqLine;
+#[cfg(target_arch = "x86_64")]
+pub use irqchip::create_irqchip_and_pit;
+pub use serial::{Serial, SerialOutput, SerialStats, COM1_GSI, COM1_PORT, SERIAL_PORT_SIZE};

@@ -25,9 +25,16 @@ pub fn kvm_available(test: &str) -> bool {
             let required = std::env::var(REQUIRE_KVM_ENV).is_ok_and(|v| v == "1");
             eprintln!(
                 "!!! KVM UNAVAILABLE: test `{test}` did NOT run: cannot open /dev/kvm: {err}{}",
-                if required { "" } else { " (set EMBER_REQUIRE_KVM=1 to make this fatal)" }
+                if required {
+                    ""
+                } else {
+                    " (set EMBER_REQUIRE_KVM=1 to make this fatal)"
+                }
             );
-            assert!(!required, "{test}: KVM is required ({REQUIRE_KVM_ENV}=1) but /dev/kvm is unusable: {err}");
+            assert!(
+                !required,
+                "{test}: KVM is required ({REQUIRE_KVM_ENV}=1) but /dev/kvm is unusable: {err}"
+            );
             false
         }
     }

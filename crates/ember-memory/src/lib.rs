@@ -1,1 +1,51 @@
-//! x86-64 guest memory layout, allocation on vm-memory, KVM memory slots and resource allocators
+//! Guest memory for x86-64 KVM virtual machines: the physical memory map, RAM backed by
+//! [vm-memory](vm_memory), KVM memory slots, and allocators for MMIO windows and
+//! interrupt lines (GSIs).
+//!
+//! * [`MemoryLayout`] places RAM below the 32-bit MMIO hole `[3 GiB, 4 GiB)` and above
+//!   4 GiB, and names the device and 64-bit MMIO windows.
+//! * [`create_guest_memory`] maps host memory for the layout, optionally with huge pages.
+//! * [`register_memory_slots`] hands that memory to a KVM VM.
+//! * [`AddressAllocator`] and [`GsiAllocator`] hand out MMIO ranges and GSIs without
+//!   overlaps.
+//!
+//! ```
+//! use ember_memory::vm_memory::{Bytes, GuestAddress};
+//! use ember_memory::{create_guest_memory, AddressAllocator, GsiAllocator, HugePages};
+//! use ember_memory::{MemoryLayout, MIB};
+//!
+//! let layout = MemoryLayout::new(512 * MIB)?;
+//! let mem = create_guest_memory(&layout, HugePages::None)?;
+//! mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))?;
+//! assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000))?, 0xdead_beef);
+//!
+//! // MMIO ranges for devices come from the window inside the 32-bit hole.
+//! let (base, size) = layout.device_mmio_window();
+//! let mut mmio = AddressAllocator::new(base, size)?;
+//! let regs = mmio.allocate(0x1000, 0x1000)?;
+//! assert_eq!(regs, GuestAddress(0xD000_0000));
+//!
+//! // IOAPIC pins 0-4 belong to legacy devices.
+//! let mut gsis = GsiAllocator::new(5, 23)?;
+//! assert_eq!(gsis.allocate()?, 5);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![deny(missing_docs)]
+
+mod allocator;
+mod error;
+mod guest;
+mod layout;
+mod slots;
+
+pub use allocator::{AddressAllocator, GsiAllocator};
+pub use error::MemoryError;
+pub use guest::{create_guest_memory, HugePages, HUGE_PAGE_SIZE};
+pub use layout::{
+    MemoryLayout, DEVICE_MMIO_END, DEVICE_MMIO_START, GIB, HIGH_MMIO_ALIGN, HIGH_MMIO_SIZE,
+    MAX_RAM_SIZE, MIB, MIN_RAM_SIZE, MMIO_HOLE_END, MMIO_HOLE_START, PAGE_SIZE,
+};
+pub use slots::register_memory_slots;
+/// The vm-memory crate this crate is built on, so users get the matching version.
+pub use vm_memory;

@@ -1,1 +1,83 @@
-//! x86-64 vCPU set-up (CPUID, MSRs, registers, FPU, LAPIC) and the KVM run loop with exit dispatch to Ember buses
+//! x86-64 vCPUs for KVM: set-up and the run loop.
+//!
+//! * **Set-up** ([`Vcpu::set_cpuid`], [`Vcpu::set_boot_msrs`], [`Vcpu::set_fpu`],
+//!   [`Vcpu::set_lapic`], [`Vcpu::set_long_mode_entry`]): CPUID from KVM's supported
+//!   list with the hypervisor bit, APIC IDs and topology; boot MSRs; FPU; LAPIC
+//!   LINT0/LINT1; 64-bit entry with a GDT and identity-mapped page tables
+//!   ([`regs::write_boot_tables`], once per VM).
+//! * **Running** ([`Vcpu::run`], [`Vcpu::spawn`]): one thread per vCPU; port I/O and
+//!   MMIO exits go straight to [`ember_bus::Bus`]es with no lock of their own and no
+//!   allocation; halts, triple faults and system events end the loop as a
+//!   [`VcpuOutcome`]; entry failures and emulation failures as a [`VcpuError`] that says
+//!   where the guest was (for an emulation failure, RIP and the instruction bytes).
+//! * **Stopping** ([`RunningVcpu::stop`]) from any thread, race-free (see [`kick`]).
+//! * **Counting** exits per reason ([`ExitStats`]).
+//!
+//! A VM with one vCPU that writes a byte to port 0x80 and halts:
+//!
+//! ```no_run
+//! use std::sync::{Arc, Mutex};
+//! use ember_bus::{Bus, BusDevice, BusKind};
+//! use ember_vcpu::{regs, BootRegs, Vcpu, VcpuOutcome};
+//! use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+//!
+//! struct Post(Mutex<Vec<u8>>);
+//! impl BusDevice for Post {
+//!     fn read(&self, _: u64, _: &mut [u8]) {}
+//!     fn write(&self, _: u64, data: &[u8]) { self.0.lock().unwrap().extend_from_slice(data) }
+//! }
+//!
+//! let kvm = kvm_ioctls::Kvm::new().unwrap();
+//! let vm = kvm.create_vm().unwrap();
+//! ember_vcpu::vm::setup_vm(&vm).unwrap();
+//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+//! for (slot, region) in mem.iter().enumerate() {
+//!     let region_desc = kvm_bindings::kvm_userspace_memory_region {
+//!         slot: slot as u32,
+//!         guest_phys_addr: region.start_addr().0,
+//!         memory_size: region.len(),
+//!         userspace_addr: region.as_ptr() as u64,
+//!         flags: 0,
+//!     };
+//!     // SAFETY: the mapping outlives the VM in this example.
+//!     unsafe { vm.set_user_memory_region(region_desc).unwrap() };
+//! }
+//! regs::write_boot_tables(&mem).unwrap();
+//! // mov al, 0x2a; out 0x80, al; hlt
+//! mem.write_slice(&[0xb0, 0x2a, 0xe6, 0x80, 0xf4], GuestAddress(0x10_0000)).unwrap();
+//!
+//! let post = Arc::new(Post(Mutex::new(Vec::new())));
+//! let pio = Arc::new(Bus::new(BusKind::Pio));
+//! pio.insert(0x80, 1, post.clone()).unwrap();
+//! let mmio = Arc::new(Bus::new(BusKind::Mmio));
+//!
+//! let mut vcpu = Vcpu::new(&vm, 0, pio, mmio, mem).unwrap();
+//! vcpu.set_cpuid(&kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap(), 1).unwrap();
+//! vcpu.set_boot_msrs().unwrap();
+//! vcpu.set_fpu().unwrap();
+//! vcpu.set_long_mode_entry(&BootRegs {
+//!     entry: GuestAddress(0x10_0000),
+//!     stack: GuestAddress(regs::BOOT_STACK_POINTER),
+//!     rsi: 0,
+//!     rdi: 0,
+//! }).unwrap();
+//! assert_eq!(vcpu.run().unwrap(), VcpuOutcome::Halted);
+//! assert_eq!(*post.0.lock().unwrap(), vec![0x2a]);
+//! ```
+
+#![deny(missing_docs)]
+
+pub mod cpuid;
+mod error;
+pub mod kick;
+pub mod lapic;
+pub mod msrs;
+pub mod regs;
+mod stats;
+mod vcpu;
+pub mod vm;
+
+pub use error::{InstructionBytes, VcpuError};
+pub use regs::BootRegs;
+pub use stats::{ExitKind, ExitStats};
+pub use vcpu::{RunningVcpu, SystemEvent, Vcpu, VcpuOutcome};

@@ -1,0 +1,254 @@
+//! CPUID for each vCPU: KVM's supported list, marked as running under a hypervisor,
+//! with APIC IDs and a topology of `count` single-threaded cores in one socket.
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+
+/// CPUID.1:ECX bit 31: "running under a hypervisor".
+const ECX_HYPERVISOR: u32 = 1 << 31;
+/// CPUID.1:EDX bit 28: more than one logical processor per package.
+const EDX_HTT: u32 = 1 << 28;
+/// CPUID.0x80000001:ECX bit 1 (AMD): core multi-processing legacy mode.
+const ECX_CMP_LEGACY: u32 = 1 << 1;
+
+/// Level types of leaves 0xB/0x1F.
+const LEVEL_TYPE_SMT: u32 = 1;
+const LEVEL_TYPE_CORE: u32 = 2;
+
+/// The CPU vendor, from CPUID leaf 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuVendor {
+    /// "GenuineIntel".
+    Intel,
+    /// "AuthenticAMD" (or "HygonGenuine").
+    Amd,
+    /// Anything else.
+    Other,
+}
+
+/// Reads the vendor from leaf 0 of a CPUID list.
+///
+/// ```
+/// use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+/// let mut cpuid = CpuId::new(0).unwrap();
+/// cpuid.push(kvm_cpuid_entry2 {
+///     function: 0, ebx: 0x6874_7541, edx: 0x6974_6e65, ecx: 0x444d_4163, ..Default::default()
+/// }).unwrap();
+/// assert_eq!(ember_vcpu::cpuid::vendor(&cpuid), ember_vcpu::cpuid::CpuVendor::Amd);
+/// ```
+pub fn vendor(cpuid: &CpuId) -> CpuVendor {
+    let Some(leaf0) = cpuid.as_slice().iter().find(|e| e.function == 0) else {
+        return CpuVendor::Other;
+    };
+    let mut name = [0u8; 12];
+    name[..4].copy_from_slice(&leaf0.ebx.to_le_bytes());
+    name[4..8].copy_from_slice(&leaf0.edx.to_le_bytes());
+    name[8..].copy_from_slice(&leaf0.ecx.to_le_bytes());
+    match &name {
+        b"GenuineIntel" => CpuVendor::Intel,
+        b"AuthenticAMD" | b"HygonGenuine" => CpuVendor::Amd,
+        _ => CpuVendor::Other,
+    }
+}
+
+/// Bits needed to hold an ID in `0..count` (the APIC-ID shift of a topology level).
+fn id_bits(count: u32) -> u32 {
+    if count <= 1 {
+        0
+    } else {
+        u32::BITS - (count - 1).leading_zeros()
+    }
+}
+
+/// Returns `supported` patched for vCPU `index` of `count`.
+///
+/// The APIC ID of vCPU `i` is `i`. Leaves 1, 4, 0xB, 0x1F, 0x80000001, 0x80000008 and
+/// 0x8000001E describe `count` cores of one thread each in one package, so a guest
+/// finds every vCPU and its own ID.
+///
+/// ```
+/// use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+/// let mut supported = CpuId::new(0).unwrap();
+/// supported.push(kvm_cpuid_entry2 { function: 1, ..Default::default() }).unwrap();
+/// let cpuid = ember_vcpu::cpuid::vcpu_cpuid(&supported, 3, 4);
+/// let leaf1 = cpuid.as_slice()[0];
+/// assert_eq!(leaf1.ebx >> 24, 3); // APIC ID
+/// assert_eq!((leaf1.ebx >> 16) & 0xff, 4); // logical processors
+/// assert_ne!(leaf1.ecx & (1 << 31), 0); // hypervisor bit
+/// ```
+pub fn vcpu_cpuid(supported: &CpuId, index: u8, count: u8) -> CpuId {
+    let mut cpuid = supported.clone();
+    let vendor = vendor(&cpuid);
+    let apic_id = u32::from(index);
+    let count = u32::from(count.max(1));
+    let core_bits = id_bits(count);
+    for entry in cpuid.as_mut_slice() {
+        patch_entry(entry, vendor, apic_id, count, core_bits);
+    }
+    cpuid
+}
+
+fn patch_entry(
+    e: &mut kvm_cpuid_entry2,
+    vendor: CpuVendor,
+    apic_id: u32,
+    count: u32,
+    core_bits: u32,
+) {
+    match e.function {
+        1 => {
+            e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | ((count & 0xff) << 16);
+            e.ecx |= ECX_HYPERVISOR;
+            if count > 1 {
+                e.edx |= EDX_HTT;
+            } else {
+                e.edx &= !EDX_HTT;
+            }
+        }
+        // Deterministic cache parameters: cores per package in EAX[31:26]; every cache
+        // is private to its (single-threaded) core.
+        4 if vendor == CpuVendor::Intel => {
+            e.eax = (e.eax & 0x0000_3fff) | ((count - 1) << 26);
+        }
+        0xb | 0x1f => {
+            e.edx = apic_id;
+            match e.index {
+                0 => {
+                    e.eax = 0;
+                    e.ebx = 1;
+                    e.ecx = (LEVEL_TYPE_SMT << 8) | e.index;
+                }
+                1 => {
+                    e.eax = core_bits;
+                    e.ebx = count;
+                    e.ecx = (LEVEL_TYPE_CORE << 8) | e.index;
+                }
+                _ => {
+                    e.eax = 0;
+                    e.ebx = 0;
+                    e.ecx = e.index;
+                }
+            }
+        }
+        0x8000_0001 if vendor == CpuVendor::Amd => {
+            if count > 1 {
+                e.ecx |= ECX_CMP_LEGACY;
+            } else {
+                e.ecx &= !ECX_CMP_LEGACY;
+            }
+        }
+        0x8000_0008 if vendor == CpuVendor::Amd => {
+            e.ecx = (e.ecx & !0xf0ff) | (core_bits << 12) | (count - 1);
+        }
+        0x8000_001e if vendor == CpuVendor::Amd => {
+            e.eax = apic_id;
+            // Core ID = APIC ID, one thread per core, node 0.
+            e.ebx = apic_id & 0xff;
+            e.ecx = 0;
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn supported(vendor: &[u8; 12]) -> CpuId {
+        let word =
+            |i: usize| u32::from_le_bytes([vendor[i], vendor[i + 1], vendor[i + 2], vendor[i + 3]]);
+        let mut cpuid = CpuId::new(0).unwrap();
+        let mut push = |function, index| {
+            cpuid
+                .push(kvm_cpuid_entry2 {
+                    function,
+                    index,
+                    ..Default::default()
+                })
+                .unwrap()
+        };
+        for (f, i) in [
+            (1, 0),
+            (4, 0),
+            (0xb, 0),
+            (0xb, 1),
+            (0xb, 2),
+            (0x8000_0001, 0),
+            (0x8000_0008, 0),
+            (0x8000_001e, 0),
+        ] {
+            push(f, i);
+        }
+        cpuid
+            .push(kvm_cpuid_entry2 {
+                function: 0,
+                ebx: word(0),
+                edx: word(4),
+                ecx: word(8),
+                ..Default::default()
+            })
+            .unwrap();
+        cpuid
+    }
+
+    fn leaf(cpuid: &CpuId, function: u32, index: u32) -> kvm_cpuid_entry2 {
+        *cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .unwrap()
+    }
+
+    #[test]
+    fn vendors_are_recognised() {
+        assert_eq!(vendor(&supported(b"GenuineIntel")), CpuVendor::Intel);
+        assert_eq!(vendor(&supported(b"AuthenticAMD")), CpuVendor::Amd);
+        assert_eq!(vendor(&supported(b"SomethingElz")), CpuVendor::Other);
+        assert_eq!(vendor(&CpuId::new(0).unwrap()), CpuVendor::Other);
+    }
+
+    #[test]
+    fn topology_on_intel() {
+        let cpuid = vcpu_cpuid(&supported(b"GenuineIntel"), 5, 6);
+        let l1 = leaf(&cpuid, 1, 0);
+        assert_eq!(l1.ebx >> 24, 5);
+        assert_eq!((l1.ebx >> 16) & 0xff, 6);
+        assert_ne!(l1.edx & EDX_HTT, 0);
+        assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
+        assert_eq!(leaf(&cpuid, 4, 0).eax >> 26, 5);
+        let smt = leaf(&cpuid, 0xb, 0);
+        assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (0, 1, 0x100, 5));
+        let core = leaf(&cpuid, 0xb, 1);
+        assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (3, 6, 0x201, 5));
+        let end = leaf(&cpuid, 0xb, 2);
+        assert_eq!((end.ebx, (end.ecx >> 8) & 0xff), (0, 0));
+    }
+
+    #[test]
+    fn topology_on_amd() {
+        let cpuid = vcpu_cpuid(&supported(b"AuthenticAMD"), 1, 2);
+        assert_eq!(leaf(&cpuid, 0x8000_0008, 0).ecx & 0xf0ff, (1 << 12) | 1);
+        assert_ne!(leaf(&cpuid, 0x8000_0001, 0).ecx & ECX_CMP_LEGACY, 0);
+        assert_eq!(leaf(&cpuid, 0x8000_001e, 0).eax, 1);
+        // Intel-only leaf untouched.
+        assert_eq!(leaf(&cpuid, 4, 0).eax, 0);
+    }
+
+    #[test]
+    fn single_vcpu_has_no_htt() {
+        let mut base = supported(b"GenuineIntel");
+        for e in base.as_mut_slice() {
+            e.edx |= EDX_HTT;
+        }
+        let cpuid = vcpu_cpuid(&base, 0, 1);
+        assert_eq!(leaf(&cpuid, 1, 0).edx & EDX_HTT, 0);
+        assert_eq!(leaf(&cpuid, 0xb, 1).eax, 0);
+    }
+
+    #[test]
+    fn id_bits_matches_log2_ceiling() {
+        assert_eq!(
+            [1, 2, 3, 4, 5, 8, 9, 254].map(id_bits),
+            [0, 1, 2, 2, 3, 3, 4, 8]
+        );
+    }
+}

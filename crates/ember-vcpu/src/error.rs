@@ -1,0 +1,179 @@
+//! Errors from vCPU set-up and from running a vCPU.
+
+use std::fmt;
+
+/// Up to 15 bytes of the instruction a vCPU stopped on (15 is the x86 maximum length).
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct InstructionBytes {
+    bytes: [u8; 15],
+    len: u8,
+}
+
+impl InstructionBytes {
+    /// Keeps the first 15 bytes of `bytes`.
+    ///
+    /// ```
+    /// let insn = ember_vcpu::InstructionBytes::new(&[0x0f, 0x0b]);
+    /// assert_eq!(insn.as_slice(), &[0x0f, 0x0b]);
+    /// assert_eq!(insn.to_string(), "0f 0b");
+    /// ```
+    pub fn new(bytes: &[u8]) -> Self {
+        let mut insn = InstructionBytes::default();
+        let len = bytes.len().min(insn.bytes.len());
+        insn.bytes[..len].copy_from_slice(&bytes[..len]);
+        insn.len = len as u8;
+        insn
+    }
+
+    /// The bytes read; empty when the instruction's address could not be read.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl fmt::Display for InstructionBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.len == 0 {
+            return f.write_str("unreadable");
+        }
+        for (i, b) in self.as_slice().iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for InstructionBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{self}]")
+    }
+}
+
+/// Errors from creating, configuring or running a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM ioctl failed while setting up the VM or a vCPU.
+    #[error("{op} failed: {source}")]
+    Kvm {
+        /// The operation, e.g. `KVM_SET_CPUID2 on vCPU 1`.
+        op: String,
+        /// The error KVM returned.
+        source: kvm_ioctls::Error,
+    },
+    /// More vCPUs were asked for than this host's KVM (or Ember) supports.
+    #[error("{requested} vCPUs requested, but at most {max} are supported here")]
+    TooManyVcpus {
+        /// Number asked for.
+        requested: u32,
+        /// Maximum supported.
+        max: u32,
+    },
+    /// A VM needs at least one vCPU.
+    #[error("a VM needs at least one vCPU (0 requested)")]
+    NoVcpus,
+    /// KVM accepted only some of the boot MSRs.
+    #[error("KVM_SET_MSRS on vCPU {vcpu} set {set} of {total} MSRs; MSR {failed:#x} was refused")]
+    MsrsRejected {
+        /// vCPU index.
+        vcpu: u32,
+        /// How many MSRs were set.
+        set: usize,
+        /// How many were asked for.
+        total: usize,
+        /// The first MSR KVM refused.
+        failed: u32,
+    },
+    /// Writing the boot GDT or page tables into guest memory failed.
+    #[error("cannot write the boot {what} at guest address {addr:#x}: {source}")]
+    GuestMemory {
+        /// Which structure, e.g. `GDT`.
+        what: &'static str,
+        /// Where it was being written.
+        addr: u64,
+        /// The underlying error.
+        source: vm_memory::GuestMemoryError,
+    },
+    /// Installing the signal handler used to stop vCPUs failed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    SignalHandler(vmm_sys_util::errno::Error),
+    /// Spawning the vCPU thread failed.
+    #[error("cannot spawn the thread for vCPU {vcpu}: {source}")]
+    Spawn {
+        /// vCPU index.
+        vcpu: u32,
+        /// The error from the OS.
+        source: std::io::Error,
+    },
+    /// The vCPU thread panicked.
+    #[error("the thread of vCPU {vcpu} panicked")]
+    ThreadPanicked {
+        /// vCPU index.
+        vcpu: u32,
+    },
+    /// `KVM_RUN` itself failed.
+    #[error("KVM_RUN on vCPU {vcpu} failed: {source}")]
+    Run {
+        /// vCPU index.
+        vcpu: u32,
+        /// The error KVM returned.
+        source: kvm_ioctls::Error,
+    },
+    /// KVM could not enter the guest (`KVM_EXIT_FAIL_ENTRY`): usually an invalid
+    /// register state.
+    #[error(
+        "vCPU {vcpu}: KVM could not enter the guest (hardware entry failure reason {reason:#x}, host CPU {cpu})"
+    )]
+    FailEntry {
+        /// vCPU index.
+        vcpu: u32,
+        /// `hardware_entry_failure_reason` from KVM.
+        reason: u64,
+        /// Host CPU the entry failed on.
+        cpu: u32,
+    },
+    /// KVM's instruction emulator met an instruction it cannot emulate
+    /// (`KVM_EXIT_INTERNAL_ERROR`, suberror `KVM_INTERNAL_ERROR_EMULATION`).
+    #[error(
+        "vCPU {vcpu}: KVM cannot emulate the instruction at RIP {rip:#x} (bytes: {bytes}); \
+         this host's KVM emulates guest kernel code and lacks this instruction: hide the \
+         feature from the guest (CPUID, kernel parameters) or run on a host with hardware KVM"
+    )]
+    EmulationFailure {
+        /// vCPU index.
+        vcpu: u32,
+        /// Guest RIP of the instruction.
+        rip: u64,
+        /// The instruction's bytes, read from guest memory.
+        bytes: InstructionBytes,
+    },
+    /// Any other `KVM_EXIT_INTERNAL_ERROR`.
+    #[error("vCPU {vcpu}: KVM internal error, suberror {suberror}, data {data:x?}")]
+    InternalError {
+        /// vCPU index.
+        vcpu: u32,
+        /// `internal.suberror`.
+        suberror: u32,
+        /// The first words of `internal.data`.
+        data: [u64; 4],
+    },
+    /// KVM returned an exit this run loop does not handle.
+    #[error("vCPU {vcpu}: unexpected KVM exit {exit}")]
+    UnexpectedExit {
+        /// vCPU index.
+        vcpu: u32,
+        /// Name of the exit reason.
+        exit: &'static str,
+    },
+}
+
+impl VcpuError {
+    pub(crate) fn kvm(op: impl Into<String>, source: kvm_ioctls::Error) -> Self {
+        VcpuError::Kvm {
+            op: op.into(),
+            source,
+        }
+    }
+}

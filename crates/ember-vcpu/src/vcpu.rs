@@ -1,0 +1,472 @@
+//! A vCPU: creation, x86-64 set-up, and the run loop that dispatches exits to the buses.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use ember_bus::Bus;
+use kvm_bindings::{
+    kvm_mp_state, CpuId, KVM_EXIT_IO_OUT, KVM_INTERNAL_ERROR_EMULATION, KVM_MP_STATE_RUNNABLE,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::kick::{install_kick_handler, kick_signal, KickTarget};
+use crate::regs::BootRegs;
+use crate::{cpuid, lapic, msrs, regs, ExitKind, ExitStats, InstructionBytes, VcpuError};
+
+/// A system event reported by `KVM_EXIT_SYSTEM_EVENT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SystemEvent {
+    /// The guest asked to power off.
+    Shutdown,
+    /// The guest asked to reset.
+    Reset,
+    /// The guest reported a crash.
+    Crash,
+    /// Another event type.
+    Other(u32),
+}
+
+/// How a vCPU's run loop ended, when it ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuOutcome {
+    /// The guest executed `hlt` (seen only without the in-kernel irqchip, which handles
+    /// `hlt` itself).
+    Halted,
+    /// The guest triple-faulted (`KVM_EXIT_SHUTDOWN`).
+    Shutdown,
+    /// A system event.
+    SystemEvent(SystemEvent),
+    /// Another thread stopped the vCPU ([`RunningVcpu::stop`] or the stop flag).
+    Stopped,
+}
+
+/// What still needs doing after `KVM_RUN` returned, once the exit's borrow of the
+/// vCPU has ended.
+enum Pending {
+    Done,
+    Io,
+    InternalError,
+}
+
+/// One vCPU of a VM, with the buses its exits go to.
+pub struct Vcpu {
+    index: u32,
+    fd: VcpuFd,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    mem: GuestMemoryMmap,
+    stop: Arc<AtomicBool>,
+    stats: Arc<ExitStats>,
+}
+
+impl std::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vcpu")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` (its APIC ID too) on `vm`. Its port and MMIO exits go to
+    /// `pio` and `mmio`; `mem` is the VM's memory, used to report the instruction a
+    /// vCPU failed on.
+    pub fn new(
+        vm: &VmFd,
+        index: u32,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        mem: GuestMemoryMmap,
+    ) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|e| VcpuError::kvm(format!("KVM_CREATE_VCPU {index}"), e))?;
+        Ok(Vcpu {
+            index,
+            fd,
+            pio,
+            mmio,
+            mem,
+            stop: Arc::new(AtomicBool::new(false)),
+            stats: Arc::new(ExitStats::default()),
+        })
+    }
+
+    /// This vCPU's index.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The KVM vCPU file descriptor, for set-up this crate does not cover.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Exit counters, readable from any thread while the vCPU runs.
+    pub fn stats(&self) -> Arc<ExitStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// The flag that stops the run loop at its next exit. Prefer [`RunningVcpu::stop`],
+    /// which also kicks the vCPU out of `KVM_RUN`.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.stop)
+    }
+
+    /// Sets CPUID from KVM's `supported` list for vCPU `self.index()` of `count`
+    /// (see [`cpuid::vcpu_cpuid`]).
+    pub fn set_cpuid(&self, supported: &CpuId, count: u32) -> Result<(), VcpuError> {
+        let ids = |n: u32| u8::try_from(n).ok().filter(|&n| n != 0xff);
+        let (Some(index), Some(count)) = (ids(self.index), ids(count)) else {
+            return Err(VcpuError::TooManyVcpus {
+                requested: count,
+                max: crate::vm::MAX_VCPUS,
+            });
+        };
+        let cpuid = cpuid::vcpu_cpuid(supported, index, count);
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|e| VcpuError::kvm(format!("KVM_SET_CPUID2 on vCPU {}", self.index), e))
+    }
+
+    /// Sets the boot MSRs ([`msrs::boot_msrs`]); fails naming the first MSR KVM refused.
+    pub fn set_boot_msrs(&self) -> Result<(), VcpuError> {
+        let msrs = msrs::boot_msrs();
+        let set = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(|e| VcpuError::kvm(format!("KVM_SET_MSRS on vCPU {}", self.index), e))?;
+        let entries = msrs.as_slice();
+        match entries.get(set) {
+            None => Ok(()),
+            Some(failed) => Err(VcpuError::MsrsRejected {
+                vcpu: self.index,
+                set,
+                total: entries.len(),
+                failed: failed.index,
+            }),
+        }
+    }
+
+    /// Sets the FPU control words ([`regs::setup_fpu`]).
+    pub fn set_fpu(&self) -> Result<(), VcpuError> {
+        regs::setup_fpu(&self.fd)
+    }
+
+    /// Programs the local APIC's LINT0/LINT1 ([`lapic::setup_lint`]); needs the
+    /// in-kernel irqchip.
+    pub fn set_lapic(&self) -> Result<(), VcpuError> {
+        lapic::setup_lint(&self.fd)
+    }
+
+    /// Enters 64-bit mode at `boot` ([`regs::setup_long_mode`]).
+    pub fn set_long_mode_entry(&self, boot: &BootRegs) -> Result<(), VcpuError> {
+        regs::setup_long_mode(&self.fd, boot)
+    }
+
+    /// Marks the vCPU runnable. With the in-kernel irqchip, vCPUs other than 0 otherwise
+    /// wait for INIT/SIPI from the boot processor, as Linux expects; a guest that starts
+    /// every vCPU at its entry point needs this.
+    pub fn set_runnable(&self) -> Result<(), VcpuError> {
+        self.fd
+            .set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(|e| VcpuError::kvm(format!("KVM_SET_MP_STATE on vCPU {}", self.index), e))
+    }
+
+    /// Runs `KVM_RUN` once and handles the exit.
+    ///
+    /// Returns `Ok(None)` when the guest should simply go on (an access dispatched to a
+    /// bus, a spurious signal) and `Ok(Some(_))` when the run loop should end.
+    #[inline]
+    pub fn step(&mut self) -> Result<Option<VcpuOutcome>, VcpuError> {
+        if self.stop.load(Ordering::Acquire) {
+            return Ok(Some(VcpuOutcome::Stopped));
+        }
+        let pending = match self.fd.run() {
+            Ok(VcpuExit::IoOut(..)) => {
+                self.stats.record(ExitKind::IoOut);
+                Pending::Io
+            }
+            Ok(VcpuExit::IoIn(..)) => {
+                self.stats.record(ExitKind::IoIn);
+                Pending::Io
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.stats.record(ExitKind::MmioWrite);
+                // An unclaimed access is counted by the bus; the guest goes on.
+                let _ = self.mmio.write(addr, data);
+                Pending::Done
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                self.stats.record(ExitKind::MmioRead);
+                let _ = self.mmio.read(addr, data);
+                Pending::Done
+            }
+            Ok(VcpuExit::Hlt) => {
+                self.stats.record(ExitKind::Hlt);
+                return Ok(Some(VcpuOutcome::Halted));
+            }
+            Ok(VcpuExit::Shutdown) => {
+                self.stats.record(ExitKind::Shutdown);
+                return Ok(Some(VcpuOutcome::Shutdown));
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                self.stats.record(ExitKind::SystemEvent);
+                let event = match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => SystemEvent::Shutdown,
+                    KVM_SYSTEM_EVENT_RESET => SystemEvent::Reset,
+                    KVM_SYSTEM_EVENT_CRASH => SystemEvent::Crash,
+                    other => SystemEvent::Other(other),
+                };
+                return Ok(Some(VcpuOutcome::SystemEvent(event)));
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                self.stats.record(ExitKind::FailEntry);
+                return Err(VcpuError::FailEntry {
+                    vcpu: self.index,
+                    reason,
+                    cpu,
+                });
+            }
+            Ok(VcpuExit::InternalError) => {
+                self.stats.record(ExitKind::InternalError);
+                Pending::InternalError
+            }
+            Ok(VcpuExit::Intr) => {
+                self.stats.record(ExitKind::Interrupted);
+                Pending::Done
+            }
+            Ok(other) => {
+                self.stats.record(ExitKind::Other);
+                return Err(VcpuError::UnexpectedExit {
+                    vcpu: self.index,
+                    exit: exit_name(&other),
+                });
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.stats.record(ExitKind::Interrupted);
+                // A kick leaves immediate_exit set; clear it so a spurious signal does
+                // not turn into a busy loop.
+                self.fd.set_kvm_immediate_exit(0);
+                if self.stop.load(Ordering::Acquire) {
+                    return Ok(Some(VcpuOutcome::Stopped));
+                }
+                Pending::Done
+            }
+            Err(source) => {
+                return Err(VcpuError::Run {
+                    vcpu: self.index,
+                    source,
+                })
+            }
+        };
+        match pending {
+            Pending::Done => Ok(None),
+            Pending::Io => {
+                self.dispatch_io();
+                Ok(None)
+            }
+            Pending::InternalError => Err(self.internal_error()),
+        }
+    }
+
+    /// Runs the guest until it halts, shuts down, fails, or is stopped.
+    pub fn run(&mut self) -> Result<VcpuOutcome, VcpuError> {
+        let _kick_target = KickTarget::register(self.fd.get_kvm_run());
+        loop {
+            if let Some(outcome) = self.step()? {
+                return Ok(outcome);
+            }
+        }
+    }
+
+    /// Runs the vCPU on a thread of its own named `ember-vcpu-N`. When the run loop
+    /// ends, `done` (if given) is written, so an event loop can wake up.
+    pub fn spawn(mut self, done: Option<EventFd>) -> Result<RunningVcpu, VcpuError> {
+        install_kick_handler()?;
+        let index = self.index;
+        let stop = Arc::clone(&self.stop);
+        let stats = Arc::clone(&self.stats);
+        let thread = std::thread::Builder::new()
+            .name(format!("ember-vcpu-{index}"))
+            .spawn(move || {
+                let result = self.run();
+                if let Some(done) = done {
+                    // A full counter still wakes the reader; nothing to do on error.
+                    let _ = done.write(1);
+                }
+                result
+            })
+            .map_err(|source| VcpuError::Spawn {
+                vcpu: index,
+                source,
+            })?;
+        Ok(RunningVcpu {
+            index,
+            thread,
+            stop,
+            stats,
+        })
+    }
+
+    /// Handles a port-I/O exit, including string I/O (`rep ins/outs`), which arrives as
+    /// `count` accesses of `size` bytes.
+    #[inline]
+    fn dispatch_io(&mut self) {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: KVM_RUN returned with exit_reason KVM_EXIT_IO (that is the only way
+        // here), so `io` is the active member of the union.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let size = usize::from(io.size);
+        let Some(len) = size.checked_mul(io.count as usize) else {
+            return;
+        };
+        if size == 0 || len == 0 {
+            return;
+        }
+        let base = (run as *mut kvm_bindings::kvm_run).cast::<u8>();
+        // SAFETY: the kernel places the `count * size` data bytes at `data_offset` inside
+        // the kvm_run mapping, which lives as long as `self.fd`; we hold `&mut` to it,
+        // so nothing else aliases the bytes while the slice exists.
+        let data =
+            unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), len) };
+        let port = u64::from(io.port);
+        if u32::from(io.direction) == KVM_EXIT_IO_OUT {
+            for chunk in data.chunks_exact(size) {
+                let _ = self.pio.write(port, chunk);
+            }
+        } else {
+            for chunk in data.chunks_exact_mut(size) {
+                let _ = self.pio.read(port, chunk);
+            }
+        }
+    }
+
+    /// Turns `KVM_EXIT_INTERNAL_ERROR` into an error that says where the guest was.
+    #[cold]
+    fn internal_error(&mut self) -> VcpuError {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is active.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        if internal.suberror != KVM_INTERNAL_ERROR_EMULATION {
+            let mut data = [0u64; 4];
+            let n = (internal.ndata as usize).min(data.len());
+            data[..n].copy_from_slice(&internal.data[..n]);
+            return VcpuError::InternalError {
+                vcpu: self.index,
+                suberror: internal.suberror,
+                data,
+            };
+        }
+        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+        VcpuError::EmulationFailure {
+            vcpu: self.index,
+            rip,
+            bytes: self.instruction_bytes(rip),
+        }
+    }
+
+    /// Reads up to 15 bytes at `rip` through the guest's page tables.
+    fn instruction_bytes(&self, rip: u64) -> InstructionBytes {
+        let cs_base = self.fd.get_sregs().map(|s| s.cs.base).unwrap_or(0);
+        let linear = cs_base.wrapping_add(rip);
+        let Ok(t) = self.fd.translate_gva(linear) else {
+            return InstructionBytes::default();
+        };
+        if t.valid == 0 {
+            return InstructionBytes::default();
+        }
+        let mut bytes = [0u8; 15];
+        let mut len = 0;
+        // Byte by byte: the instruction may run off the end of guest memory.
+        for (i, b) in bytes.iter_mut().enumerate() {
+            match self
+                .mem
+                .read_obj::<u8>(GuestAddress(t.physical_address.wrapping_add(i as u64)))
+            {
+                Ok(v) => {
+                    *b = v;
+                    len = i + 1;
+                }
+                Err(_) => break,
+            }
+        }
+        InstructionBytes::new(&bytes[..len])
+    }
+}
+
+fn exit_name(exit: &VcpuExit<'_>) -> &'static str {
+    match exit {
+        VcpuExit::Unknown => "KVM_EXIT_UNKNOWN",
+        VcpuExit::Exception => "KVM_EXIT_EXCEPTION",
+        VcpuExit::Hypercall(_) => "KVM_EXIT_HYPERCALL",
+        VcpuExit::Debug(_) => "KVM_EXIT_DEBUG",
+        VcpuExit::IrqWindowOpen => "KVM_EXIT_IRQ_WINDOW_OPEN",
+        VcpuExit::SetTpr => "KVM_EXIT_SET_TPR",
+        VcpuExit::TprAccess => "KVM_EXIT_TPR_ACCESS",
+        VcpuExit::Nmi => "KVM_EXIT_NMI",
+        VcpuExit::Watchdog => "KVM_EXIT_WATCHDOG",
+        VcpuExit::IoapicEoi(_) => "KVM_EXIT_IOAPIC_EOI",
+        VcpuExit::Hyperv => "KVM_EXIT_HYPERV",
+        VcpuExit::X86Rdmsr(_) => "KVM_EXIT_X86_RDMSR",
+        VcpuExit::X86Wrmsr(_) => "KVM_EXIT_X86_WRMSR",
+        VcpuExit::MemoryFault { .. } => "KVM_EXIT_MEMORY_FAULT",
+        _ => "an exit reason Ember does not handle",
+    }
+}
+
+/// A vCPU running on its own thread.
+#[derive(Debug)]
+pub struct RunningVcpu {
+    index: u32,
+    thread: JoinHandle<Result<VcpuOutcome, VcpuError>>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<ExitStats>,
+}
+
+impl RunningVcpu {
+    /// The vCPU's index.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Exit counters so far.
+    pub fn stats(&self) -> &ExitStats {
+        &self.stats
+    }
+
+    /// Whether the run loop has ended.
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Asks the vCPU to stop and kicks it out of `KVM_RUN`; returns at once. The run
+    /// loop then ends with [`VcpuOutcome::Stopped`] (unless it had already ended).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        if self.thread.is_finished() {
+            return;
+        }
+        // SAFETY: the pthread handle is valid: we own the JoinHandle, so the thread has
+        // not been joined (or detached). Signalling a thread that has exited but is not
+        // yet joined is allowed.
+        let rc = unsafe { libc::pthread_kill(self.thread.as_pthread_t(), kick_signal()) };
+        if rc != 0 {
+            log::warn!("cannot kick vCPU {}: error {rc}", self.index);
+        }
+    }
+
+    /// Waits for the run loop to end and returns how it ended.
+    pub fn join(self) -> Result<VcpuOutcome, VcpuError> {
+        self.thread
+            .join()
+            .unwrap_or(Err(VcpuError::ThreadPanicked { vcpu: self.index }))
+    }
+}

@@ -1,0 +1,461 @@
+//! The run loop against real KVM, with tiny guests assembled in Rust.
+//!
+//! Each guest runs at CPL0, which nested KVM hosts emulate one instruction at a time, so
+//! they are a handful of instructions each.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ember_bus::{Bus, BusDevice, BusKind};
+use ember_guests::asm::assemble;
+use ember_guests::testing::kvm_available;
+use ember_memory::{create_guest_memory, register_memory_slots, HugePages, MemoryLayout};
+use ember_vcpu::{regs, BootRegs, ExitKind, Vcpu, VcpuError, VcpuOutcome};
+use iced_x86::code_asm::*;
+use iced_x86::IcedError;
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const CODE: u64 = 0x10_0000;
+/// Port where guests report values for the test to check.
+const REPORT_PORT: u16 = 0x110;
+const MMIO_BASE: u64 = 0xd000_0000;
+
+/// Records every access; reads answer `0x10 + offset` in each byte.
+#[derive(Default)]
+struct Recorder(Mutex<Vec<(char, u64, Vec<u8>)>>);
+
+impl Recorder {
+    fn take(&self) -> Vec<(char, u64, Vec<u8>)> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+impl BusDevice for Recorder {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0x10 + offset as u8);
+        self.0.lock().unwrap().push(('r', offset, data.to_vec()));
+    }
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.0.lock().unwrap().push(('w', offset, data.to_vec()));
+    }
+}
+
+struct TestVm {
+    kvm: Kvm,
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    report: Arc<Recorder>,
+}
+
+impl TestVm {
+    fn new(test: &str) -> Option<TestVm> {
+        if !kvm_available(test) {
+            return None;
+        }
+        let kvm = Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        ember_vcpu::vm::setup_vm(&vm).unwrap();
+        let layout = MemoryLayout::new(64 << 20).unwrap();
+        let mem = create_guest_memory(&layout, HugePages::None).unwrap();
+        register_memory_slots(&vm, &mem, 0).unwrap();
+        regs::write_boot_tables(&mem).unwrap();
+        let report = Arc::new(Recorder::default());
+        let pio = Arc::new(Bus::new(BusKind::Pio));
+        pio.insert(u64::from(REPORT_PORT), 8, report.clone())
+            .unwrap();
+        let mmio = Arc::new(Bus::new(BusKind::Mmio));
+        Some(TestVm {
+            kvm,
+            vm,
+            mem,
+            pio,
+            mmio,
+            report,
+        })
+    }
+
+    fn load(&self, build: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) {
+        let code = assemble(CODE, build).unwrap();
+        self.mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    }
+
+    fn vcpu(&self, index: u32, count: u32) -> Vcpu {
+        let vcpu = Vcpu::new(
+            &self.vm,
+            index,
+            self.pio.clone(),
+            self.mmio.clone(),
+            self.mem.clone(),
+        )
+        .unwrap();
+        let supported = self
+            .kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .unwrap();
+        vcpu.set_cpuid(&supported, count).unwrap();
+        vcpu.set_boot_msrs().unwrap();
+        vcpu.set_fpu().unwrap();
+        vcpu.set_long_mode_entry(&BootRegs {
+            entry: GuestAddress(CODE),
+            stack: GuestAddress(regs::BOOT_STACK_POINTER - 0x100 * u64::from(index)),
+            rsi: 0,
+            rdi: u64::from(index),
+        })
+        .unwrap();
+        vcpu
+    }
+}
+
+fn w(offset: u64, data: &[u8]) -> (char, u64, Vec<u8>) {
+    ('w', offset, data.to_vec())
+}
+
+fn r(offset: u64, data: &[u8]) -> (char, u64, Vec<u8>) {
+    ('r', offset, data.to_vec())
+}
+
+#[test]
+fn pio_reaches_the_device_with_the_guest_width() {
+    let Some(t) = TestVm::new("pio_reaches_the_device_with_the_guest_width") else {
+        return;
+    };
+    let dev = Arc::new(Recorder::default());
+    t.pio.insert(0x100, 8, dev.clone()).unwrap();
+    t.load(|a| {
+        a.mov(al, 0x11u32)?;
+        a.mov(dx, 0x100u32)?;
+        a.out(dx, al)?;
+        a.mov(ax, 0x2233u32)?;
+        a.mov(dx, 0x102u32)?;
+        a.out(dx, ax)?;
+        a.mov(eax, 0x4455_6677u32)?;
+        a.mov(dx, 0x104u32)?;
+        a.out(dx, eax)?;
+        a.mov(dx, 0x101u32)?;
+        a.in_(al, dx)?;
+        a.mov(dx, 0x102u32)?;
+        a.in_(ax, dx)?;
+        a.mov(dx, 0x104u32)?;
+        a.in_(eax, dx)?;
+        // Echo the last read so the test sees what the guest got.
+        a.mov(dx, REPORT_PORT as u32)?;
+        a.out(dx, eax)?;
+        a.hlt()
+    });
+    let mut vcpu = t.vcpu(0, 1);
+    let stats = vcpu.stats();
+    assert_eq!(vcpu.run().unwrap(), VcpuOutcome::Halted);
+    assert_eq!(
+        dev.take(),
+        vec![
+            w(0, &[0x11]),
+            w(2, &[0x33, 0x22]),
+            w(4, &[0x77, 0x66, 0x55, 0x44]),
+            r(1, &[0x11]),
+            r(2, &[0x12, 0x12]),
+            r(4, &[0x14; 4]),
+        ]
+    );
+    assert_eq!(t.report.take(), vec![w(0, &[0x14; 4])]);
+    assert_eq!(stats.get(ExitKind::IoOut), 4);
+    assert_eq!(stats.get(ExitKind::IoIn), 3);
+    assert_eq!(stats.get(ExitKind::Hlt), 1);
+}
+
+#[test]
+fn mmio_reaches_the_device_with_the_guest_width() {
+    let Some(t) = TestVm::new("mmio_reaches_the_device_with_the_guest_width") else {
+        return;
+    };
+    let dev = Arc::new(Recorder::default());
+    t.mmio.insert(MMIO_BASE, 0x100, dev.clone()).unwrap();
+    t.load(|a| {
+        a.mov(rbx, MMIO_BASE)?;
+        a.mov(byte_ptr(rbx), 0xa1u32)?;
+        a.mov(word_ptr(rbx + 0x10), 0xb2b3u32)?;
+        a.mov(dword_ptr(rbx + 0x20), 0xc4c5_c6c7u32)?;
+        a.mov(rax, 0x0102_0304_0506_0708u64)?;
+        a.mov(qword_ptr(rbx + 0x30), rax)?;
+        a.mov(rax, qword_ptr(rbx + 0x08))?;
+        a.mov(dx, REPORT_PORT as u32)?;
+        a.out(dx, eax)?;
+        a.movzx(eax, word_ptr(rbx + 0x02))?;
+        a.out(dx, eax)?;
+        a.hlt()
+    });
+    let mut vcpu = t.vcpu(0, 1);
+    assert_eq!(vcpu.run().unwrap(), VcpuOutcome::Halted);
+    assert_eq!(
+        dev.take(),
+        vec![
+            w(0, &[0xa1]),
+            w(0x10, &[0xb3, 0xb2]),
+            w(0x20, &[0xc7, 0xc6, 0xc5, 0xc4]),
+            w(0x30, &[8, 7, 6, 5, 4, 3, 2, 1]),
+            r(0x08, &[0x18; 8]),
+            r(0x02, &[0x12; 2]),
+        ]
+    );
+    assert_eq!(
+        t.report.take(),
+        vec![w(0, &[0x18; 4]), w(0, &[0x12, 0x12, 0, 0])]
+    );
+    assert_eq!(vcpu.stats().get(ExitKind::MmioWrite), 4);
+    assert_eq!(vcpu.stats().get(ExitKind::MmioRead), 2);
+}
+
+#[test]
+fn unclaimed_reads_return_all_ones_and_writes_are_dropped() {
+    let Some(t) = TestVm::new("unclaimed_reads_return_all_ones_and_writes_are_dropped") else {
+        return;
+    };
+    t.load(|a| {
+        a.mov(dx, 0x200u32)?;
+        a.out(dx, al)?;
+        a.in_(eax, dx)?;
+        a.mov(dx, REPORT_PORT as u32)?;
+        a.out(dx, eax)?;
+        a.mov(rbx, MMIO_BASE + 0x1000)?;
+        a.mov(dword_ptr(rbx), 1u32)?;
+        a.mov(rax, qword_ptr(rbx))?;
+        a.out(dx, eax)?;
+        a.hlt()
+    });
+    let mut vcpu = t.vcpu(0, 1);
+    assert_eq!(vcpu.run().unwrap(), VcpuOutcome::Halted);
+    assert_eq!(t.report.take(), vec![w(0, &[0xff; 4]), w(0, &[0xff; 4])]);
+    assert_eq!(t.pio.stats().unclaimed_reads, 1);
+    assert_eq!(t.pio.stats().unclaimed_writes, 1);
+    assert_eq!(t.mmio.stats().unclaimed_reads, 1);
+    assert_eq!(t.mmio.stats().unclaimed_writes, 1);
+}
+
+#[test]
+fn string_io_is_split_into_accesses() {
+    let Some(t) = TestVm::new("string_io_is_split_into_accesses") else {
+        return;
+    };
+    let dev = Arc::new(Recorder::default());
+    t.pio.insert(0x100, 4, dev.clone()).unwrap();
+    t.load(|a| {
+        let mut text = a.create_label();
+        a.lea(rsi, ptr(text))?;
+        a.mov(ecx, 5u32)?;
+        a.mov(dx, 0x100u32)?;
+        a.rep().outsb()?;
+        a.lea(rsi, ptr(text))?;
+        a.mov(ecx, 2u32)?;
+        a.mov(dx, 0x102u32)?;
+        a.rep().outsw()?;
+        a.hlt()?;
+        a.set_label(&mut text)?;
+        a.db(b"hello")
+    });
+    let mut vcpu = t.vcpu(0, 1);
+    assert_eq!(vcpu.run().unwrap(), VcpuOutcome::Halted);
+    let mut expected: Vec<_> = b"hello".iter().map(|&b| w(0, &[b])).collect();
+    expected.push(w(2, b"he"));
+    expected.push(w(2, b"ll"));
+    assert_eq!(dev.take(), expected);
+}
+
+#[test]
+fn two_vcpus_both_run_and_report_their_apic_ids() {
+    let Some(t) = TestVm::new("two_vcpus_both_run_and_report_their_apic_ids") else {
+        return;
+    };
+    t.load(|a| {
+        a.mov(eax, 1u32)?;
+        a.cpuid()?;
+        a.shr(ebx, 24u32)?;
+        a.mov(eax, ebx)?;
+        a.shl(eax, 8u32)?;
+        a.or(eax, edi)?; // vCPU index in the low byte, APIC ID in the next
+        a.mov(dx, REPORT_PORT as u32)?;
+        a.out(dx, ax)?;
+        a.hlt()
+    });
+    let vcpus: Vec<_> = (0..2).map(|i| t.vcpu(i, 2)).collect();
+    let running: Vec<_> = vcpus.into_iter().map(|v| v.spawn(None).unwrap()).collect();
+    for r in running {
+        assert_eq!(r.join().unwrap(), VcpuOutcome::Halted);
+    }
+    let mut seen = t.report.take();
+    seen.sort();
+    assert_eq!(seen, vec![w(0, &[0, 0]), w(0, &[1, 1])]);
+}
+
+#[test]
+fn stop_a_spinning_vcpu_from_another_thread() {
+    let Some(t) = TestVm::new("stop_a_spinning_vcpu_from_another_thread") else {
+        return;
+    };
+    t.load(|a| {
+        let mut spin = a.create_label();
+        a.mov(dx, REPORT_PORT as u32)?;
+        a.set_label(&mut spin)?;
+        a.out(dx, al)?;
+        a.jmp(spin)
+    });
+    let vcpu = t.vcpu(0, 1).spawn(None).unwrap();
+    // Wait until the guest is demonstrably running.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vcpu.stats().get(ExitKind::IoOut) < 10 {
+        assert!(Instant::now() < deadline, "guest never ran");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let stopper = Arc::new(vcpu);
+    let remote = Arc::clone(&stopper);
+    std::thread::spawn(move || remote.stop()).join().unwrap();
+    let vcpu = Arc::into_inner(stopper).unwrap();
+    assert_eq!(vcpu.join().unwrap(), VcpuOutcome::Stopped);
+}
+
+#[test]
+fn stop_is_race_free_even_right_after_spawn() {
+    let Some(t) = TestVm::new("stop_is_race_free_even_right_after_spawn") else {
+        return;
+    };
+    // A guest that never exits on its own: with nothing to dispatch, only the kick
+    // can get the thread out of KVM_RUN.
+    t.load(|a| {
+        let mut spin = a.create_label();
+        a.set_label(&mut spin)?;
+        a.jmp(spin)
+    });
+    for i in 0..20 {
+        let vcpu = t.vcpu(i, 20).spawn(None).unwrap();
+        if i % 2 == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        vcpu.stop();
+        assert_eq!(vcpu.join().unwrap(), VcpuOutcome::Stopped, "vCPU {i}");
+    }
+}
+
+#[test]
+fn stop_a_vcpu_halted_in_the_kernel() {
+    let Some(t) = TestVm::new("stop_a_vcpu_halted_in_the_kernel") else {
+        return;
+    };
+    // With the in-kernel irqchip, hlt does not exit to userspace: the vCPU sleeps in
+    // KVM until the kick arrives.
+    ember_devices::create_irqchip_and_pit(&t.vm).unwrap();
+    t.load(|a| {
+        a.mov(dx, REPORT_PORT as u32)?;
+        a.out(dx, al)?;
+        a.cli()?;
+        a.hlt()
+    });
+    let done = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let vcpu = t.vcpu(0, 1);
+    vcpu.set_lapic().unwrap();
+    let vcpu = vcpu.spawn(Some(done.try_clone().unwrap())).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while t.report.0.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "guest never ran");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(!vcpu.is_finished());
+    vcpu.stop();
+    assert_eq!(vcpu.join().unwrap(), VcpuOutcome::Stopped);
+    assert_eq!(
+        done.read().unwrap(),
+        1,
+        "the done event is written when the loop ends"
+    );
+}
+
+#[test]
+fn triple_fault_is_a_shutdown_outcome() {
+    let Some(t) = TestVm::new("triple_fault_is_a_shutdown_outcome") else {
+        return;
+    };
+    // ud2 with an empty IDT: #UD, then #GP, then #DF all fail: triple fault.
+    t.load(|a| a.ud2());
+    let mut vcpu = t.vcpu(0, 1);
+    assert_eq!(vcpu.run().unwrap(), VcpuOutcome::Shutdown);
+    assert_eq!(vcpu.stats().get(ExitKind::Shutdown), 1);
+}
+
+#[test]
+fn executing_from_mmio_is_a_clean_emulation_failure() {
+    let Some(t) = TestVm::new("executing_from_mmio_is_a_clean_emulation_failure") else {
+        return;
+    };
+    // Jumping into the MMIO hole makes KVM fetch an instruction with no memory behind
+    // it, which every KVM reports as an emulation failure.
+    t.load(|a| {
+        a.mov(rax, MMIO_BASE)?;
+        a.jmp(rax)
+    });
+    let mut vcpu = t.vcpu(0, 1);
+    match vcpu.run() {
+        Err(
+            e @ VcpuError::EmulationFailure {
+                vcpu: 0,
+                rip: MMIO_BASE,
+                ..
+            },
+        ) => {
+            let msg = e.to_string();
+            assert!(msg.contains("RIP 0xd0000000"), "{msg}");
+            assert!(msg.contains("bytes: unreadable"), "{msg}");
+        }
+        other => panic!("expected an emulation failure at {MMIO_BASE:#x}, got {other:?}"),
+    }
+    assert_eq!(vcpu.stats().get(ExitKind::InternalError), 1);
+}
+
+/// Whether guest kernel code is run by KVM's instruction emulator (nested PVM).
+fn kernel_code_is_emulated() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+#[test]
+fn unemulatable_instruction_reports_rip_and_bytes() {
+    let Some(t) = TestVm::new("unemulatable_instruction_reports_rip_and_bytes") else {
+        return;
+    };
+    t.load(|a| {
+        a.nop()?;
+        a.int3()
+    });
+    let mut vcpu = t.vcpu(0, 1);
+    let result = vcpu.run();
+    if kernel_code_is_emulated() {
+        match result {
+            Err(VcpuError::EmulationFailure { rip, bytes, .. }) => {
+                assert_eq!(rip, CODE + 1);
+                assert_eq!(bytes.as_slice()[0], 0xcc, "{bytes}");
+            }
+            other => panic!("expected an emulation failure on int3, got {other:?}"),
+        }
+    } else {
+        // Hardware KVM runs int3: #BP with an empty IDT triple-faults.
+        assert_eq!(result.unwrap(), VcpuOutcome::Shutdown);
+    }
+}
+
+#[test]
+fn too_many_vcpus_is_an_error() {
+    let Some(t) = TestVm::new("too_many_vcpus_is_an_error") else {
+        return;
+    };
+    assert!(matches!(
+        ember_vcpu::vm::check_vcpu_count(&t.kvm, 0),
+        Err(VcpuError::NoVcpus)
+    ));
+    assert!(ember_vcpu::vm::check_vcpu_count(&t.kvm, 1).is_ok());
+    let max = ember_vcpu::vm::max_vcpus(&t.kvm);
+    match ember_vcpu::vm::check_vcpu_count(&t.kvm, max + 1) {
+        Err(e @ VcpuError::TooManyVcpus { .. }) => {
+            assert!(e.to_string().contains(&format!("at most {max}")), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
