@@ -183,7 +183,9 @@ mod tests {
     fn longest_command_line_fits() {
         let mem = filled_mem(2 << 20, 0xcc);
         let mut cmdline = Cmdline::default();
-        cmdline.insert_str(&"x".repeat(CMDLINE_MAX_SIZE - 1)).unwrap();
+        cmdline
+            .insert_str(&"x".repeat(CMDLINE_MAX_SIZE - 1))
+            .unwrap();
         configure_linux_boot(&mem, &cmdline).unwrap();
         assert_eq!(read(&mem, CMDLINE_START + 2047, 1), [0]);
         assert_eq!(zero_page(&mem).cmdline_size(), 2047);
@@ -207,8 +209,8 @@ mod tests {
 
     #[test]
     fn bad_memory_layout_writes_nothing() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(MIB), 4 * MIB as usize)])
-            .unwrap();
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(MIB), 4 * MIB as usize)]).unwrap();
         let err = configure_linux_boot(&mem, &Cmdline::default()).unwrap_err();
         assert!(matches!(err, BootError::E820NoRegionAtZero));
 

@@ -590,7 +590,11 @@ mod tests {
         let err = p.write_to(&mem, GuestAddress((1 << 20) - 100)).unwrap_err();
         assert!(matches!(
             err,
-            BootError::OutsideGuestMemory { what: "zero page", len: 4096, .. }
+            BootError::OutsideGuestMemory {
+                what: "zero page",
+                len: 4096,
+                ..
+            }
         ));
         assert!(read(&mem, (1 << 20) - 100, 100).iter().all(|&b| b == 0xee));
         assert!(p.write_to(&mem, GuestAddress(u64::MAX - 10)).is_err());

@@ -84,7 +84,7 @@ pub const BOOT_GDT: [u64; 6] = [
 
 /// Turns a GDT descriptor into the `kvm_segment` KVM expects for it.
 pub fn segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
-    let base = (((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000);
     let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     kvm_segment {
@@ -95,7 +95,7 @@ pub fn segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
         } else {
             raw_limit
         },
-        selector: u16::from(table_index) * 8 | ((entry >> 45) & 3) as u16,
+        selector: (u16::from(table_index) * 8) | ((entry >> 45) & 3) as u16,
         type_: ((entry >> 40) & 0xf) as u8,
         present: ((entry >> 47) & 1) as u8,
         dpl: ((entry >> 45) & 3) as u8,
@@ -141,7 +141,7 @@ pub fn write_boot_tables<M: GuestMemory>(mem: &M) -> Result<(), VcpuError> {
         &(PDPTE_START | TABLE_FLAGS).to_le_bytes(),
     )?;
     let pdptes: Vec<u8> = (0..IDENTITY_MAP_GIB)
-        .flat_map(|i| (PDE_START + i * 0x1000 | TABLE_FLAGS).to_le_bytes())
+        .flat_map(|i| ((PDE_START + i * 0x1000) | TABLE_FLAGS).to_le_bytes())
         .collect();
     write(mem, "page-directory-pointer table", PDPTE_START, &pdptes)?;
     let pdes: Vec<u8> = (0..IDENTITY_MAP_GIB * 512)
