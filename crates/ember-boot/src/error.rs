@@ -204,4 +204,29 @@ pub enum BootError {
         #[source]
         source: GuestMemoryError,
     },
+    /// The initrd has no bytes.
+    #[error("the initrd is empty")]
+    InitrdEmpty,
+    /// No page-aligned place in guest RAM between the kernel's end and the highest
+    /// address the kernel accepts holds the initrd.
+    #[error(
+        "initrd of {size:#x} bytes does not fit in guest RAM between {lowest:#x} and {max:#x}; give the guest more memory"
+    )]
+    InitrdDoesNotFit {
+        /// Size of the initrd.
+        size: u64,
+        /// Lowest allowed address (end of the kernel).
+        lowest: u64,
+        /// Highest address the initrd may reach (inclusive).
+        max: u64,
+    },
+    /// The zero page could not be read back to record the initrd.
+    #[error("cannot read the zero page at {addr:#x}: {source}")]
+    ZeroPageRead {
+        /// Its address.
+        addr: u64,
+        /// The guest memory error.
+        #[source]
+        source: GuestMemoryError,
+    },
 }

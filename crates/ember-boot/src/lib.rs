@@ -65,6 +65,7 @@ pub mod e820;
 pub mod elf;
 pub mod error;
 mod guest;
+pub mod initrd;
 pub mod layout;
 mod le;
 pub mod linux;
@@ -77,6 +78,7 @@ pub use cmdline::{load_cmdline, Cmdline};
 pub use e820::{e820_map, E820Entry, E820_MAX_ENTRIES, E820_RAM, E820_RESERVED};
 pub use elf::{load_elf, KernelLoad};
 pub use error::BootError;
+pub use initrd::load_initrd;
 pub use layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, ZERO_PAGE_SIZE, ZERO_PAGE_START,
 };

@@ -4,14 +4,14 @@
 //! runnable). Each reads its APIC ID from CPUID, sets its bit in an "online" mask and
 //! bumps a counter, both with locked instructions; the others then park in `hlt`. The
 //! vCPU with APIC ID 0 waits (bounded) until as many vCPUs checked in as CPUID leaf 1
-//! reports, sums the RAM entries of the e820 map in the Linux zero page (`RSI` at
-//! entry), prints what it found on the serial port, signals boot-done and exits with
+//! reports, sums the e820 map in the Linux zero page (`RSI` at entry): all entries,
+//! and the usable-RAM ones; then prints what it found on the serial port, signals boot-done and exits with
 //! code 0 through the debug-exit port. Output:
 //!
 //! ```text
 //! Ember demo guest: running in 64-bit mode
 //! Ember demo guest: 2 of 2 vCPUs online, APIC IDs: 0 1
-//! Ember demo guest: 512 MiB of RAM in the e820 map
+//! Ember demo guest: 512 MiB in the e820 map, 523903 KiB of it usable RAM
 //! Ember demo guest: done, exiting with code 0
 //! ```
 
@@ -79,7 +79,8 @@ pub fn demo_elf(ports: &DemoPorts) -> Result<Vec<u8>, GuestError> {
         let s_online = string(a, b" vCPUs online, APIC IDs:");
         let s_space = string(a, b" ");
         let s_newline = string(a, b"\n");
-        let s_ram = string(a, b" MiB of RAM in the e820 map\n");
+        let s_ram = string(a, b" MiB in the e820 map, ");
+        let s_usable = string(a, b" KiB of it usable RAM\n");
         let s_done = string(a, b"done, exiting with code 0\n");
 
         // Entry. Keep the shared counters at an 8-byte-aligned spot at the start, so the
@@ -121,13 +122,16 @@ pub fn demo_elf(ports: &DemoPorts) -> Result<Vec<u8>, GuestError> {
         a.jnz(wait_loop)?;
         a.set_label(&mut wait_done)?;
 
-        // RAM = sum of e820 type-1 entries (count at 0x1e8, table at 0x2d0, 20 bytes each).
+        // Sum the e820 map (count at 0x1e8, table at 0x2d0, 20 bytes each): R14 = RAM
+        // (type 1) entries, RBP = all entries.
         a.xor(r14d, r14d)?;
+        a.xor(ebp, ebp)?;
         a.movzx(ecx, byte_ptr(r15 + 0x1e8))?;
         a.lea(rdx, ptr(r15 + 0x2d0))?;
         a.set_label(&mut e820_loop)?;
         a.test(ecx, ecx)?;
         a.jz(e820_done)?;
+        a.add(rbp, qword_ptr(rdx + 8))?;
         a.cmp(dword_ptr(rdx + 16), 1u32)?;
         a.jne(e820_skip)?;
         a.add(r14, qword_ptr(rdx + 8))?;
@@ -167,12 +171,16 @@ pub fn demo_elf(ports: &DemoPorts) -> Result<Vec<u8>, GuestError> {
         a.cmp(r9d, 64u32)?;
         a.jb(id_loop)?;
         print(a, s_newline, 1)?;
-        // "<ram> MiB of RAM in the e820 map"
+        // "<total> MiB in the e820 map, <ram> KiB of it usable RAM"
         print(a, s_prefix, PREFIX.len())?;
-        a.mov(rax, r14)?;
+        a.mov(rax, rbp)?;
         a.shr(rax, 20u32)?;
         a.call(print_dec)?;
-        print(a, s_ram, 28)?;
+        print(a, s_ram, 22)?;
+        a.mov(rax, r14)?;
+        a.shr(rax, 10u32)?;
+        a.call(print_dec)?;
+        print(a, s_usable, 22)?;
         print(a, s_prefix, PREFIX.len())?;
         print(a, s_done, 26)?;
         // Boot done, then exit with code 0.

@@ -1,1 +1,72 @@
-fn main() {}
+//! `ember`: the example VMM built from the Ember crates.
+//!
+//! `ember` with no arguments runs the embedded demo guest; `ember --kernel vmlinux`
+//! boots a Linux kernel. The exit status is the guest's debug-exit code, 0 after a
+//! reset or power-off, and 1 with one `ember: error: ...` line on any failure.
+
+mod builder;
+mod cli;
+mod config;
+mod logger;
+mod run;
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line, like every other error: clap's first line without its prefix.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid command line");
+            eprintln!("ember: error: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    logger::init(cli.verbose);
+    let config = cli.vm_config();
+
+    let result = builder::build_vm(&config, start)
+        .map_err(|e| e.to_string())
+        .and_then(|vm| {
+            let boot_done = vm.boot_done.clone();
+            let report = run::run_vm(vm).map_err(|e| e.to_string())?;
+            Ok((report, boot_done))
+        });
+    match result {
+        Ok((report, boot_done)) => {
+            // The boot-done device logs this itself at info level.
+            if let (Some(t), true) = (
+                boot_done.boot_time(),
+                log::max_level() < log::LevelFilter::Info,
+            ) {
+                eprintln!(
+                    "ember: guest boot done after {:.3} ms",
+                    t.as_secs_f64() * 1e3
+                );
+            }
+            log::info!(
+                "VM ended: {} (exit code {})",
+                report.reason,
+                report.exit_code
+            );
+            let exits: Vec<String> = report
+                .exits
+                .iter()
+                .map(|(k, n)| format!("{} {n}", k.name()))
+                .collect();
+            log::info!("exits: {}", exits.join(", "));
+            log::info!("unclaimed accesses: {}", report.unclaimed);
+            ExitCode::from(report.exit_code.clamp(0, 255) as u8)
+        }
+        Err(message) => {
+            eprintln!("ember: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

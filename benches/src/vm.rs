@@ -1,0 +1,109 @@
+//! One VM set-up for both run loops, so that they differ only in how exits are handled.
+//!
+//! A VM with 64 MiB of RAM (ember-memory), Ember's boot GDT and page tables, the guest
+//! code at [`CODE_ADDR`], no in-kernel irqchip (so `hlt` reaches userspace), and one
+//! vCPU in 64-bit mode at CPL0 with Ember's CPUID, boot MSRs and FPU state. The vCPU
+//! comes either raw ([`BenchVm::raw_vcpu`], for the floor) or wrapped in an
+//! [`ember_vcpu::Vcpu`] ([`BenchVm::ember_vcpu`]); both are configured by the same code
+//! through the vCPU file descriptor.
+
+use std::sync::Arc;
+
+use ember_bus::Bus;
+use ember_memory::vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use ember_memory::{create_guest_memory, register_memory_slots, HugePages, MemoryLayout, MIB};
+use ember_vcpu::{cpuid, msrs, regs, BootRegs, Vcpu};
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+
+use crate::guest::CODE_ADDR;
+use crate::Error;
+
+/// Guest RAM size.
+pub const RAM_SIZE: u64 = 64 * MIB;
+
+/// A VM ready for its one vCPU.
+#[derive(Debug)]
+pub struct BenchVm {
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    supported_cpuid: CpuId,
+}
+
+impl BenchVm {
+    /// Creates the VM and loads `code` at [`CODE_ADDR`].
+    pub fn new(code: &[u8]) -> Result<Self, Error> {
+        let kvm = Kvm::new().map_err(|source| Error::Kvm {
+            op: "open /dev/kvm",
+            source,
+        })?;
+        let vm = kvm.create_vm().map_err(|source| Error::Kvm {
+            op: "KVM_CREATE_VM",
+            source,
+        })?;
+        ember_vcpu::vm::setup_vm(&vm)?;
+        let layout = MemoryLayout::new(RAM_SIZE)?;
+        let mem = create_guest_memory(&layout, HugePages::None)?;
+        register_memory_slots(&vm, &mem, 0)?;
+        regs::write_boot_tables(&mem)?;
+        mem.write_slice(code, GuestAddress(CODE_ADDR))?;
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| Error::Kvm {
+                op: "KVM_GET_SUPPORTED_CPUID",
+                source,
+            })?;
+        Ok(BenchVm {
+            vm,
+            mem,
+            supported_cpuid,
+        })
+    }
+
+    /// Creates vCPU 0 as a bare `VcpuFd`, configured like [`BenchVm::ember_vcpu`].
+    pub fn raw_vcpu(&self) -> Result<VcpuFd, Error> {
+        let fd = self.vm.create_vcpu(0).map_err(|source| Error::Kvm {
+            op: "KVM_CREATE_VCPU",
+            source,
+        })?;
+        self.configure(&fd)?;
+        Ok(fd)
+    }
+
+    /// Creates vCPU 0 as an Ember [`Vcpu`] whose exits go to `pio` and `mmio`.
+    pub fn ember_vcpu(&self, pio: Arc<Bus>, mmio: Arc<Bus>) -> Result<Vcpu, Error> {
+        let vcpu = Vcpu::new(&self.vm, 0, pio, mmio, self.mem.clone())?;
+        self.configure(vcpu.fd())?;
+        Ok(vcpu)
+    }
+
+    /// CPUID, boot MSRs, FPU and 64-bit entry at [`CODE_ADDR`]: what `Vcpu`'s own
+    /// `set_cpuid(.., 1)`, `set_boot_msrs`, `set_fpu` and `set_long_mode_entry` do.
+    fn configure(&self, fd: &VcpuFd) -> Result<(), Error> {
+        fd.set_cpuid2(&cpuid::vcpu_cpuid(&self.supported_cpuid, 0, 1))
+            .map_err(|source| Error::Kvm {
+                op: "KVM_SET_CPUID2",
+                source,
+            })?;
+        let msrs = msrs::boot_msrs();
+        let set = fd.set_msrs(&msrs).map_err(|source| Error::Kvm {
+            op: "KVM_SET_MSRS",
+            source,
+        })?;
+        let total = msrs.as_slice().len();
+        if set != total {
+            return Err(Error::MsrsRejected { set, total });
+        }
+        regs::setup_fpu(fd)?;
+        regs::setup_long_mode(
+            fd,
+            &BootRegs {
+                entry: GuestAddress(CODE_ADDR),
+                stack: GuestAddress(regs::BOOT_STACK_POINTER),
+                rsi: 0,
+                rdi: 0,
+            },
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,175 @@
+//! Placing an initial ramdisk in guest memory.
+//!
+//! The initrd goes as high as it can: the kernel decompresses and allocates upwards
+//! from its own end, so the top of RAM is what it uses last. It must stay at or below
+//! `initrd_addr_max`, which for a 64-bit ELF boot (no setup header to ask) is the
+//! boot protocol's default.
+
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::guest::write_bytes;
+use crate::layout::ZERO_PAGE_SIZE;
+use crate::{BootError, BootParams};
+
+/// The highest address (inclusive) an initrd may occupy when the kernel does not say
+/// otherwise (boot protocol before 2.03, and the ELF entry).
+pub const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+
+const PAGE_SIZE: u64 = 0x1000;
+
+/// Finds the highest page-aligned address where `size` bytes fit inside one RAM
+/// region, at or above `lowest`, ending at or below `addr_max` (inclusive).
+///
+/// ```
+/// use vm_memory::{GuestAddress, GuestMemoryMmap};
+/// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+/// let at = ember_boot::initrd::place_initrd(&mem, 0x1800, 0x20_0000, u64::MAX).unwrap();
+/// assert_eq!(at, GuestAddress((64 << 20) - 0x2000));
+/// ```
+pub fn place_initrd<M: GuestMemory>(
+    mem: &M,
+    size: u64,
+    lowest: u64,
+    addr_max: u64,
+) -> Result<GuestAddress, BootError> {
+    if size == 0 {
+        return Err(BootError::InitrdEmpty);
+    }
+    let no_fit = BootError::InitrdDoesNotFit {
+        size,
+        lowest,
+        max: addr_max,
+    };
+    let phys = mem.physical_memory().ok_or(BootError::NoPhysicalMemory)?;
+    let limit = addr_max.saturating_add(1); // exclusive
+    phys.iter()
+        .filter_map(|region| {
+            let start = region.start_addr().0.max(lowest);
+            let end = region.start_addr().0.checked_add(region.len())?.min(limit);
+            let top = end.checked_sub(size)? & !(PAGE_SIZE - 1);
+            (top >= start).then_some(top)
+        })
+        .max()
+        .map(GuestAddress)
+        .ok_or(no_fit)
+}
+
+/// Copies `image` into guest memory above `kernel_end` (see [`place_initrd`]) and
+/// records its address and size in the zero page at `zero_page`.
+///
+/// ```
+/// use vm_memory::{GuestAddress, GuestMemoryMmap};
+/// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+/// let cmdline = ember_boot::Cmdline::default();
+/// let zero_page = ember_boot::configure_linux_boot(&mem, &cmdline).unwrap();
+/// let at = ember_boot::load_initrd(&mem, zero_page, b"070701...", GuestAddress(0x20_0000)).unwrap();
+/// assert_eq!(at.0 % 4096, 0);
+/// ```
+pub fn load_initrd<M: GuestMemory>(
+    mem: &M,
+    zero_page: GuestAddress,
+    image: &[u8],
+    kernel_end: GuestAddress,
+) -> Result<GuestAddress, BootError> {
+    let size = image.len() as u64;
+    // The zero page's ramdisk_size field is 32 bits.
+    let max_size = u64::from(u32::MAX);
+    if size > max_size {
+        return Err(BootError::InitrdDoesNotFit {
+            size,
+            lowest: kernel_end.0,
+            max: max_size,
+        });
+    }
+    let addr = place_initrd(mem, size, kernel_end.0, DEFAULT_INITRD_ADDR_MAX)?;
+    let mut page = [0u8; ZERO_PAGE_SIZE];
+    mem.read_slice(&mut page, zero_page)
+        .map_err(|source| BootError::ZeroPageRead {
+            addr: zero_page.0,
+            source,
+        })?;
+    let mut params = BootParams::from_bytes(page);
+    params.set_ramdisk(addr, size as u32);
+    write_bytes(mem, "initrd", image, addr.0)?;
+    params.write_to(mem, zero_page)?;
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{configure_linux_boot, Cmdline};
+    use vm_memory::GuestMemoryMmap;
+
+    fn mem(ranges: &[(u64, u64)]) -> GuestMemoryMmap {
+        let ranges: Vec<_> = ranges
+            .iter()
+            .map(|&(a, l)| (GuestAddress(a), l as usize))
+            .collect();
+        GuestMemoryMmap::from_ranges(&ranges).unwrap()
+    }
+
+    #[test]
+    fn goes_to_the_top_of_ram_page_aligned() {
+        let m = mem(&[(0, 64 << 20)]);
+        assert_eq!(
+            place_initrd(&m, 1, 0, u64::MAX).unwrap().0,
+            (64 << 20) - 0x1000
+        );
+        assert_eq!(
+            place_initrd(&m, 0x1000, 0, u64::MAX).unwrap().0,
+            (64 << 20) - 0x1000
+        );
+        assert_eq!(
+            place_initrd(&m, 0x1001, 0, u64::MAX).unwrap().0,
+            (64 << 20) - 0x2000
+        );
+    }
+
+    #[test]
+    fn respects_addr_max_and_regions() {
+        // RAM below and above the 32-bit hole; addr_max keeps it low.
+        let m = mem(&[(0, 0x4000_0000), (0x1_0000_0000, 0x4000_0000)]);
+        let at = place_initrd(&m, 0x10_0000, 0x20_0000, DEFAULT_INITRD_ADDR_MAX).unwrap();
+        assert_eq!(at.0 + 0x10_0000 - 1, DEFAULT_INITRD_ADDR_MAX);
+        let high = place_initrd(&m, 0x10_0000, 0x20_0000, u64::MAX).unwrap();
+        assert_eq!(high.0, 0x1_4000_0000 - 0x10_0000);
+    }
+
+    #[test]
+    fn errors() {
+        let m = mem(&[(0, 16 << 20)]);
+        assert!(matches!(
+            place_initrd(&m, 0, 0, u64::MAX),
+            Err(BootError::InitrdEmpty)
+        ));
+        assert!(matches!(
+            place_initrd(&m, 15 << 20, 2 << 20, u64::MAX),
+            Err(BootError::InitrdDoesNotFit { size, lowest: 0x20_0000, .. }) if size == 15 << 20
+        ));
+        // Exactly fits between the kernel end and the top.
+        assert_eq!(
+            place_initrd(&m, 14 << 20, 2 << 20, u64::MAX).unwrap().0,
+            2 << 20
+        );
+        assert!(place_initrd(&m, u64::MAX, 0, u64::MAX).is_err());
+    }
+
+    #[test]
+    fn load_writes_image_and_zero_page() {
+        let m = mem(&[(0, 64 << 20)]);
+        let zp = configure_linux_boot(&m, &Cmdline::default()).unwrap();
+        let image: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        let at = load_initrd(&m, zp, &image, GuestAddress(0x40_0000)).unwrap();
+        let mut back = vec![0u8; image.len()];
+        m.read_slice(&mut back, at).unwrap();
+        assert_eq!(back, image);
+        let mut page = [0u8; ZERO_PAGE_SIZE];
+        m.read_slice(&mut page, zp).unwrap();
+        let params = BootParams::from_bytes(page);
+        assert_eq!(
+            (params.ramdisk_image(), params.ramdisk_size()),
+            (at.0, 5000)
+        );
+    }
+}

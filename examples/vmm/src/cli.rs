@@ -1,0 +1,138 @@
+//! The command line, parsed into a [`VmConfig`].
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::{KernelSource, SerialConfig, VmConfig};
+
+/// Ember's example VMM: boots a Linux kernel (or, with no kernel, its embedded demo
+/// guest) on KVM.
+#[derive(Debug, Parser)]
+#[command(name = "ember", version, about)]
+pub struct Cli {
+    /// Kernel to boot: an uncompressed 64-bit ELF vmlinux. Without it, the embedded
+    /// demo guest runs.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// Kernel command line (replaces the default).
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+
+    /// Guest memory: a bare number is MiB; K, M and G suffixes are accepted (e.g. 512M, 2G).
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_memory_size)]
+    pub memory: u64,
+
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u32,
+
+    /// Where the guest's serial port (COM1) goes: stdio, file=PATH or none.
+    #[arg(long, value_name = "SPEC", default_value = "stdio", value_parser = parse_serial)]
+    pub serial: SerialConfig,
+
+    /// Initial ramdisk to hand to the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+
+    /// Log more (repeat for debug output). Logs go to stderr.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl Cli {
+    /// The VM this command line asks for.
+    pub fn vm_config(&self) -> VmConfig {
+        VmConfig {
+            kernel: match &self.kernel {
+                Some(path) => KernelSource::File(path.clone()),
+                None => KernelSource::Demo,
+            },
+            cmdline: self.cmdline.clone(),
+            memory_bytes: self.memory,
+            vcpus: self.cpus,
+            serial: self.serial.clone(),
+            initrd: self.initrd.clone(),
+        }
+    }
+}
+
+/// Parses a memory size: a bare number is MiB; `K`, `M`, `G` (optionally followed by
+/// `iB` or `B`, any case) scale by 1024s.
+pub fn parse_memory_size(s: &str) -> Result<u64, String> {
+    let bad = || {
+        format!("invalid memory size '{s}': expected a number of MiB, or a number with a K, M or G suffix")
+    };
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, suffix) = t.split_at(digits);
+    let value: u64 = number.parse().map_err(|_| bad())?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 20,
+        "k" | "kb" | "kib" => 10,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(bad()),
+    };
+    value
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("memory size '{s}' is too large"))
+}
+
+/// Parses `stdio`, `file=PATH` or `none`.
+pub fn parse_serial(s: &str) -> Result<SerialConfig, String> {
+    match s {
+        "stdio" => Ok(SerialConfig::Stdio),
+        "none" => Ok(SerialConfig::None),
+        _ => match s.strip_prefix("file=") {
+            Some(path) if !path.is_empty() => Ok(SerialConfig::File(PathBuf::from(path))),
+            _ => Err(format!(
+                "invalid serial '{s}': expected stdio, file=PATH or none"
+            )),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory_size("512"), Ok(512 << 20));
+        assert_eq!(parse_memory_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_memory_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_memory_size("2gib"), Ok(2 << 30));
+        assert_eq!(parse_memory_size("65536K"), Ok(64 << 20));
+        for bad in ["", "M", "12X", "-1", "1.5G", "0x100", "1 G B"] {
+            assert!(parse_memory_size(bad).is_err(), "{bad}");
+        }
+        assert!(parse_memory_size("99999999999999999999G")
+            .unwrap_err()
+            .contains("invalid"));
+        assert!(parse_memory_size("9999999999999G")
+            .unwrap_err()
+            .contains("too large"));
+    }
+
+    #[test]
+    fn serial_specs() {
+        assert_eq!(parse_serial("stdio"), Ok(SerialConfig::Stdio));
+        assert_eq!(parse_serial("none"), Ok(SerialConfig::None));
+        assert_eq!(
+            parse_serial("file=/tmp/x"),
+            Ok(SerialConfig::File("/tmp/x".into()))
+        );
+        assert!(parse_serial("file=").is_err());
+        assert!(parse_serial("tcp").is_err());
+    }
+
+    #[test]
+    fn defaults_run_the_demo() {
+        let cli = Cli::parse_from(["ember"]);
+        let config = cli.vm_config();
+        assert_eq!(config.kernel, KernelSource::Demo);
+        assert_eq!((config.vcpus, config.memory_bytes), (1, 256 << 20));
+        assert_eq!(config.serial, SerialConfig::Stdio);
+    }
+}

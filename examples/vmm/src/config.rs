@@ -1,0 +1,44 @@
+//! What a VM is made of, independent of how it was asked for.
+
+use std::path::PathBuf;
+
+/// Where the kernel comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelSource {
+    /// The demo guest built into the binary.
+    Demo,
+    /// A kernel image on disk.
+    File(PathBuf),
+}
+
+/// Where the serial port's output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialConfig {
+    /// Standard output, and standard input goes to the guest.
+    Stdio,
+    /// A file, created or truncated.
+    File(PathBuf),
+    /// Nowhere.
+    None,
+}
+
+/// A VM to build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// The kernel.
+    pub kernel: KernelSource,
+    /// Kernel command line; `None` for the default.
+    pub cmdline: Option<String>,
+    /// Guest RAM in bytes.
+    pub memory_bytes: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Serial output.
+    pub serial: SerialConfig,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+}
+
+/// The command line a Linux guest gets when none is given: console on COM1, and reboot
+/// through the keyboard controller so that a guest `reboot` ends the VMM cleanly.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
