@@ -25,7 +25,12 @@ pub struct Cli {
     pub memory: u64,
 
     /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        allow_negative_numbers = true
+    )]
     pub cpus: u32,
 
     /// Where the guest's serial port (COM1) goes: stdio, file=PATH or none.
