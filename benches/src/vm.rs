@@ -85,7 +85,7 @@ impl BenchVm {
                 op: "KVM_SET_CPUID2",
                 source,
             })?;
-        let msrs = msrs::boot_msrs();
+        let msrs = msrs::boot_msrs()?;
         let set = fd.set_msrs(&msrs).map_err(|source| Error::Kvm {
             op: "KVM_SET_MSRS",
             source,

@@ -86,6 +86,9 @@ pub enum VcpuError {
         /// The first MSR KVM refused.
         failed: u32,
     },
+    /// The MSR list could not be built.
+    #[error("cannot build the boot MSR list: {0:?}")]
+    MsrList(vmm_sys_util::fam::Error),
     /// Writing the boot GDT or page tables into guest memory failed.
     #[error("cannot write the boot {what} at guest address {addr:#x}: {source}")]
     GuestMemory {

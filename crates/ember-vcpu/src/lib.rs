@@ -19,7 +19,7 @@
 //! use std::sync::{Arc, Mutex};
 //! use ember_bus::{Bus, BusDevice, BusKind};
 //! use ember_vcpu::{regs, BootRegs, Vcpu, VcpuOutcome};
-//! use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+//! use vm_memory::{Bytes, GuestAddress};
 //!
 //! struct Post(Mutex<Vec<u8>>);
 //! impl BusDevice for Post {
@@ -30,18 +30,9 @@
 //! let kvm = kvm_ioctls::Kvm::new().unwrap();
 //! let vm = kvm.create_vm().unwrap();
 //! ember_vcpu::vm::setup_vm(&vm).unwrap();
-//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
-//! for (slot, region) in mem.iter().enumerate() {
-//!     let region_desc = kvm_bindings::kvm_userspace_memory_region {
-//!         slot: slot as u32,
-//!         guest_phys_addr: region.start_addr().0,
-//!         memory_size: region.len(),
-//!         userspace_addr: region.as_ptr() as u64,
-//!         flags: 0,
-//!     };
-//!     // SAFETY: the mapping outlives the VM in this example.
-//!     unsafe { vm.set_user_memory_region(region_desc).unwrap() };
-//! }
+//! let layout = ember_memory::MemoryLayout::new(16 << 20).unwrap();
+//! let mem = ember_memory::create_guest_memory(&layout, ember_memory::HugePages::None).unwrap();
+//! ember_memory::register_memory_slots(&vm, &mem, 0).unwrap();
 //! regs::write_boot_tables(&mem).unwrap();
 //! // mov al, 0x2a; out 0x80, al; hlt
 //! mem.write_slice(&[0xb0, 0x2a, 0xe6, 0x80, 0xf4], GuestAddress(0x10_0000)).unwrap();

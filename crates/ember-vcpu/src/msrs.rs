@@ -2,6 +2,8 @@
 
 use kvm_bindings::{kvm_msr_entry, Msrs};
 
+use crate::VcpuError;
+
 /// MSR indices used at boot.
 pub mod index {
     /// IA32_TSC.
@@ -38,10 +40,10 @@ const MTRR_ENABLE_WRITE_BACK: u64 = (1 << 11) | 6;
 /// (Linux with no firmware) maps its RAM cacheable.
 ///
 /// ```
-/// let msrs = ember_vcpu::msrs::boot_msrs();
+/// let msrs = ember_vcpu::msrs::boot_msrs().unwrap();
 /// assert!(msrs.as_slice().iter().any(|m| m.index == 0x2ff && m.data == 0x806));
 /// ```
-pub fn boot_msrs() -> Msrs {
+pub fn boot_msrs() -> Result<Msrs, VcpuError> {
     let entries = [
         (index::IA32_SYSENTER_CS, 0),
         (index::IA32_SYSENTER_ESP, 0),
@@ -60,6 +62,5 @@ pub fn boot_msrs() -> Msrs {
         data,
         ..Default::default()
     });
-    // A fixed list of 11 entries always fits the FAM wrapper's limit.
-    Msrs::from_entries(&entries).unwrap_or_else(|_| unreachable!("11 MSR entries fit"))
+    Msrs::from_entries(&entries).map_err(VcpuError::MsrList)
 }

@@ -136,7 +136,7 @@ impl Vcpu {
 
     /// Sets the boot MSRs ([`msrs::boot_msrs`]); fails naming the first MSR KVM refused.
     pub fn set_boot_msrs(&self) -> Result<(), VcpuError> {
-        let msrs = msrs::boot_msrs();
+        let msrs = msrs::boot_msrs()?;
         let set = self
             .fd
             .set_msrs(&msrs)
