@@ -10,6 +10,17 @@ const EDX_HTT: u32 = 1 << 28;
 /// CPUID.0x80000001:ECX bit 1 (AMD): core multi-processing legacy mode.
 const ECX_CMP_LEGACY: u32 = 1 << 1;
 
+/// CPUID.1:ECX bit 13: CMPXCHG16B.
+const ECX_CX16: u32 = 1 << 13;
+/// CPUID.1:ECX bit 26: XSAVE/XRSTOR.
+const ECX_XSAVE: u32 = 1 << 26;
+/// CPUID.1:ECX bit 28: AVX.
+const ECX_AVX: u32 = 1 << 28;
+
+/// Where the kernel exposes that KVM runs nested on the PVM hypervisor, which emulates
+/// guest kernel-mode code instruction by instruction.
+const NESTED_PVM_MODULE: &str = "/sys/module/kvm_pvm";
+
 /// Level types of leaves 0xB/0x1F.
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
@@ -47,6 +58,88 @@ pub fn vendor(cpuid: &CpuId) -> CpuVendor {
         b"GenuineIntel" => CpuVendor::Intel,
         b"AuthenticAMD" | b"HygonGenuine" => CpuVendor::Amd,
         _ => CpuVendor::Other,
+    }
+}
+
+/// What the guest's CPUID hides on top of KVM's supported list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuTemplate {
+    /// KVM's supported CPUID as it is: right on hardware KVM.
+    Host,
+    /// For hosts whose KVM emulates guest kernel code (nested PVM): hides CMPXCHG16B,
+    /// which the emulator cannot run, so Linux's SLUB takes its fallback path. XSAVE and
+    /// AVX are cleared too, but such hosts do not always honour that, so kernels also
+    /// need `noxsave` ([`CpuTemplate::kernel_params`]).
+    NestedCompat,
+}
+
+impl CpuTemplate {
+    /// Picks the template for this host, and says why.
+    ///
+    /// ```
+    /// let (template, why) = ember_vcpu::cpuid::CpuTemplate::detect();
+    /// assert!(!why.is_empty());
+    /// # let _ = template;
+    /// ```
+    pub fn detect() -> (CpuTemplate, &'static str) {
+        if std::path::Path::new(NESTED_PVM_MODULE).exists() {
+            (
+                CpuTemplate::NestedCompat,
+                "the kvm_pvm module is loaded: KVM emulates guest kernel code",
+            )
+        } else {
+            (
+                CpuTemplate::Host,
+                "no nested-emulation module found: hardware KVM",
+            )
+        }
+    }
+
+    /// The template's name as the example VMM's CLI spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuTemplate::Host => "host",
+            CpuTemplate::NestedCompat => "nested-compat",
+        }
+    }
+
+    /// Parses [`CpuTemplate::name`].
+    pub fn from_name(name: &str) -> Option<CpuTemplate> {
+        match name {
+            "host" => Some(CpuTemplate::Host),
+            "nested-compat" => Some(CpuTemplate::NestedCompat),
+            _ => None,
+        }
+    }
+
+    /// Kernel parameters a Linux guest needs with this template.
+    pub fn kernel_params(self) -> &'static [&'static str] {
+        match self {
+            CpuTemplate::Host => &[],
+            CpuTemplate::NestedCompat => &["noxsave"],
+        }
+    }
+
+    /// Applies the template to a CPUID list (KVM's supported list, before
+    /// [`vcpu_cpuid`]).
+    ///
+    /// ```
+    /// use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+    /// use ember_vcpu::cpuid::CpuTemplate;
+    /// let mut cpuid = CpuId::new(0).unwrap();
+    /// cpuid.push(kvm_cpuid_entry2 { function: 1, ecx: u32::MAX, ..Default::default() }).unwrap();
+    /// CpuTemplate::NestedCompat.apply(&mut cpuid);
+    /// assert_eq!(cpuid.as_slice()[0].ecx & (1 << 13), 0); // CX16 hidden
+    /// ```
+    pub fn apply(self, cpuid: &mut CpuId) {
+        if self == CpuTemplate::Host {
+            return;
+        }
+        for e in cpuid.as_mut_slice() {
+            if e.function == 1 {
+                e.ecx &= !(ECX_CX16 | ECX_XSAVE | ECX_AVX);
+            }
+        }
     }
 }
 
@@ -242,6 +335,29 @@ mod tests {
         let cpuid = vcpu_cpuid(&base, 0, 1);
         assert_eq!(leaf(&cpuid, 1, 0).edx & EDX_HTT, 0);
         assert_eq!(leaf(&cpuid, 0xb, 1).eax, 0);
+    }
+
+    #[test]
+    fn templates() {
+        let mut cpuid = supported(b"GenuineIntel");
+        for e in cpuid.as_mut_slice() {
+            e.ecx = u32::MAX;
+        }
+        let before = cpuid.clone();
+        CpuTemplate::Host.apply(&mut cpuid);
+        assert_eq!(cpuid, before);
+        CpuTemplate::NestedCompat.apply(&mut cpuid);
+        let l1 = leaf(&cpuid, 1, 0);
+        assert_eq!(l1.ecx & (ECX_CX16 | ECX_XSAVE | ECX_AVX), 0);
+        assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
+        assert_eq!(leaf(&cpuid, 0xb, 0).ecx, u32::MAX, "other leaves untouched");
+        for t in [CpuTemplate::Host, CpuTemplate::NestedCompat] {
+            assert_eq!(CpuTemplate::from_name(t.name()), Some(t));
+        }
+        assert_eq!(CpuTemplate::from_name("t2"), None);
+        assert_eq!(CpuTemplate::NestedCompat.kernel_params(), &["noxsave"]);
+        let (_, why) = CpuTemplate::detect();
+        assert!(!why.is_empty());
     }
 
     #[test]

@@ -27,18 +27,22 @@ pub const PDE_START: u64 = 0xb000;
 /// so MMIO devices below 4 GiB are reachable too.
 pub const IDENTITY_MAP_GIB: u64 = 4;
 
-/// GDT selectors.
+/// GDT selectors. The kernel code and data selectors are the ones Linux's 64-bit boot
+/// protocol requires (`__BOOT_CS` = 0x10, `__BOOT_DS` = 0x18), so a bzImage's 64-bit
+/// entry finds them.
 pub mod selector {
-    /// 64-bit kernel code (GDT index 1).
-    pub const KERNEL_CODE: u16 = 0x08;
-    /// Kernel data (GDT index 2).
-    pub const KERNEL_DATA: u16 = 0x10;
-    /// Task state segment (GDT index 3).
-    pub const TSS: u16 = 0x18;
+    /// 64-bit kernel code (GDT index 2).
+    pub const KERNEL_CODE: u16 = 0x10;
+    /// Flat kernel data, 32- and 64-bit (GDT index 3).
+    pub const KERNEL_DATA: u16 = 0x18;
     /// User data, DPL 3 (GDT index 4), with RPL 3.
     pub const USER_DATA: u16 = 0x20 | 3;
     /// 64-bit user code, DPL 3 (GDT index 5), with RPL 3.
     pub const USER_CODE: u16 = 0x28 | 3;
+    /// Flat 32-bit kernel code, for the PVH entry (GDT index 6).
+    pub const KERNEL_CODE32: u16 = 0x30;
+    /// Task state segment (GDT index 7).
+    pub const TSS: u16 = 0x38;
 }
 
 // Control register and EFER bits.
@@ -72,15 +76,28 @@ const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
         | ((flags as u64 & 0xf0ff) << 40)
 }
 
-/// The boot GDT: null, kernel code, kernel data, TSS, user data, user code.
-pub const BOOT_GDT: [u64; 6] = [
+/// The boot GDT, indexed as [`selector`] says.
+pub const BOOT_GDT: [u64; 8] = [
+    0,
     0,
     gdt_entry(0xa09b, 0, 0xfffff), // 64-bit code, DPL 0
     gdt_entry(0xc093, 0, 0xfffff), // data, DPL 0
-    gdt_entry(0x808b, 0, 0xfffff), // 32-bit busy TSS
     gdt_entry(0xc0f3, 0, 0xfffff), // data, DPL 3
     gdt_entry(0xa0fb, 0, 0xfffff), // 64-bit code, DPL 3
+    gdt_entry(0xc09b, 0, 0xfffff), // 32-bit code, DPL 0
+    gdt_entry(0x808b, 0, 0xfffff), // 32-bit busy TSS
 ];
+
+/// The GDT entry for a selector.
+const fn gdt_index(selector: u16) -> usize {
+    (selector >> 3) as usize
+}
+
+/// `kvm_segment` for one of the boot GDT's selectors.
+fn boot_segment(selector: u16) -> kvm_segment {
+    let index = gdt_index(selector);
+    segment_from_gdt(BOOT_GDT[index], index as u8)
+}
 
 /// Turns a GDT descriptor into the `kvm_segment` KVM expects for it.
 pub fn segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
@@ -150,22 +167,25 @@ pub fn write_boot_tables<M: GuestMemory>(mem: &M) -> Result<(), VcpuError> {
     write(mem, "page directories", PDE_START, &pdes)
 }
 
-/// Puts `sregs` in 64-bit mode with the boot GDT, IDT and page tables.
-pub fn long_mode_sregs(sregs: &mut kvm_sregs) {
+/// Loads the boot GDT and IDT, `code` into CS, kernel data everywhere else, and the TSS.
+fn set_segments(sregs: &mut kvm_sregs, code: u16) {
     sregs.gdt.base = BOOT_GDT_START;
     sregs.gdt.limit = (std::mem::size_of_val(&BOOT_GDT) - 1) as u16;
     sregs.idt.base = BOOT_IDT_START;
     sregs.idt.limit = 7;
-
-    let code = segment_from_gdt(BOOT_GDT[1], 1);
-    let data = segment_from_gdt(BOOT_GDT[2], 2);
-    sregs.cs = code;
+    let data = boot_segment(selector::KERNEL_DATA);
+    sregs.cs = boot_segment(code);
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
     sregs.gs = data;
     sregs.ss = data;
-    sregs.tr = segment_from_gdt(BOOT_GDT[3], 3);
+    sregs.tr = boot_segment(selector::TSS);
+}
+
+/// Puts `sregs` in 64-bit mode with the boot GDT, IDT and page tables.
+pub fn long_mode_sregs(sregs: &mut kvm_sregs) {
+    set_segments(sregs, selector::KERNEL_CODE);
 
     sregs.cr3 = PML4_START;
     sregs.cr4 |= CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
@@ -208,6 +228,40 @@ pub fn setup_long_mode(vcpu: &VcpuFd, boot: &BootRegs) -> Result<(), VcpuError> 
         .map_err(|e| VcpuError::kvm("KVM_SET_REGS", e))
 }
 
+/// Puts `sregs` in 32-bit protected mode with paging off and flat segments: the state
+/// the PVH boot ABI specifies (the 32-bit code segment is the boot GDT's
+/// [`selector::KERNEL_CODE32`]).
+pub fn protected_mode_sregs(sregs: &mut kvm_sregs) {
+    set_segments(sregs, selector::KERNEL_CODE32);
+    sregs.cr0 = (sregs.cr0 | CR0_PE | CR0_ET) & !CR0_PG;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+}
+
+/// Enters a kernel through its PVH entry point: 32-bit protected mode, paging off,
+/// `EBX` = the `hvm_start_info` address, interrupts off. [`write_boot_tables`] must
+/// have been called on the VM's memory (for the GDT).
+pub fn setup_pvh_entry(
+    vcpu: &VcpuFd,
+    entry: GuestAddress,
+    start_info: GuestAddress,
+) -> Result<(), VcpuError> {
+    let mut sregs = vcpu
+        .get_sregs()
+        .map_err(|e| VcpuError::kvm("KVM_GET_SREGS", e))?;
+    protected_mode_sregs(&mut sregs);
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| VcpuError::kvm("KVM_SET_SREGS", e))?;
+    let regs = kvm_regs {
+        rflags: 0x2,
+        rip: entry.0,
+        rbx: start_info.0,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs)
+        .map_err(|e| VcpuError::kvm("KVM_SET_REGS", e))
+}
+
 /// Sets the x87 and SSE control words to their reset values.
 pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), VcpuError> {
     let fpu = kvm_fpu {
@@ -226,29 +280,35 @@ mod tests {
 
     #[test]
     fn gdt_segments_decode() {
-        let code = segment_from_gdt(BOOT_GDT[1], 1);
+        // Linux's 64-bit boot protocol wants __BOOT_CS = 0x10 and __BOOT_DS = 0x18.
+        let code = boot_segment(selector::KERNEL_CODE);
         assert_eq!(
             (code.selector, code.l, code.db, code.dpl, code.type_),
-            (0x8, 1, 0, 0, 0xb)
+            (0x10, 1, 0, 0, 0xb)
         );
         assert_eq!(
             (code.limit, code.g, code.present, code.s),
             (0xffff_ffff, 1, 1, 1)
         );
-        let data = segment_from_gdt(BOOT_GDT[2], 2);
+        let data = boot_segment(selector::KERNEL_DATA);
         assert_eq!(
             (data.selector, data.l, data.db, data.type_),
-            (0x10, 0, 1, 3)
+            (0x18, 0, 1, 3)
         );
-        let tss = segment_from_gdt(BOOT_GDT[3], 3);
-        assert_eq!((tss.selector, tss.s, tss.type_), (0x18, 0, 0xb));
-        let ucode = segment_from_gdt(BOOT_GDT[5], 5);
+        let code32 = boot_segment(selector::KERNEL_CODE32);
+        assert_eq!(
+            (code32.selector, code32.l, code32.db, code32.type_),
+            (0x30, 0, 1, 0xb)
+        );
+        let tss = boot_segment(selector::TSS);
+        assert_eq!((tss.selector, tss.s, tss.type_), (0x38, 0, 0xb));
+        let ucode = boot_segment(selector::USER_CODE);
         assert_eq!(
             (ucode.selector, ucode.dpl, ucode.l),
             (selector::USER_CODE, 3, 1)
         );
-        let udata = segment_from_gdt(BOOT_GDT[4], 4);
-        assert_eq!(udata.selector, selector::USER_DATA);
+        let udata = boot_segment(selector::USER_DATA);
+        assert_eq!((udata.selector, udata.dpl), (selector::USER_DATA, 3));
         assert_eq!(segment_from_gdt(0, 0).unusable, 1);
     }
 
@@ -270,8 +330,8 @@ mod tests {
             assert_eq!(pde & 0x87, 0x87, "{addr:#x}");
             assert_eq!((pde & !0x1f_ffff & !0xfff) | (addr & 0x1f_ffff), addr);
         }
-        let gdt: u64 = mem.read_obj(GuestAddress(BOOT_GDT_START + 8)).unwrap();
-        assert_eq!(gdt, BOOT_GDT[1]);
+        let gdt: u64 = mem.read_obj(GuestAddress(BOOT_GDT_START + 0x10)).unwrap();
+        assert_eq!(gdt, BOOT_GDT[2]);
     }
 
     #[test]
@@ -296,5 +356,19 @@ mod tests {
         assert_ne!(sregs.cr4 & CR4_PAE, 0);
         assert_eq!(sregs.cr3, PML4_START);
         assert_eq!(sregs.cs.selector, selector::KERNEL_CODE);
+    }
+
+    #[test]
+    fn protected_mode_bits() {
+        let mut sregs = kvm_sregs::default();
+        long_mode_sregs(&mut sregs);
+        protected_mode_sregs(&mut sregs);
+        assert_eq!(sregs.cr0 & (CR0_PE | CR0_PG), CR0_PE);
+        assert_eq!((sregs.efer, sregs.cr4), (0, 0));
+        assert_eq!(
+            (sregs.cs.selector, sregs.cs.db, sregs.cs.l),
+            (selector::KERNEL_CODE32, 1, 0)
+        );
+        assert_eq!(sregs.ss.selector, selector::KERNEL_DATA);
     }
 }

@@ -169,6 +169,16 @@ impl Vcpu {
         regs::setup_long_mode(&self.fd, boot)
     }
 
+    /// Enters a kernel's 32-bit PVH entry point with `EBX` = `start_info`
+    /// ([`regs::setup_pvh_entry`]).
+    pub fn set_pvh_entry(
+        &self,
+        entry: GuestAddress,
+        start_info: GuestAddress,
+    ) -> Result<(), VcpuError> {
+        regs::setup_pvh_entry(&self.fd, entry, start_info)
+    }
+
     /// Marks the vCPU runnable. With the in-kernel irqchip, vCPUs other than 0 otherwise
     /// wait for INIT/SIPI from the boot processor, as Linux expects; a guest that starts
     /// every vCPU at its entry point needs this.

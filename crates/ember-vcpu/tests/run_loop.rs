@@ -442,6 +442,35 @@ fn unemulatable_instruction_reports_rip_and_bytes() {
 }
 
 #[test]
+fn pvh_entry_starts_in_32_bit_protected_mode() {
+    let Some(t) = TestVm::new("pvh_entry_starts_in_32_bit_protected_mode") else {
+        return;
+    };
+    // Assembled as 32-bit code: in 64-bit mode `dec eax` (0x48) would be a REX prefix
+    // and the report below would differ.
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.mov(eax, ebx).unwrap();
+    a.dec(eax).unwrap();
+    a.mov(dx, REPORT_PORT as u32).unwrap();
+    a.out(dx, eax).unwrap();
+    a.mov(eax, cr0).unwrap();
+    a.out(dx, eax).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    t.mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    let vcpu = t.vcpu(0, 1);
+    vcpu.set_pvh_entry(GuestAddress(CODE), GuestAddress(0x6000))
+        .unwrap();
+    let mut vcpu = vcpu;
+    assert_eq!(vcpu.run().unwrap(), VcpuOutcome::Halted);
+    let report = t.report.take();
+    assert_eq!(report[0], w(0, &0x5fffu32.to_le_bytes()));
+    let cr0_value = u32::from_le_bytes(report[1].2.clone().try_into().unwrap());
+    assert_eq!(cr0_value & 1, 1, "protected mode");
+    assert_eq!(cr0_value & (1 << 31), 0, "paging off");
+}
+
+#[test]
 fn too_many_vcpus_is_an_error() {
     let Some(t) = TestVm::new("too_many_vcpus_is_an_error") else {
         return;
