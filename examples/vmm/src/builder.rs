@@ -23,7 +23,9 @@ use ember_vcpu::{regs, BootRegs, Vcpu, VcpuError};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use crate::config::{KernelSource, SerialConfig, VmConfig, DEFAULT_CMDLINE};
+use ember_vcpu::cpuid::CpuTemplate;
+
+use crate::config::{CpuTemplateChoice, KernelSource, SerialConfig, VmConfig, DEFAULT_CMDLINE};
 
 /// The demo guest, assembled by `build.rs` (see `ember_guests::demo`).
 pub const DEMO_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo-guest.elf"));
@@ -129,10 +131,32 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
         ),
         None => None,
     };
+    let template = match config.cpu_template {
+        CpuTemplateChoice::Fixed(t) => {
+            log::info!("CPU template {} (from the command line)", t.name());
+            t
+        }
+        CpuTemplateChoice::Auto => {
+            let (t, why) = CpuTemplate::detect();
+            log::info!("CPU template {}: {why}", t.name());
+            t
+        }
+    };
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BuildError::Cmdline)?;
     cmdline
         .insert_str(config.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE))
         .map_err(BuildError::Cmdline)?;
+    if config.kernel != KernelSource::Demo {
+        for param in template.kernel_params() {
+            if !cmdline.as_str().split(' ').any(|p| p == *param) {
+                log::info!(
+                    "adding {param} to the kernel command line for CPU template {}",
+                    template.name()
+                );
+                cmdline.insert_str(param).map_err(BuildError::Cmdline)?;
+            }
+        }
+    }
 
     let kvm = Kvm::new().map_err(BuildError::OpenKvm)?;
     ember_vcpu::vm::check_vcpu_count(&kvm, config.vcpus)?;
@@ -205,9 +229,10 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
     // vCPUs. A Linux kernel starts on vCPU 0 and wakes the others itself (INIT/SIPI);
     // the demo guest starts every vCPU at its entry point.
     let start_all = config.kernel == KernelSource::Demo;
-    let supported = kvm
+    let mut supported = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| BuildError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+    template.apply(&mut supported);
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for index in 0..config.vcpus {
         let vcpu = Vcpu::new(&vm, index, pio.clone(), mmio.clone(), memory.clone())?;

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::config::{KernelSource, SerialConfig, VmConfig};
+use ember_vcpu::cpuid::CpuTemplate;
+
+use crate::config::{CpuTemplateChoice, KernelSource, SerialConfig, VmConfig};
 
 /// Ember's example VMM: boots a Linux kernel (or, with no kernel, its embedded demo
 /// guest) on KVM.
@@ -41,6 +43,12 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
 
+    /// CPU template: auto (detect the host), host (KVM's CPUID as is) or nested-compat
+    /// (for hosts whose KVM emulates guest kernel code: hides CMPXCHG16B, and Linux
+    /// guests get `noxsave`).
+    #[arg(long, value_name = "NAME", default_value = "auto", value_parser = parse_cpu_template)]
+    pub cpu_template: CpuTemplateChoice,
+
     /// Log more (repeat for debug output). Logs go to stderr.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -59,6 +67,7 @@ impl Cli {
             vcpus: self.cpus,
             serial: self.serial.clone(),
             initrd: self.initrd.clone(),
+            cpu_template: self.cpu_template,
         }
     }
 }
@@ -96,6 +105,16 @@ pub fn parse_serial(s: &str) -> Result<SerialConfig, String> {
             )),
         },
     }
+}
+
+/// Parses `auto` or a template name.
+pub fn parse_cpu_template(s: &str) -> Result<CpuTemplateChoice, String> {
+    if s == "auto" {
+        return Ok(CpuTemplateChoice::Auto);
+    }
+    CpuTemplate::from_name(s)
+        .map(CpuTemplateChoice::Fixed)
+        .ok_or_else(|| format!("invalid CPU template '{s}': expected auto, host or nested-compat"))
 }
 
 #[cfg(test)]
@@ -139,5 +158,22 @@ mod tests {
         assert_eq!(config.kernel, KernelSource::Demo);
         assert_eq!((config.vcpus, config.memory_bytes), (1, 256 << 20));
         assert_eq!(config.serial, SerialConfig::Stdio);
+        assert_eq!(config.cpu_template, CpuTemplateChoice::Auto);
+    }
+
+    #[test]
+    fn cpu_templates() {
+        assert_eq!(parse_cpu_template("auto"), Ok(CpuTemplateChoice::Auto));
+        assert_eq!(
+            parse_cpu_template("nested-compat"),
+            Ok(CpuTemplateChoice::Fixed(CpuTemplate::NestedCompat))
+        );
+        assert_eq!(
+            parse_cpu_template("host"),
+            Ok(CpuTemplateChoice::Fixed(CpuTemplate::Host))
+        );
+        assert!(parse_cpu_template("T2")
+            .unwrap_err()
+            .contains("invalid CPU template 'T2'"));
     }
 }

@@ -22,6 +22,15 @@ pub enum SerialConfig {
     None,
 }
 
+/// Which CPU template to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuTemplateChoice {
+    /// Detect the host ([`ember_vcpu::cpuid::CpuTemplate::detect`]).
+    Auto,
+    /// This one.
+    Fixed(ember_vcpu::cpuid::CpuTemplate),
+}
+
 /// A VM to build.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -37,6 +46,8 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     /// Initial ramdisk.
     pub initrd: Option<PathBuf>,
+    /// CPU template.
+    pub cpu_template: CpuTemplateChoice,
 }
 
 /// The command line a Linux guest gets when none is given: console on COM1, and reboot

@@ -17,9 +17,23 @@ use crate::builder::Vm;
 /// Why running a VM failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// A vCPU failed (entry failure, emulation failure, KVM error).
+    /// A vCPU failed (entry failure, KVM error).
     #[error("{0}")]
-    Vcpu(#[from] VcpuError),
+    Vcpu(VcpuError),
+    /// KVM could not emulate a guest instruction.
+    #[error("vCPU {vcpu}: KVM cannot emulate the instruction at RIP {rip:#x} ({text}; bytes: {bytes}); try: {advice}")]
+    Emulation {
+        /// vCPU index.
+        vcpu: u32,
+        /// Guest RIP.
+        rip: u64,
+        /// The instruction, decoded.
+        text: String,
+        /// Its bytes.
+        bytes: ember_vcpu::InstructionBytes,
+        /// What to try.
+        advice: &'static str,
+    },
     /// The guest triple-faulted.
     #[error("vCPU {0}: the guest triple-faulted (KVM_EXIT_SHUTDOWN)")]
     TripleFault(u32),
@@ -29,6 +43,24 @@ pub enum RunError {
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(String),
+}
+
+impl From<VcpuError> for RunError {
+    fn from(e: VcpuError) -> Self {
+        match e {
+            VcpuError::EmulationFailure { vcpu, rip, bytes } => {
+                let (text, advice) = crate::hint::emulation_advice(bytes.as_slice());
+                RunError::Emulation {
+                    vcpu,
+                    rip,
+                    text,
+                    bytes,
+                    advice,
+                }
+            }
+            other => RunError::Vcpu(other),
+        }
+    }
 }
 
 /// How the VM ended, and what it saw on the way.

@@ -211,6 +211,26 @@ fn emulation_failure_is_one_clear_error() {
 }
 
 #[test]
+fn unemulatable_instruction_names_it_and_says_what_to_try() {
+    if !kvm_available("unemulatable_instruction_names_it_and_says_what_to_try") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest_kernel(&dir, "int3", |a| {
+        a.nop()?;
+        a.int3()
+    });
+    let out = ember(&["--kernel", kernel.to_str().unwrap()], b"");
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert_one_error_line(&out, "at RIP 0x100001 (int3; bytes: cc");
+        assert_one_error_line(&out, "try: this host cannot emulate int3");
+    } else {
+        // Hardware KVM runs int3: #BP with an empty IDT triple-faults.
+        assert_one_error_line(&out, "triple-faulted");
+    }
+}
+
+#[test]
 fn triple_fault_is_one_clear_error() {
     if !kvm_available("triple_fault_is_one_clear_error") {
         return;
