@@ -25,11 +25,18 @@ fn mmio_bus(count: usize) -> (Bus, ember_benches::device::Target) {
     (bus, target)
 }
 
+/// Short runs: each benchmark takes about 2.5 s, the whole file well under a minute.
 fn short(group: &mut BenchmarkGroup<'_, WallTime>) {
     group
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
-        .sample_size(50);
+        .sample_size(50)
+        .nresamples(10_000);
+}
+
+/// No plots (they take longer than the measurements); command-line flags still apply.
+fn config() -> Criterion {
+    Criterion::default().without_plots()
 }
 
 fn dispatch(c: &mut Criterion) {
@@ -100,5 +107,9 @@ fn unclaimed(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, dispatch, unclaimed);
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = dispatch, unclaimed
+}
 criterion_main!(benches);

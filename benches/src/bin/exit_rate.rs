@@ -43,6 +43,7 @@ fn main() -> ExitCode {
 
 fn run(options: &Options, argv: &[String]) -> Result<(), Box<dyn Error>> {
     let sides = [Side::Floor, Side::Ember];
+    let load_before = load_average();
     eprintln!(
         "exit-rate: {} writes per run, {} run(s) per side, interleaved; warming up...",
         options.iterations, options.repeat
@@ -102,8 +103,10 @@ fn run(options: &Options, argv: &[String]) -> Result<(), Box<dyn Error>> {
 
     println!("### Exit rate: bare KVM_RUN loop (floor) vs Ember's Vcpu::run\n");
     println!("Command: `{cargo}` (argv: `{}`)\n", argv.join(" "));
+    let load_after = load_average();
     println!(
-        "Host kernel {kernel} ({nested}); guest at CPL0 loops `access; dec ecx; jnz`, then \
+        "Host kernel {kernel} ({nested}); 1-min load average {load_before} before, \
+         {load_after} after; guest at CPL0 loops `access; dec ecx; jnz`, then \
          `hlt`. Median of {} interleaved runs per side of {} writes each, after a warm-up \
          of {} per side. CPU times are `getrusage(RUSAGE_THREAD)` of the vCPU thread \
          (tick-sampled unless the kernel has VIRT_CPU_ACCOUNTING_GEN).\n",
@@ -113,4 +116,12 @@ fn run(options: &Options, argv: &[String]) -> Result<(), Box<dyn Error>> {
     );
     print!("{}", markdown_table(&comparisons));
     Ok(())
+}
+
+/// The 1-minute load average, to tell a quiet machine from a busy one.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
 }

@@ -6,6 +6,9 @@
 //! virtual address in the top 2 GiB (`0xffffffff8...`) but gives physical
 //! load addresses and a physical entry point, which is what a VMM entering the
 //! kernel with paging identity-mapped needs.
+//!
+//! The file and program header validation here is shared with the PVH note
+//! reader in [`pvh`](crate::pvh).
 
 use vm_memory::{GuestAddress, GuestMemory};
 
@@ -23,6 +26,8 @@ const ELFDATA2LSB: u8 = 1;
 const ET_EXEC: u16 = 2;
 const EM_X86_64: u16 = 62;
 const PT_LOAD: u32 = 1;
+/// Program header type of a segment of ELF notes.
+pub(crate) const PT_NOTE: u32 = 4;
 const PN_XNUM: u16 = 0xffff;
 
 /// Where a kernel was loaded and where to enter it.
@@ -34,6 +39,11 @@ pub struct KernelLoad {
     pub start: GuestAddress,
     /// One past the highest guest physical address written by the loader.
     pub end: GuestAddress,
+    /// The 32-bit PVH entry point from the image's Xen
+    /// `XEN_ELFNOTE_PHYS32_ENTRY` note, if it has one (see
+    /// [`find_pvh_entry`](crate::find_pvh_entry)). It lies inside a loaded
+    /// segment.
+    pub pvh_entry: Option<GuestAddress>,
 }
 
 /// Reads little-endian fields in order from a byte slice.
@@ -103,13 +113,14 @@ impl RawFileHeader {
     }
 }
 
-/// The raw fields of an ELF64 program header that the loader looks at.
-struct RawProgramHeader {
-    p_type: u32,
-    offset: u64,
-    paddr: u64,
-    filesz: u64,
-    memsz: u64,
+/// The raw fields of an ELF64 program header that the loaders look at.
+pub(crate) struct RawProgramHeader {
+    pub(crate) p_type: u32,
+    pub(crate) offset: u64,
+    pub(crate) paddr: u64,
+    pub(crate) filesz: u64,
+    pub(crate) memsz: u64,
+    pub(crate) align: u64,
 }
 
 impl RawProgramHeader {
@@ -123,12 +134,14 @@ impl RawProgramHeader {
         let paddr = r.u64()?;
         let filesz = r.u64()?;
         let memsz = r.u64()?;
+        let align = r.u64()?;
         Some(Self {
             p_type,
             offset,
             paddr,
             filesz,
             memsz,
+            align,
         })
     }
 }
@@ -183,23 +196,59 @@ impl FileHeader {
         })
     }
 
-    fn phdr_table_error(&self, image: &[u8]) -> BootError {
-        BootError::ElfPhdrTableOutOfImage {
+    /// The program header table, checked to lie inside `image`.
+    fn phdr_table<'a>(&self, image: &'a [u8]) -> Result<&'a [u8], BootError> {
+        let out_of_image = BootError::ElfPhdrTableOutOfImage {
             phoff: self.phoff,
             phnum: self.phnum,
             image_len: image.len(),
-        }
-    }
-
-    /// The program header table, checked to lie inside `image`.
-    fn phdr_table<'a>(&self, image: &'a [u8]) -> Result<&'a [u8], BootError> {
-        let out_of_image = self.phdr_table_error(image);
+        };
         let start = usize::try_from(self.phoff).ok();
         let end = start.and_then(|s| s.checked_add(usize::from(self.phnum) * PHDR_SIZE));
         match (start, end) {
             (Some(start), Some(end)) => image.get(start..end).ok_or(out_of_image),
             _ => Err(out_of_image),
         }
+    }
+}
+
+/// Validates the ELF64 file header of `image` and returns its program
+/// headers, in table order, paired with their indices.
+///
+/// The table is checked to lie inside `image`, so the iterator yields at most
+/// `image.len() / 56` headers.
+pub(crate) fn program_headers(
+    image: &[u8],
+) -> Result<impl Iterator<Item = (usize, RawProgramHeader)> + '_, BootError> {
+    let header = FileHeader::parse(image)?;
+    let table = header.phdr_table(image)?;
+    // Each chunk is exactly PHDR_SIZE bytes, long enough for every field, so
+    // `read` never returns `None` and no header is skipped.
+    Ok(table
+        .chunks_exact(PHDR_SIZE)
+        .filter_map(RawProgramHeader::read)
+        .enumerate())
+}
+
+/// The file bytes `[offset, offset + filesz)` of program header `index`,
+/// checked to lie inside `image`.
+pub(crate) fn segment_file_bytes(
+    image: &[u8],
+    index: usize,
+    offset: u64,
+    filesz: u64,
+) -> Result<&[u8], BootError> {
+    let out_of_image = BootError::ElfSegmentOutOfImage {
+        index,
+        offset,
+        filesz,
+        image_len: image.len(),
+    };
+    let file_start = usize::try_from(offset).ok();
+    let file_end = file_start.and_then(|s| s.checked_add(usize::try_from(filesz).ok()?));
+    match (file_start, file_end) {
+        (Some(s), Some(e)) => image.get(s..e).ok_or(out_of_image),
+        _ => Err(out_of_image),
     }
 }
 
@@ -227,23 +276,13 @@ fn parse_load_segment<'a, M: GuestMemory>(
         paddr,
         filesz,
         memsz,
+        ..
     } = phdr;
     if p_type != PT_LOAD {
         return Ok(None);
     }
 
-    let out_of_image = BootError::ElfSegmentOutOfImage {
-        index,
-        offset,
-        filesz,
-        image_len: image.len(),
-    };
-    let file_start = usize::try_from(offset).ok();
-    let file_end = file_start.and_then(|s| s.checked_add(usize::try_from(filesz).ok()?));
-    let data = match (file_start, file_end) {
-        (Some(s), Some(e)) => image.get(s..e).ok_or(out_of_image)?,
-        _ => return Err(out_of_image),
-    };
+    let data = segment_file_bytes(image, index, offset, filesz)?;
     if filesz > memsz {
         return Err(BootError::ElfSegmentFileszExceedsMemsz {
             index,
@@ -287,14 +326,20 @@ fn parse_load_segment<'a, M: GuestMemory>(
 /// [`HIMEM_START`](crate::HIMEM_START)) and entirely inside guest memory, and
 /// the entry point must lie inside a loaded segment.
 ///
+/// If the image carries a Xen `XEN_ELFNOTE_PHYS32_ENTRY` note, its PVH entry
+/// point is returned too ([`KernelLoad::pvh_entry`]); it must also lie inside
+/// a loaded segment. The notes are read by
+/// [`find_pvh_entry`](crate::find_pvh_entry), and a malformed note segment
+/// rejects the image like any other malformed field.
+///
 /// The whole image is validated before anything is written: on error, guest
 /// memory is unchanged. Any byte sequence yields either a load or an error,
 /// never a panic.
 ///
 /// # Errors
 ///
-/// An `Elf*` variant of [`BootError`] naming the malformed field, or
-/// [`BootError::GuestMemoryWrite`] if guest memory rejects a write.
+/// An `Elf*` or `Pvh*` variant of [`BootError`] naming the malformed field,
+/// or [`BootError::GuestMemoryWrite`] if guest memory rejects a write.
 ///
 /// # Example
 ///
@@ -312,16 +357,15 @@ pub fn load_elf<M: GuestMemory>(
     image: &[u8],
     lowest: GuestAddress,
 ) -> Result<KernelLoad, BootError> {
+    // `program_headers` validates the file header again; parsing it here
+    // too gives the entry point and the header count.
     let header = FileHeader::parse(image)?;
-    let table = header.phdr_table(image)?;
 
     // Validate every segment before writing anything. The table lies inside
     // the image, so this allocation is bounded by the image size.
     let mut segments = Vec::with_capacity(usize::from(header.phnum));
     let mut saw_load = false;
-    for (index, phdr) in table.chunks_exact(PHDR_SIZE).enumerate() {
-        // Each chunk is PHDR_SIZE bytes, long enough for every field.
-        let phdr = RawProgramHeader::read(phdr).ok_or_else(|| header.phdr_table_error(image))?;
+    for (index, phdr) in program_headers(image)? {
         if let Some(segment) = parse_load_segment(mem, image, index, phdr, lowest)? {
             saw_load = true;
             if segment.memsz > 0 {
@@ -333,12 +377,20 @@ pub fn load_elf<M: GuestMemory>(
         return Err(BootError::ElfNoLoadSegment);
     }
     // Segments were checked not to overflow, so `addr + memsz` is exact.
+    let inside = |addr: u64| {
+        segments
+            .iter()
+            .any(|s| addr >= s.addr && addr - s.addr < s.memsz)
+    };
     let entry = header.entry;
-    if !segments
-        .iter()
-        .any(|s| entry >= s.addr && entry - s.addr < s.memsz)
-    {
+    if !inside(entry) {
         return Err(BootError::ElfEntryOutsideSegments { entry });
+    }
+    let pvh_entry = crate::pvh::find_pvh_entry(image)?;
+    if let Some(GuestAddress(pvh)) = pvh_entry {
+        if !inside(pvh) {
+            return Err(BootError::ElfPvhEntryOutsideSegments { entry: pvh });
+        }
     }
     let start = segments.iter().map(|s| s.addr).min().unwrap_or(0);
     let end = segments.iter().map(|s| s.addr + s.memsz).max().unwrap_or(0);
@@ -359,6 +411,7 @@ pub fn load_elf<M: GuestMemory>(
         entry: GuestAddress(entry),
         start: GuestAddress(start),
         end: GuestAddress(end),
+        pvh_entry,
     })
 }
 
@@ -408,6 +461,7 @@ mod tests {
                 entry: GuestAddress(0x20_0000),
                 start: GuestAddress(0x20_0000),
                 end: GuestAddress(0x30_2000),
+                pvh_entry: None,
             }
         );
         assert_eq!(read(&mem, 0x20_0000, 4), [0xf4, 0x90, 0x90, 0xeb]);
@@ -422,14 +476,17 @@ mod tests {
     #[test]
     fn entry_inside_second_segment_and_non_load_headers_skipped() {
         let mut spec = two_segments();
-        spec.entry = 0x30_1fff; // last bss byte
-                                // A PT_NOTE whose fields would be invalid for a PT_LOAD: ignored.
+        // The last bss byte.
+        spec.entry = 0x30_1fff;
+        // A PT_GNU_STACK whose fields would be invalid for a PT_LOAD (or a
+        // PT_NOTE): ignored.
         spec.push_phdr(Phdr {
-            p_type: 4,
+            p_type: 0x6474_e551,
             offset: u64::MAX,
             paddr: u64::MAX,
             filesz: u64::MAX,
             memsz: 0,
+            align: 16,
         });
         let mem = mem();
         let load = load_elf(&mem, &spec.build(), LOWEST).unwrap();

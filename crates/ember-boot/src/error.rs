@@ -132,6 +132,200 @@ pub enum BootError {
         /// The `e_entry` field.
         entry: u64,
     },
+    /// A note in a `PT_NOTE` segment is cut off before the end of its
+    /// 12-byte header.
+    #[error(
+        "ELF note at offset {offset:#x} of segment {segment} is truncated: \
+         {remaining} bytes left, a note header needs 12"
+    )]
+    ElfNoteTruncated {
+        /// Index of the `PT_NOTE` program header.
+        segment: usize,
+        /// Offset of the note within the segment.
+        offset: usize,
+        /// Bytes left in the segment at that offset.
+        remaining: usize,
+    },
+    /// A note's name or descriptor runs past the end of its `PT_NOTE` segment.
+    #[error(
+        "ELF note at offset {offset:#x} of segment {segment} (namesz {namesz}, \
+         descsz {descsz}) runs past the end of the {segment_len}-byte segment"
+    )]
+    ElfNoteOutOfSegment {
+        /// Index of the `PT_NOTE` program header.
+        segment: usize,
+        /// Offset of the note within the segment.
+        offset: usize,
+        /// The note's `n_namesz`.
+        namesz: u32,
+        /// The note's `n_descsz`.
+        descsz: u32,
+        /// Size of the segment in bytes.
+        segment_len: usize,
+    },
+    /// The `XEN_ELFNOTE_PHYS32_ENTRY` note's descriptor is neither 4 nor 8
+    /// bytes long.
+    #[error("Xen PVH entry note has a {descsz}-byte descriptor (expected 4 or 8)")]
+    PvhEntryBadSize {
+        /// The note's `n_descsz`.
+        descsz: u32,
+    },
+    /// The PVH entry point does not fit in 32 bits.
+    #[error("Xen PVH entry point {entry:#x} does not fit in 32 bits")]
+    PvhEntryTooHigh {
+        /// The entry point from the note.
+        entry: u64,
+    },
+    /// The PVH entry point is not inside any loaded segment.
+    #[error("Xen PVH entry point {entry:#x} is not inside any loaded segment")]
+    ElfPvhEntryOutsideSegments {
+        /// The entry point from the note.
+        entry: u64,
+    },
+    /// The bzImage is too short for what its header says it holds.
+    #[error("bzImage is {len} bytes, too short: it needs at least {needed}")]
+    BzImageTruncated {
+        /// Length of the image in bytes.
+        len: usize,
+        /// Bytes needed.
+        needed: usize,
+    },
+    /// `boot_flag` (offset `0x1fe`) is not `0xaa55`.
+    #[error("bzImage boot_flag is {flag:#06x} (expected 0xaa55)")]
+    BzBadBootFlag {
+        /// The `boot_flag` field.
+        flag: u16,
+    },
+    /// `header` (offset `0x202`) is not `"HdrS"`.
+    #[error("bzImage setup header magic is {magic:02x?} (expected \"HdrS\")")]
+    BzBadHeaderMagic {
+        /// The four bytes at `0x202`.
+        magic: [u8; 4],
+    },
+    /// The boot protocol version is too old.
+    #[error(
+        "bzImage boot protocol version {}.{} ({version:#06x}) is older than the \
+         minimum {}.{} ({min:#06x}), which the 64-bit entry needs",
+        .version >> 8, .version & 0xff, .min >> 8, .min & 0xff
+    )]
+    BzUnsupportedVersion {
+        /// The `version` field.
+        version: u16,
+        /// The lowest supported version.
+        min: u16,
+    },
+    /// The setup header (ending at `0x202` + the byte at `0x201`) ends
+    /// before the last field the loader reads.
+    #[error("bzImage setup header ends at {end:#x}, before {min:#x} (the end of init_size)")]
+    BzSetupHeaderTooShort {
+        /// Exclusive end of the setup header.
+        end: usize,
+        /// The smallest end accepted.
+        min: usize,
+    },
+    /// The setup header runs past the room `struct boot_params` has for it.
+    #[error("bzImage setup header ends at {end:#x}, past the zero page's limit {max:#x}")]
+    BzSetupHeaderTooLong {
+        /// Exclusive end of the setup header.
+        end: usize,
+        /// The largest end accepted.
+        max: usize,
+    },
+    /// `loadflags` lacks `LOADED_HIGH`: the kernel wants to be loaded at
+    /// `0x10000`, which this loader does not do.
+    #[error("bzImage loadflags {loadflags:#04x} lack LOADED_HIGH (bit 0)")]
+    BzNotLoadedHigh {
+        /// The `loadflags` field.
+        loadflags: u8,
+    },
+    /// `xloadflags` lacks `XLF_KERNEL_64`: there is no 64-bit entry point.
+    #[error("bzImage xloadflags {xloadflags:#06x} lack XLF_KERNEL_64 (bit 0): no 64-bit entry")]
+    BzNo64BitEntry {
+        /// The `xloadflags` field.
+        xloadflags: u16,
+    },
+    /// The protected-mode kernel, after `setup_sects` sectors of setup code,
+    /// starts at or past the end of the image.
+    #[error(
+        "bzImage protected-mode kernel at offset {offset:#x} (setup_sects {setup_sects}) \
+         is not inside the {image_len}-byte image"
+    )]
+    BzKernelOutOfImage {
+        /// The effective `setup_sects` (0 read as 4).
+        setup_sects: u8,
+        /// Offset of the protected-mode kernel, `(setup_sects + 1) * 512`.
+        offset: usize,
+        /// Length of the image in bytes.
+        image_len: usize,
+    },
+    /// The protected-mode kernel is too short to hold its 64-bit entry
+    /// point at offset `0x200`.
+    #[error("bzImage protected-mode kernel is {len} bytes; its 64-bit entry at 0x200 needs {min}")]
+    BzKernelTooSmall {
+        /// Length of the protected-mode kernel.
+        len: usize,
+        /// The smallest length accepted.
+        min: usize,
+    },
+    /// The image handed to the loader is not the one that was parsed.
+    #[error("bzImage of {len} bytes is not the parsed image of {expected} bytes")]
+    BzImageMismatch {
+        /// Length of the parsed image.
+        expected: usize,
+        /// Length of the image given.
+        len: usize,
+    },
+    /// The kernel, or the memory it needs while it decompresses
+    /// (`init_size`), does not fit in guest memory.
+    #[error("bzImage kernel at {addr:#x} needs {size:#x} bytes, which do not fit in guest memory")]
+    BzKernelOutsideMemory {
+        /// Guest physical start address.
+        addr: u64,
+        /// Bytes needed.
+        size: u64,
+    },
+    /// A relocatable kernel's `kernel_alignment` is not a power of two.
+    #[error("bzImage kernel_alignment {alignment:#x} is not a power of two")]
+    BzBadKernelAlignment {
+        /// The `kernel_alignment` field.
+        alignment: u32,
+    },
+    /// The kernel would decompress itself below 1 MiB.
+    #[error("bzImage runtime start {runtime_start:#x} lies below {himem:#x}")]
+    BzRuntimeBelowHimem {
+        /// The kernel's runtime start address (boot.rst's algorithm).
+        runtime_start: u64,
+        /// [`HIMEM_START`](crate::HIMEM_START).
+        himem: u64,
+    },
+    /// The command line is longer than the kernel's `cmdline_size`.
+    #[error("command line of {len} bytes exceeds the kernel's cmdline_size of {max} bytes")]
+    BzCmdlineTooLong {
+        /// Length of the command line, without its NUL.
+        len: usize,
+        /// The kernel's `cmdline_size` (without the NUL).
+        max: u32,
+    },
+    /// An MP table needs at least one CPU.
+    #[error("an MP table needs at least one CPU")]
+    MpTableNoCpus,
+    /// Too many CPUs for xAPIC IDs: the IOAPIC takes the ID after the last
+    /// CPU, and `0xff` is the broadcast ID.
+    #[error("{num_cpus} CPUs exceed the MP table's limit of {max}")]
+    MpTableTooManyCpus {
+        /// The number of CPUs asked for.
+        num_cpus: u8,
+        /// The limit.
+        max: u8,
+    },
+    /// The MP table would reach 1 MiB.
+    #[error("MP table would end at {end:#x}, past its limit {limit:#x}")]
+    MpTableTooLarge {
+        /// Exclusive end of the table.
+        end: u64,
+        /// The limit, [`HIMEM_START`](crate::HIMEM_START).
+        limit: u64,
+    },
     /// A command line was created with no room even for its NUL.
     #[error("command line capacity must be at least 1 (room for the terminating NUL)")]
     CmdlineZeroCapacity,

@@ -3,7 +3,10 @@
 //! The initrd goes as high as it can: the kernel decompresses and allocates upwards
 //! from its own end, so the top of RAM is what it uses last. It must stay at or below
 //! `initrd_addr_max`, which for a 64-bit ELF boot (no setup header to ask) is the
-//! boot protocol's default.
+//! boot protocol's default ([`load_initrd`]); a bzImage says what it accepts
+//! ([`BzImage::initrd_addr_max`](crate::BzImage::initrd_addr_max), for
+//! [`load_initrd_below`]). For a PVH boot, [`copy_initrd`] places and writes
+//! it without a zero page.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -54,8 +57,12 @@ pub fn place_initrd<M: GuestMemory>(
         .ok_or(no_fit)
 }
 
-/// Copies `image` into guest memory above `kernel_end` (see [`place_initrd`]) and
-/// records its address and size in the zero page at `zero_page`.
+/// Copies `image` into guest memory above `kernel_end` (see [`place_initrd`]),
+/// at or below [`DEFAULT_INITRD_ADDR_MAX`], and records its address and size in
+/// the zero page at `zero_page`.
+///
+/// This is [`load_initrd_below`] with the boot protocol's default limit, for
+/// kernels (such as an ELF `vmlinux`) with no setup header to ask.
 ///
 /// ```
 /// use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -71,6 +78,40 @@ pub fn load_initrd<M: GuestMemory>(
     image: &[u8],
     kernel_end: GuestAddress,
 ) -> Result<GuestAddress, BootError> {
+    load_initrd_below(mem, zero_page, image, kernel_end, DEFAULT_INITRD_ADDR_MAX)
+}
+
+/// Copies `image` into guest memory above `kernel_end`, with its last byte at
+/// or below `addr_max` (see [`place_initrd`]), and records its address and
+/// size in the zero page at `zero_page`.
+///
+/// For a bzImage pass
+/// [`BzImage::initrd_addr_max`](crate::BzImage::initrd_addr_max). The zero
+/// page is read before anything is written.
+///
+/// # Errors
+///
+/// [`BootError::InitrdEmpty`], [`BootError::InitrdDoesNotFit`] (also for an
+/// initrd of 4 GiB or more: `ramdisk_size` is 32 bits),
+/// [`BootError::NoPhysicalMemory`], [`BootError::ZeroPageRead`], or a write
+/// error.
+///
+/// ```
+/// use vm_memory::{GuestAddress, GuestMemoryMmap};
+/// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+/// let zero_page = ember_boot::configure_linux_boot(&mem, &ember_boot::Cmdline::default()).unwrap();
+/// let at = ember_boot::initrd::load_initrd_below(
+///     &mem, zero_page, &[7; 4096], GuestAddress(0x20_0000), 0xff_ffff,
+/// ).unwrap();
+/// assert_eq!(at, GuestAddress(0xff_f000));
+/// ```
+pub fn load_initrd_below<M: GuestMemory>(
+    mem: &M,
+    zero_page: GuestAddress,
+    image: &[u8],
+    kernel_end: GuestAddress,
+    addr_max: u64,
+) -> Result<GuestAddress, BootError> {
     let size = image.len() as u64;
     // The zero page's ramdisk_size field is 32 bits.
     let max_size = u64::from(u32::MAX);
@@ -81,7 +122,7 @@ pub fn load_initrd<M: GuestMemory>(
             max: max_size,
         });
     }
-    let addr = place_initrd(mem, size, kernel_end.0, DEFAULT_INITRD_ADDR_MAX)?;
+    let addr = place_initrd(mem, size, kernel_end.0, addr_max)?;
     let mut page = [0u8; ZERO_PAGE_SIZE];
     mem.read_slice(&mut page, zero_page)
         .map_err(|source| BootError::ZeroPageRead {
@@ -92,6 +133,34 @@ pub fn load_initrd<M: GuestMemory>(
     params.set_ramdisk(addr, size as u32);
     write_bytes(mem, "initrd", image, addr.0)?;
     params.write_to(mem, zero_page)?;
+    Ok(addr)
+}
+
+/// Copies `image` into guest memory above `kernel_end`, with its last byte at
+/// or below `addr_max` (see [`place_initrd`]), and returns its address. No
+/// zero page is touched: for a PVH boot, pass the address and size to
+/// [`configure_pvh_boot`](crate::configure_pvh_boot).
+///
+/// # Errors
+///
+/// [`BootError::InitrdEmpty`], [`BootError::InitrdDoesNotFit`],
+/// [`BootError::NoPhysicalMemory`], or a write error.
+///
+/// ```
+/// use vm_memory::{GuestAddress, GuestMemoryMmap};
+/// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+/// let at = ember_boot::initrd::copy_initrd(&mem, &[7; 100], GuestAddress(0x20_0000), u64::MAX)?;
+/// assert_eq!(at, GuestAddress((64 << 20) - 0x1000));
+/// # Ok::<(), ember_boot::BootError>(())
+/// ```
+pub fn copy_initrd<M: GuestMemory>(
+    mem: &M,
+    image: &[u8],
+    kernel_end: GuestAddress,
+    addr_max: u64,
+) -> Result<GuestAddress, BootError> {
+    let addr = place_initrd(mem, image.len() as u64, kernel_end.0, addr_max)?;
+    write_bytes(mem, "initrd", image, addr.0)?;
     Ok(addr)
 }
 
@@ -171,5 +240,41 @@ mod tests {
             (params.ramdisk_image(), params.ramdisk_size()),
             (at.0, 5000)
         );
+    }
+
+    #[test]
+    fn load_below_respects_addr_max() {
+        let m = mem(&[(0, 64 << 20)]);
+        let zp = configure_linux_boot(&m, &Cmdline::default()).unwrap();
+        let at =
+            load_initrd_below(&m, zp, &[1; 0x2000], GuestAddress(0x40_0000), 0xff_ffff).unwrap();
+        assert_eq!(at, GuestAddress(0xff_e000));
+        // u64::MAX (a bzImage with XLF_CAN_BE_LOADED_ABOVE_4G): the top of RAM.
+        let at =
+            load_initrd_below(&m, zp, &[1; 0x2000], GuestAddress(0x40_0000), u64::MAX).unwrap();
+        assert_eq!(at, GuestAddress((64 << 20) - 0x2000));
+        let mut page = [0u8; ZERO_PAGE_SIZE];
+        m.read_slice(&mut page, zp).unwrap();
+        assert_eq!(BootParams::from_bytes(page).ramdisk_image(), at.0);
+        // Below the kernel's end: does not fit.
+        assert!(matches!(
+            load_initrd_below(&m, zp, &[1; 0x2000], GuestAddress(0x40_0000), 0x40_0fff),
+            Err(BootError::InitrdDoesNotFit { .. })
+        ));
+    }
+
+    #[test]
+    fn copy_writes_without_zero_page() {
+        let m = mem(&[(0, 16 << 20)]);
+        let image: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+        let at = copy_initrd(&m, &image, GuestAddress(0x20_0000), u64::MAX).unwrap();
+        assert_eq!(at, GuestAddress((16 << 20) - 0x1000));
+        let mut back = vec![0u8; image.len()];
+        m.read_slice(&mut back, at).unwrap();
+        assert_eq!(back, image);
+        assert!(matches!(
+            copy_initrd(&m, &[], GuestAddress(0x20_0000), u64::MAX),
+            Err(BootError::InitrdEmpty)
+        ));
     }
 }

@@ -1,21 +1,35 @@
 //! Where the loader puts things in guest physical memory.
 //!
 //! The map below follows the conventional PC layout that Linux expects when it
-//! is entered directly at its 64-bit entry point (no firmware, no real-mode
-//! setup code):
+//! is entered directly at its 64-bit entry point or its 32-bit PVH entry point
+//! (no firmware, no real-mode setup code). Rows marked *vCPU* are written by
+//! the vCPU crate (`ember_vcpu::regs`), not by this crate; they are listed so
+//! that nothing here collides with them.
 //!
-//! | range                          | use                                             |
-//! |--------------------------------|-------------------------------------------------|
-//! | `[0, 0x500)`                   | real-mode IVT and BIOS data area: left alone    |
-//! | `[ZERO_PAGE_START, +4 KiB)`    | the zero page (`struct boot_params`)            |
-//! | `[CMDLINE_START, +2 KiB)`      | the kernel command line, NUL-terminated         |
-//! | `[EBDA_START, HIMEM_START)`    | EBDA, VGA hole and BIOS ROM: reserved in e820   |
-//! | `[HIMEM_START, ...)`           | the kernel image and the rest of RAM            |
+//! | range                               | use                                           |
+//! |-------------------------------------|-----------------------------------------------|
+//! | `[0, 0x500)`                        | real-mode IVT and BIOS data area: left alone  |
+//! | `[0x500, 0x600)`                    | boot GDT at 0x500 (8 entries), IDT at 0x580 (*vCPU*) |
+//! | `[PVH_INFO_START, +0x38)`           | PVH `hvm_start_info` (0x6000..0x6038)         |
+//! | `[PVH_MODLIST_START, +0x20)`        | PVH module list, one entry (0x6040..0x6060)   |
+//! | `[PVH_MEMMAP_START, +128 * 24)`     | PVH memory map (0x6080..0x6c80 at most)       |
+//! | `[ZERO_PAGE_START, +4 KiB)`         | the zero page (`struct boot_params`)          |
+//! | `[0x8000, 0x8ff0)`                  | boot stack, growing down from 0x8ff0 (*vCPU*) |
+//! | `[0x9000, 0xf000)`                  | identity page tables: PML4, PDPT, 4 PDs (*vCPU*) |
+//! | `[CMDLINE_START, +2 KiB)`           | the kernel command line, NUL-terminated       |
+//! | `[EBDA_START, HIMEM_START)`         | EBDA, VGA hole and BIOS ROM: reserved in e820 |
+//! | `[MPTABLE_START, +mptable_size(n))` | MP floating pointer and configuration table   |
+//! | `[HIMEM_START, ...)`                | the kernel image and the rest of RAM          |
 //!
-//! Everything the loader writes below 1 MiB sits in conventional memory that
-//! the e820 map reports as RAM, below the EBDA, and clear of the pages a VMM
-//! conventionally uses for the boot GDT, stack and identity page tables
-//! (`0x500..0x7000` and `0x8000..0x10000`), so the pieces never overlap.
+//! Everything the loader writes below [`EBDA_START`] sits in conventional
+//! memory that the e820 map reports as RAM. The PVH structures (used only for
+//! a PVH boot) and the zero page (used only for a Linux boot) share the page
+//! below the stack without overlapping, so one layout serves both protocols.
+//! The MP table sits at the start of the EBDA, where Linux scans for the MP
+//! floating pointer (`smp_scan_config` looks at the first KiB of the EBDA and
+//! at 639 KiB); with 254 CPUs it runs past `0xa0000` into the VGA window,
+//! which is still reserved and still below 1 MiB. A bzImage's protected-mode
+//! kernel is loaded at exactly [`HIMEM_START`].
 
 /// Guest physical address of the zero page (`struct boot_params`).
 ///
@@ -55,8 +69,39 @@ pub const HIMEM_START: u64 = 0x10_0000;
 /// as RAM (and finds ACPI/MP tables there, if a VMM places any).
 pub const EBDA_START: u64 = 0x9_fc00;
 
-// The layout must hold together: zero page below the command line, command
-// line below the EBDA, EBDA below high memory.
+/// Guest physical address of the MP table
+/// ([`setup_mptable`](crate::setup_mptable)): the start of the EBDA.
+pub const MPTABLE_START: u64 = EBDA_START;
+
+/// Guest physical address of the PVH start info (`struct hvm_start_info`);
+/// the VMM passes it to the kernel in `ebx`.
+///
+/// The module list and memory map follow it in the same page, below the
+/// zero page: see [`PVH_MODLIST_START`] and [`PVH_MEMMAP_START`].
+pub const PVH_INFO_START: u64 = 0x6000;
+
+/// Guest physical address of the PVH module list (one `hvm_modlist_entry`,
+/// for the initrd).
+pub const PVH_MODLIST_START: u64 = 0x6040;
+
+/// Guest physical address of the PVH memory map: at most
+/// [`E820_MAX_ENTRIES`](crate::E820_MAX_ENTRIES) `hvm_memmap_table_entry`s.
+pub const PVH_MEMMAP_START: u64 = 0x6080;
+
+// The layout must hold together: PVH start info, module list and memory map
+// in order and below the zero page (and above the vCPU crate's GDT and IDT at
+// 0x500..0x600), zero page below the stack (0x8000..0x8ff0) and the page
+// tables (0x9000..0xf000), command line above them and below the EBDA, EBDA
+// below high memory.
+const _: () = assert!(PVH_INFO_START >= 0x600);
+const _: () = assert!(PVH_INFO_START + crate::HvmStartInfo::SIZE as u64 <= PVH_MODLIST_START);
+const _: () = assert!(PVH_MODLIST_START + crate::HvmModlistEntry::SIZE as u64 <= PVH_MEMMAP_START);
+const _: () = assert!(
+    PVH_MEMMAP_START + (crate::E820_MAX_ENTRIES * crate::HvmMemmapTableEntry::SIZE) as u64
+        <= ZERO_PAGE_START
+);
+const _: () = assert!(ZERO_PAGE_START + ZERO_PAGE_SIZE as u64 <= 0x8000);
+const _: () = assert!(CMDLINE_START >= 0xf000);
 const _: () = assert!(ZERO_PAGE_START + ZERO_PAGE_SIZE as u64 <= CMDLINE_START);
 const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
 const _: () = assert!(EBDA_START < HIMEM_START);

@@ -1,11 +1,24 @@
 //! Linux boot loader for x86-64 KVM guests.
 //!
 //! `ember-boot` puts a Linux kernel and its boot parameters into guest memory
-//! so that a VMM can start a vCPU at the kernel's 64-bit entry point. It
-//! loads a 64-bit ELF kernel (`vmlinux`) with [`load_elf`], and writes the
-//! command line ([`Cmdline`]) and the zero page ([`BootParams`], with an
-//! [e820 map](e820_map)) with [`configure_linux_boot`]. Where each piece goes
-//! in guest physical memory, and why, is documented in [`layout`].
+//! so that a VMM can start a vCPU at one of the kernel's entry points:
+//!
+//! - a 64-bit ELF kernel (`vmlinux`), loaded with [`load_elf`] and entered at
+//!   its 64-bit entry point with the command line ([`Cmdline`]) and zero page
+//!   ([`BootParams`], with an [e820 map](e820_map)) written by
+//!   [`configure_linux_boot`];
+//! - the same `vmlinux` entered at its 32-bit PVH entry point
+//!   ([`KernelLoad::pvh_entry`], from the Xen note found by
+//!   [`find_pvh_entry`]) with the `hvm_start_info` written by
+//!   [`configure_pvh_boot`];
+//! - a compressed `bzImage`, parsed by [`parse_bzimage`], loaded by
+//!   [`load_bzimage`] and entered at its 64-bit entry point with the zero
+//!   page written by [`configure_bzimage_boot`].
+//!
+//! An initrd is placed by the [`initrd`] module, and [`setup_mptable`]
+//! describes the vCPUs and the IOAPIC to a kernel without ACPI. Where each
+//! piece goes in guest physical memory, and why, is documented in
+//! [`layout`].
 //!
 //! All input, above all the kernel image, is treated as untrusted: any byte
 //! sequence yields either a load or a [`BootError`], never a panic, and a
@@ -60,6 +73,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod bzimage;
 pub mod cmdline;
 pub mod e820;
 pub mod elf;
@@ -69,18 +83,29 @@ pub mod initrd;
 pub mod layout;
 mod le;
 pub mod linux;
+pub mod mptable;
+pub mod pvh;
 pub mod zero_page;
 
 #[cfg(test)]
 mod testing;
 
+pub use bzimage::{
+    bzimage_boot_params, configure_bzimage_boot, load_bzimage, parse_bzimage, BzImage, BzImageLoad,
+};
 pub use cmdline::{load_cmdline, Cmdline};
 pub use e820::{e820_map, E820Entry, E820_MAX_ENTRIES, E820_RAM, E820_RESERVED};
 pub use elf::{load_elf, KernelLoad};
 pub use error::BootError;
-pub use initrd::load_initrd;
+pub use initrd::{load_initrd, load_initrd_below};
 pub use layout::{
-    CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, ZERO_PAGE_SIZE, ZERO_PAGE_START,
+    CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MPTABLE_START, PVH_INFO_START,
+    PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_SIZE, ZERO_PAGE_START,
 };
 pub use linux::{configure_linux_boot, linux_boot_params};
+pub use mptable::{mptable_size, setup_mptable, MPTABLE_MAX_CPUS};
+pub use pvh::{
+    configure_pvh_boot, find_pvh_entry, HvmMemmapTableEntry, HvmModlistEntry, HvmStartInfo,
+    XEN_ELFNOTE_PHYS32_ENTRY,
+};
 pub use zero_page::BootParams;

@@ -95,6 +95,17 @@ pub fn configure_linux_boot<M: GuestMemory>(
     cmdline: &Cmdline,
 ) -> Result<GuestAddress, BootError> {
     let params = linux_boot_params(mem, cmdline)?;
+    write_cmdline_and_zero_page(mem, cmdline, &params)
+}
+
+/// Writes `cmdline` at [`CMDLINE_START`] and `params` at
+/// [`ZERO_PAGE_START`], checking both ranges before writing either, and
+/// returns the zero page's address.
+pub(crate) fn write_cmdline_and_zero_page<M: GuestMemory>(
+    mem: &M,
+    cmdline: &Cmdline,
+    params: &BootParams,
+) -> Result<GuestAddress, BootError> {
     let cmdline_len = cmdline.len() as u64 + 1;
     if !range_in_memory(mem, CMDLINE_START, cmdline_len) {
         return Err(BootError::OutsideGuestMemory {

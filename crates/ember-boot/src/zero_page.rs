@@ -130,6 +130,11 @@ pub const TYPE_OF_LOADER_UNDEFINED: u8 = 0xff;
 pub const LOADED_HIGH: u8 = 1 << 0;
 /// `loadflags` bit: `heap_end_ptr` is valid.
 pub const CAN_USE_HEAP: u8 = 1 << 7;
+/// `xloadflags` bit: the kernel has the legacy 64-bit entry point at `0x200`.
+pub const XLF_KERNEL_64: u16 = 1 << 0;
+/// `xloadflags` bit: the kernel, boot parameters, command line and initrd
+/// may lie above 4 GiB.
+pub const XLF_CAN_BE_LOADED_ABOVE_4G: u16 = 1 << 1;
 
 // Every fixed-offset access stays inside the page, and the layout matches
 // the kernel's: setup header before `edd_mbr_sig_buffer`, e820 table last.
@@ -214,6 +219,31 @@ impl BootParams {
         self.get_u32(HEADER)
     }
 
+    /// Copies a setup header, as read from a bzImage at offset `0x1f1`, into
+    /// the page at [`SETUP_HEADER`].
+    ///
+    /// # Errors
+    ///
+    /// [`BootError::BzSetupHeaderTooLong`] if it would run past
+    /// [`EDD_MBR_SIG_BUFFER`], the end of the room `struct boot_params` has
+    /// for it; the page is then unchanged.
+    pub fn set_setup_header(&mut self, header: &[u8]) -> Result<(), BootError> {
+        let end = SETUP_HEADER.saturating_add(header.len());
+        if end > EDD_MBR_SIG_BUFFER {
+            return Err(BootError::BzSetupHeaderTooLong {
+                end,
+                max: EDD_MBR_SIG_BUFFER,
+            });
+        }
+        self.put(SETUP_HEADER, header);
+        Ok(())
+    }
+
+    /// `version`: the boot protocol version.
+    pub fn version(&self) -> u16 {
+        self.get_u16(VERSION)
+    }
+
     /// Sets `type_of_loader`.
     pub fn set_type_of_loader(&mut self, loader: u8) {
         self.put(TYPE_OF_LOADER, &[loader]);
@@ -244,13 +274,41 @@ impl BootParams {
         self.get_u32(KERNEL_ALIGNMENT)
     }
 
+    /// Sets `heap_end_ptr`, the end of the real-mode setup heap (valid with
+    /// [`CAN_USE_HEAP`]).
+    pub fn set_heap_end_ptr(&mut self, ptr: u16) {
+        self.put(HEAP_END_PTR, &ptr.to_le_bytes());
+    }
+
+    /// `heap_end_ptr`.
+    pub fn heap_end_ptr(&self) -> u16 {
+        self.get_u16(HEAP_END_PTR)
+    }
+
+    /// Sets `code32_start`, the address of the loaded protected-mode code.
+    pub fn set_code32_start(&mut self, addr: u32) {
+        self.put(CODE32_START, &addr.to_le_bytes());
+    }
+
+    /// `code32_start`.
+    pub fn code32_start(&self) -> u32 {
+        self.get_u32(CODE32_START)
+    }
+
+    /// Points the kernel at a command line at `addr`: sets `cmd_line_ptr`
+    /// and `ext_cmd_line_ptr` (the high 32 bits), leaving `cmdline_size`
+    /// alone (a bzImage's header sets it to the kernel's limit).
+    pub fn set_cmd_line_ptr(&mut self, addr: GuestAddress) {
+        let [lo, hi] = split_u64(addr.0);
+        self.put(CMD_LINE_PTR, &lo.to_le_bytes());
+        self.put(EXT_CMD_LINE_PTR, &hi.to_le_bytes());
+    }
+
     /// Points the kernel at a command line of `len` bytes (without its NUL)
     /// at `addr`: sets `cmd_line_ptr`, `ext_cmd_line_ptr` (the high 32 bits)
     /// and `cmdline_size`.
     pub fn set_cmdline(&mut self, addr: GuestAddress, len: u32) {
-        let [lo, hi] = split_u64(addr.0);
-        self.put(CMD_LINE_PTR, &lo.to_le_bytes());
-        self.put(EXT_CMD_LINE_PTR, &hi.to_le_bytes());
+        self.set_cmd_line_ptr(addr);
         self.put(CMDLINE_SIZE, &len.to_le_bytes());
     }
 

@@ -14,7 +14,7 @@ use crate::VcpuError;
 /// Guest address of the boot GDT.
 pub const BOOT_GDT_START: u64 = 0x500;
 /// Guest address of the (empty) boot IDT.
-pub const BOOT_IDT_START: u64 = 0x520;
+pub const BOOT_IDT_START: u64 = 0x580;
 /// Default initial stack pointer (grows down from just below the page tables).
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 /// Guest address of the PML4 table.
@@ -87,6 +87,9 @@ pub const BOOT_GDT: [u64; 8] = [
     gdt_entry(0xc09b, 0, 0xfffff), // 32-bit code, DPL 0
     gdt_entry(0x808b, 0, 0xfffff), // 32-bit busy TSS
 ];
+
+// The IDT must not overlap the GDT.
+const _: () = assert!(BOOT_GDT_START + 8 * BOOT_GDT.len() as u64 <= BOOT_IDT_START);
 
 /// The GDT entry for a selector.
 const fn gdt_index(selector: u16) -> usize {

@@ -7,8 +7,11 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
+use ember_boot::initrd::{copy_initrd, DEFAULT_INITRD_ADDR_MAX};
 use ember_boot::{
-    configure_linux_boot, load_elf, BootError, Cmdline, CMDLINE_MAX_SIZE, HIMEM_START,
+    configure_bzimage_boot, configure_linux_boot, configure_pvh_boot, load_bzimage, load_elf,
+    load_initrd_below, parse_bzimage, setup_mptable, BootError, Cmdline, CMDLINE_MAX_SIZE,
+    HIMEM_START,
 };
 use ember_bus::{Bus, BusError, BusKind};
 use ember_devices::{
@@ -25,7 +28,9 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use ember_vcpu::cpuid::CpuTemplate;
 
-use crate::config::{CpuTemplateChoice, KernelSource, SerialConfig, VmConfig, DEFAULT_CMDLINE};
+use crate::config::{
+    CpuTemplateChoice, EntryChoice, KernelSource, SerialConfig, VmConfig, DEFAULT_CMDLINE,
+};
 
 /// The demo guest, assembled by `build.rs` (see `ember_guests::demo`).
 pub const DEMO_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo-guest.elf"));
@@ -66,6 +71,21 @@ pub enum BuildError {
     /// The command line was rejected.
     #[error("kernel command line: {0}")]
     Cmdline(BootError),
+    /// The kernel is neither a 64-bit ELF nor a bzImage.
+    #[error("kernel {kernel}: not a 64-bit ELF vmlinux ({elf}) nor a bzImage ({bzimage})")]
+    UnknownKernelFormat {
+        /// Which kernel.
+        kernel: String,
+        /// Why it is not an ELF.
+        elf: BootError,
+        /// Why it is not a bzImage.
+        bzimage: BootError,
+    },
+    /// PVH was asked for, but the kernel has no PVH entry.
+    #[error(
+        "kernel {0}: --entry pvh, but the kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)"
+    )]
+    NoPvhEntry(String),
     /// Memory size or set-up.
     #[error("guest memory: {0}")]
     Memory(#[from] MemoryError),
@@ -102,6 +122,128 @@ pub struct Vm {
     pub serial_stdin: bool,
     /// Records when the guest said it finished booting.
     pub boot_done: Arc<BootDone>,
+}
+
+/// How vCPU 0 enters the kernel.
+#[derive(Debug, Clone, Copy)]
+enum Entry {
+    /// 64-bit mode at `entry`, `RSI` = the zero page.
+    Linux64 {
+        entry: GuestAddress,
+        zero_page: GuestAddress,
+    },
+    /// 32-bit protected mode at `entry`, `EBX` = the `hvm_start_info`.
+    Pvh {
+        entry: GuestAddress,
+        start_info: GuestAddress,
+    },
+}
+
+/// Loads the kernel (and initrd), writes the boot structures its entry protocol needs,
+/// and says how to enter it.
+///
+/// PVH is preferred for an ELF kernel that has the note: the kernel starts in 32-bit
+/// mode with paging off and builds its own page tables and GDT, so it depends on less
+/// loader-made state than the 64-bit entry, and it receives its memory map and initrd
+/// through one versioned structure (`hvm_start_info`) instead of the x86-only zero page.
+fn load_kernel(
+    memory: &GuestMemoryMmap,
+    name: &str,
+    image: &[u8],
+    cmdline: &Cmdline,
+    initrd: Option<&[u8]>,
+    choice: EntryChoice,
+) -> Result<Entry, BuildError> {
+    let boot_error = |source| BuildError::Boot {
+        kernel: name.to_string(),
+        source,
+    };
+    if !image.starts_with(b"\x7fELF") {
+        let bz = match parse_bzimage(image) {
+            Ok(bz) => bz,
+            Err(bzimage) => {
+                let elf = match image.first_chunk::<4>() {
+                    Some(magic) => BootError::ElfBadMagic { magic: *magic },
+                    None => BootError::ElfTruncatedHeader { len: image.len() },
+                };
+                return Err(BuildError::UnknownKernelFormat {
+                    kernel: name.to_string(),
+                    elf,
+                    bzimage,
+                });
+            }
+        };
+        if choice == EntryChoice::Pvh {
+            return Err(BuildError::NoPvhEntry(name.to_string()));
+        }
+        let loaded = load_bzimage(memory, &bz, image).map_err(boot_error)?;
+        log::info!(
+            "loaded bzImage {name} (boot protocol {}.{:02}) at {:#x}..{:#x}; 64-bit entry {:#x}",
+            bz.version() >> 8,
+            bz.version() & 0xff,
+            loaded.start.0,
+            loaded.end.0,
+            loaded.entry.0
+        );
+        let zero_page = configure_bzimage_boot(memory, &bz, cmdline).map_err(boot_error)?;
+        if let Some(initrd) = initrd {
+            let at = load_initrd_below(memory, zero_page, initrd, loaded.end, bz.initrd_addr_max())
+                .map_err(boot_error)?;
+            log::info!("initrd: {:#x} bytes at {:#x}", initrd.len(), at.0);
+        }
+        return Ok(Entry::Linux64 {
+            entry: loaded.entry,
+            zero_page,
+        });
+    }
+
+    let kernel = load_elf(memory, image, GuestAddress(HIMEM_START)).map_err(boot_error)?;
+    log::info!(
+        "loaded ELF {name}: {:#x}..{:#x}, entry {:#x}",
+        kernel.start.0,
+        kernel.end.0,
+        kernel.entry.0
+    );
+    let pvh_entry = match (choice, kernel.pvh_entry) {
+        (EntryChoice::Linux64, _) | (EntryChoice::Auto, None) => None,
+        (_, Some(entry)) => Some(entry),
+        (EntryChoice::Pvh, None) => return Err(BuildError::NoPvhEntry(name.to_string())),
+    };
+    if let Some(entry) = pvh_entry {
+        let initrd = match initrd {
+            Some(initrd) => {
+                let at = copy_initrd(memory, initrd, kernel.end, DEFAULT_INITRD_ADDR_MAX)
+                    .map_err(boot_error)?;
+                log::info!("initrd: {:#x} bytes at {:#x}", initrd.len(), at.0);
+                Some((at, initrd.len() as u64))
+            }
+            None => None,
+        };
+        let start_info = configure_pvh_boot(memory, cmdline, initrd).map_err(boot_error)?;
+        log::info!(
+            "entering through PVH at {:#x}, start info at {:#x}",
+            entry.0,
+            start_info.0
+        );
+        return Ok(Entry::Pvh { entry, start_info });
+    }
+    let zero_page = configure_linux_boot(memory, cmdline).map_err(boot_error)?;
+    if let Some(initrd) = initrd {
+        let at = load_initrd_below(
+            memory,
+            zero_page,
+            initrd,
+            kernel.end,
+            DEFAULT_INITRD_ADDR_MAX,
+        )
+        .map_err(boot_error)?;
+        log::info!("initrd: {:#x} bytes at {:#x}", initrd.len(), at.0);
+    }
+    log::info!("entering through the 64-bit entry at {:#x}", kernel.entry.0);
+    Ok(Entry::Linux64 {
+        entry: kernel.entry,
+        zero_page,
+    })
 }
 
 /// Builds the VM described by `config`. `start` is when the VMM started, for the
@@ -206,24 +348,20 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
         boot_done.clone(),
     )?;
 
-    // Kernel, command line, zero page, boot page tables.
-    let boot_error = |source| BuildError::Boot {
+    // Kernel, command line, boot structures, MP table, boot page tables.
+    let entry = load_kernel(
+        &memory,
+        &kernel_name,
+        &kernel_image,
+        &cmdline,
+        initrd.as_deref(),
+        config.entry,
+    )?;
+    let num_cpus = u8::try_from(config.vcpus).unwrap_or(u8::MAX);
+    setup_mptable(&memory, num_cpus).map_err(|source| BuildError::Boot {
         kernel: kernel_name.clone(),
         source,
-    };
-    let kernel = load_elf(&memory, &kernel_image, GuestAddress(HIMEM_START)).map_err(boot_error)?;
-    log::info!(
-        "loaded {kernel_name}: {:#x}..{:#x}, entry {:#x}",
-        kernel.start.0,
-        kernel.end.0,
-        kernel.entry.0
-    );
-    let zero_page = configure_linux_boot(&memory, &cmdline).map_err(boot_error)?;
-    if let Some(initrd) = &initrd {
-        let placed =
-            ember_boot::load_initrd(&memory, zero_page, initrd, kernel.end).map_err(boot_error)?;
-        log::info!("initrd: {:#x} bytes at {:#x}", initrd.len(), placed.0);
-    }
+    })?;
     regs::write_boot_tables(&memory)?;
 
     // vCPUs. A Linux kernel starts on vCPU 0 and wakes the others itself (INIT/SIPI);
@@ -241,12 +379,15 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
         vcpu.set_fpu()?;
         vcpu.set_lapic()?;
         if index == 0 || start_all {
-            vcpu.set_long_mode_entry(&BootRegs {
-                entry: kernel.entry,
-                stack: GuestAddress(regs::BOOT_STACK_POINTER),
-                rsi: zero_page.0,
-                rdi: u64::from(index),
-            })?;
+            match entry {
+                Entry::Linux64 { entry, zero_page } => vcpu.set_long_mode_entry(&BootRegs {
+                    entry,
+                    stack: GuestAddress(regs::BOOT_STACK_POINTER),
+                    rsi: zero_page.0,
+                    rdi: u64::from(index),
+                })?,
+                Entry::Pvh { entry, start_info } => vcpu.set_pvh_entry(entry, start_info)?,
+            }
         }
         if index > 0 && start_all {
             vcpu.set_runnable()?;

@@ -6,7 +6,7 @@ use clap::Parser;
 
 use ember_vcpu::cpuid::CpuTemplate;
 
-use crate::config::{CpuTemplateChoice, KernelSource, SerialConfig, VmConfig};
+use crate::config::{CpuTemplateChoice, EntryChoice, KernelSource, SerialConfig, VmConfig};
 
 /// Ember's example VMM: boots a Linux kernel (or, with no kernel, its embedded demo
 /// guest) on KVM.
@@ -49,6 +49,11 @@ pub struct Cli {
     #[arg(long, value_name = "NAME", default_value = "auto", value_parser = parse_cpu_template)]
     pub cpu_template: CpuTemplateChoice,
 
+    /// How to enter a Linux kernel: auto (PVH when the kernel has a PVH note, else the
+    /// 64-bit entry), pvh, or 64bit.
+    #[arg(long, value_name = "PROTOCOL", default_value = "auto", value_parser = parse_entry)]
+    pub entry: EntryChoice,
+
     /// Log more (repeat for debug output). Logs go to stderr.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -68,6 +73,7 @@ impl Cli {
             serial: self.serial.clone(),
             initrd: self.initrd.clone(),
             cpu_template: self.cpu_template,
+            entry: self.entry,
         }
     }
 }
@@ -104,6 +110,16 @@ pub fn parse_serial(s: &str) -> Result<SerialConfig, String> {
                 "invalid serial '{s}': expected stdio, file=PATH or none"
             )),
         },
+    }
+}
+
+/// Parses `auto`, `pvh` or `64bit`.
+pub fn parse_entry(s: &str) -> Result<EntryChoice, String> {
+    match s {
+        "auto" => Ok(EntryChoice::Auto),
+        "pvh" => Ok(EntryChoice::Pvh),
+        "64bit" => Ok(EntryChoice::Linux64),
+        _ => Err(format!("invalid entry '{s}': expected auto, pvh or 64bit")),
     }
 }
 
@@ -159,6 +175,16 @@ mod tests {
         assert_eq!((config.vcpus, config.memory_bytes), (1, 256 << 20));
         assert_eq!(config.serial, SerialConfig::Stdio);
         assert_eq!(config.cpu_template, CpuTemplateChoice::Auto);
+    }
+
+    #[test]
+    fn entries() {
+        assert_eq!(parse_entry("auto"), Ok(EntryChoice::Auto));
+        assert_eq!(parse_entry("pvh"), Ok(EntryChoice::Pvh));
+        assert_eq!(parse_entry("64bit"), Ok(EntryChoice::Linux64));
+        assert!(parse_entry("efi")
+            .unwrap_err()
+            .contains("invalid entry 'efi'"));
     }
 
     #[test]

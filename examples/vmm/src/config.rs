@@ -31,6 +31,17 @@ pub enum CpuTemplateChoice {
     Fixed(ember_vcpu::cpuid::CpuTemplate),
 }
 
+/// How vCPU 0 enters a Linux kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryChoice {
+    /// PVH when the kernel has a PVH note, else the 64-bit entry.
+    Auto,
+    /// The 32-bit PVH entry (ELF kernels with a `XEN_ELFNOTE_PHYS32_ENTRY` note).
+    Pvh,
+    /// The 64-bit Linux boot protocol entry (ELF `e_entry`, or a bzImage's 64-bit entry).
+    Linux64,
+}
+
 /// A VM to build.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -48,6 +59,8 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     /// CPU template.
     pub cpu_template: CpuTemplateChoice,
+    /// Kernel entry protocol.
+    pub entry: EntryChoice,
 }
 
 /// The command line a Linux guest gets when none is given: console on COM1, and reboot
