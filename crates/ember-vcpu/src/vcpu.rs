@@ -292,6 +292,11 @@ impl Vcpu {
         let _kick_target = KickTarget::register(self.fd.get_kvm_run());
         loop {
             if let Some(outcome) = self.step()? {
+                if outcome == VcpuOutcome::Stopped && log::log_enabled!(log::Level::Debug) {
+                    if let Ok(regs) = self.fd.get_regs() {
+                        log::debug!("vCPU {} stopped at RIP {:#x}", self.index, regs.rip);
+                    }
+                }
                 return Ok(outcome);
             }
         }

@@ -32,11 +32,19 @@ fn main() -> ExitCode {
     logger::init(cli.verbose);
     let config = cli.vm_config();
 
+    // Before any vCPU thread exists, so that none of them takes SIGINT/SIGTERM.
+    let signals = match run::block_termination_signals() {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            log::warn!("SIGINT/SIGTERM will end the VMM abruptly: {e}");
+            None
+        }
+    };
     let result = builder::build_vm(&config, start)
         .map_err(|e| e.to_string())
         .and_then(|vm| {
             let boot_done = vm.boot_done.clone();
-            let report = run::run_vm(vm).map_err(|e| e.to_string())?;
+            let report = run::run_vm(vm, signals).map_err(|e| e.to_string())?;
             Ok((report, boot_done))
         });
     match result {

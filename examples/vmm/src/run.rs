@@ -83,6 +83,59 @@ struct EndWatcher {
     ended: Rc<Cell<bool>>,
 }
 
+/// Ends the VM on SIGINT or SIGTERM, read from a signalfd.
+struct SignalWatcher {
+    signals: std::fs::File,
+    ended: Rc<Cell<bool>>,
+    received: Rc<Cell<Option<i32>>>,
+}
+
+impl MutEventSubscriber for SignalWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+        if let Ok(n) = self.signals.read(&mut info) {
+            if n == info.len() {
+                // ssi_signo is the first field, a u32.
+                let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
+                self.received.set(Some(signo as i32));
+            }
+        }
+        self.ended.set(true);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.signals, EventSet::IN)) {
+            log::warn!("cannot watch for SIGINT/SIGTERM: {e}");
+        }
+    }
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and so in every thread it spawns after)
+/// and returns a signalfd that reads them. Call before spawning vCPU threads.
+pub fn block_termination_signals() -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the calls only write to it, or read it and
+    // change this thread's signal mask.
+    let rc = unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    // SAFETY: -1 asks for a new fd; `set` is initialised; the result is checked.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
 impl MutEventSubscriber for EndWatcher {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         self.ended.set(true);
@@ -130,7 +183,7 @@ impl MutEventSubscriber for StdinToSerial {
 
 /// Runs `vm` until a device ends it, a vCPU stops, or a vCPU fails; then stops every
 /// vCPU and reports how it ended.
-pub fn run_vm(mut vm: Vm) -> Result<RunReport, RunError> {
+pub fn run_vm(mut vm: Vm, signals: Option<std::fs::File>) -> Result<RunReport, RunError> {
     let loop_err = |e: &dyn std::fmt::Display| RunError::EventLoop(e.to_string());
     let vcpu_done = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| loop_err(&e))?;
     let mut running: Vec<RunningVcpu> = Vec::with_capacity(vm.vcpus.len());
@@ -153,6 +206,14 @@ pub fn run_vm(mut vm: Vm) -> Result<RunReport, RunError> {
         vcpu_done,
         ended: ended.clone(),
     }));
+    let received = Rc::new(Cell::new(None));
+    if let Some(signals) = signals {
+        events.add_subscriber(Box::new(SignalWatcher {
+            signals,
+            ended: ended.clone(),
+            received: received.clone(),
+        }));
+    }
     if vm.serial_stdin {
         events.add_subscriber(Box::new(StdinToSerial {
             serial: vm.serial.clone(),
@@ -191,6 +252,19 @@ pub fn run_vm(mut vm: Vm) -> Result<RunReport, RunError> {
         pio.bad_widths + mmio.bad_widths
     );
 
+    if let Some(signo) = received.get() {
+        let name = if signo == libc::SIGINT {
+            "SIGINT"
+        } else {
+            "SIGTERM"
+        };
+        return Ok(RunReport {
+            exit_code: 128 + signo,
+            reason: format!("stopped by {name}"),
+            exits,
+            unclaimed,
+        });
+    }
     // A device's request wins: it is what the guest asked for.
     if let Some(request) = vm.exit.requested() {
         let (exit_code, reason) = match request {
