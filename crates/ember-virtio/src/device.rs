@@ -1,0 +1,125 @@
+//! The trait a virtio device implements once, whatever transport carries it.
+//!
+//! A transport (virtio-mmio here; a PCI transport later) owns the registers the driver
+//! sees: feature selection, queue set-up, status. It calls the device only to learn what
+//! the device offers, to reach its configuration space, and to start and stop it. Queue
+//! processing never happens on a vCPU's exit path: [`VirtioDevice::activate`] hands the
+//! device its queues with one notification [`EventFd`] each (signalled by KVM through an
+//! ioeventfd, or by the transport), and the device serves them on a thread of its own.
+
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Feature bit: the device conforms to virtio 1.x. Ember's transports require it.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Feature bit: the driver may use indirect descriptor tables.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// Feature bit: `used_event`/`avail_event` notification suppression.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// Virtio device IDs (virtio 1.2, section 5).
+pub mod device_type {
+    /// Network card.
+    pub const NET: u32 = 1;
+    /// Block device.
+    pub const BLOCK: u32 = 2;
+    /// Entropy source.
+    pub const RNG: u32 = 4;
+}
+
+/// Why a device raises an interrupt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterruptKind {
+    /// The device used buffers of this queue.
+    Queue(u16),
+    /// The device's configuration changed.
+    Config,
+}
+
+/// How a device interrupts the driver. The transport implements it (virtio-mmio:
+/// set a bit in InterruptStatus and signal an irqfd).
+pub trait VirtioInterrupt: Send + Sync {
+    /// Raises the interrupt.
+    fn trigger(&self, kind: InterruptKind) -> std::io::Result<()>;
+}
+
+/// A queue the driver set up, ready for the device.
+#[derive(Debug)]
+pub struct ActiveQueue {
+    /// Queue index.
+    pub index: u16,
+    /// The queue, validated against guest memory by the transport.
+    pub queue: Queue,
+    /// Signalled when the driver notifies this queue.
+    pub notify: EventFd,
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct Activation {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The queues the driver enabled, in index order.
+    pub queues: Vec<ActiveQueue>,
+    /// Raises interrupts.
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    /// The features the driver accepted (a subset of [`VirtioDevice::device_features`]).
+    pub features: u64,
+}
+
+/// Why a device could not start. The transport then sets DEVICE_NEEDS_RESET.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver enabled a different number of queues than the device needs.
+    #[error("the device needs {expected} queues, the driver enabled {got}")]
+    QueueCount {
+        /// Queues the device needs.
+        expected: usize,
+        /// Queues the driver enabled.
+        got: usize,
+    },
+    /// The device's worker could not start.
+    #[error("cannot start the device: {0}")]
+    Start(#[source] std::io::Error),
+    /// Anything else, described.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A virtio device, independent of its transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID ([`device_type`]).
+    fn device_type(&self) -> u32;
+
+    /// The largest size the device supports for each of its queues; the length is the
+    /// number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+
+    /// The feature bits the device offers, including [`VIRTIO_F_VERSION_1`] and the
+    /// ring features ([`VIRTIO_RING_F_EVENT_IDX`], [`VIRTIO_RING_F_INDIRECT_DESC`]) it
+    /// supports.
+    fn device_features(&self) -> u64;
+
+    /// Reads the device-specific configuration space. Bytes outside it are left as they
+    /// are (the transport pre-fills zeroes); `offset` is guest-controlled.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// Writes the device-specific configuration space; writes to read-only or
+    /// nonexistent fields are ignored.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    /// Bumped whenever the device changes its configuration space by itself.
+    fn config_generation(&self) -> u32 {
+        0
+    }
+
+    /// Starts the device: called once, when the driver sets DRIVER_OK.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+
+    /// Stops the device (its worker has finished when this returns) and forgets the
+    /// queues, so that it can be activated again. Called when the driver writes 0 to
+    /// the status register.
+    fn reset(&mut self);
+}
