@@ -16,6 +16,7 @@
 
 use vm_memory::{GuestAddress, GuestMemory};
 
+use crate::acpi::rsdp_paddr;
 use crate::guest::{range_in_memory, write_bytes};
 use crate::linux::write_cmdline_and_zero_page;
 use crate::zero_page::{
@@ -507,13 +508,18 @@ pub fn bzimage_boot_params<M: GuestMemory>(
 /// [`bzimage_boot_params`] at [`ZERO_PAGE_START`](crate::ZERO_PAGE_START),
 /// and returns the zero page's address (the VMM passes it in `rsi`).
 ///
+/// `rsdp` is the address of the ACPI RSDP, if the VMM wrote ACPI tables
+/// (as returned by [`setup_acpi`](crate::setup_acpi)); it goes into the
+/// zero page's `acpi_rsdp_addr`. With `None` the field is 0 and the kernel
+/// scans the BIOS area for an RSDP.
+///
 /// Everything is checked before anything is written.
 ///
 /// # Errors
 ///
 /// Those of [`bzimage_boot_params`], [`BootError::OutsideGuestMemory`] if
-/// the command line or zero page would not fit, or
-/// [`BootError::GuestMemoryWrite`].
+/// the command line or zero page would not fit or an RSDP at `rsdp` would
+/// not lie in guest memory, or [`BootError::GuestMemoryWrite`].
 ///
 /// # Example
 ///
@@ -526,7 +532,7 @@ pub fn bzimage_boot_params<M: GuestMemory>(
 /// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 256 << 20)]).unwrap();
 /// let bz = parse_bzimage(&image)?;
 /// let kernel = load_bzimage(&mem, &bz, &image)?;
-/// let zero_page = configure_bzimage_boot(&mem, &bz, &Cmdline::default())?;
+/// let zero_page = configure_bzimage_boot(&mem, &bz, &Cmdline::default(), None)?;
 /// initrd::load_initrd_below(&mem, zero_page, &ramdisk, kernel.end, bz.initrd_addr_max())?;
 /// // Start the vCPU at `kernel.entry` in 64-bit mode with rsi = zero_page.
 /// # Ok::<(), ember_boot::BootError>(())
@@ -535,8 +541,10 @@ pub fn configure_bzimage_boot<M: GuestMemory>(
     mem: &M,
     bz: &BzImage,
     cmdline: &Cmdline,
+    rsdp: Option<GuestAddress>,
 ) -> Result<GuestAddress, BootError> {
-    let params = bzimage_boot_params(mem, bz, cmdline)?;
+    let mut params = bzimage_boot_params(mem, bz, cmdline)?;
+    params.set_acpi_rsdp_addr(GuestAddress(rsdp_paddr(mem, rsdp)?));
     write_cmdline_and_zero_page(mem, cmdline, &params)
 }
 
@@ -968,7 +976,8 @@ mod tests {
         let bz = parse_bzimage(&image).unwrap();
         let mut cmdline = Cmdline::default();
         cmdline.insert_str("console=ttyS0").unwrap();
-        let addr = configure_bzimage_boot(&mem, &bz, &cmdline).unwrap();
+        let addr =
+            configure_bzimage_boot(&mem, &bz, &cmdline, Some(GuestAddress(0xe0000))).unwrap();
         assert_eq!(addr, GuestAddress(ZERO_PAGE_START));
         assert_eq!(read(&mem, CMDLINE_START, 14), b"console=ttyS0\0");
 
@@ -989,6 +998,7 @@ mod tests {
         assert_eq!(read(&mem, z + HEAP_END_PTR as u64, 2), [0x00, 0xfe]);
         assert_eq!(read(&mem, z + 0x214, 4), 0x10_0000u32.to_le_bytes());
         assert_eq!(read(&mem, z + 0x228, 4), 0x20000u32.to_le_bytes());
+        assert_eq!(read(&mem, z + 0x070, 8), 0xe0000u64.to_le_bytes());
         // The setup code after the header (0xcc in the image) is not copied,
         // and nothing before 0x1f1 comes from the image.
         let page = zero_page(&mem);
@@ -999,7 +1009,10 @@ mod tests {
         assert_eq!(page.code32_start(), 0x10_0000);
         assert_eq!(page.cmd_line_ptr(), CMDLINE_START);
         assert_eq!(page.e820_table(), e820_map(&mem).unwrap());
-        assert_eq!(page, bzimage_boot_params(&mem, &bz, &cmdline).unwrap());
+        assert_eq!(page.acpi_rsdp_addr(), 0xe0000);
+        let mut expected = bzimage_boot_params(&mem, &bz, &cmdline).unwrap();
+        expected.set_acpi_rsdp_addr(GuestAddress(0xe0000));
+        assert_eq!(page, expected);
         assert!(page.e820_table().len() <= E820_MAX_ENTRIES);
     }
 
@@ -1013,11 +1026,11 @@ mod tests {
         let bz = parse_bzimage(&spec.build()).unwrap();
         let mut cmdline = Cmdline::default();
         cmdline.insert_str("12345678").unwrap();
-        configure_bzimage_boot(&mem, &bz, &cmdline).unwrap();
+        configure_bzimage_boot(&mem, &bz, &cmdline, None).unwrap();
         cmdline.insert_str("9").unwrap();
         let mem = filled_mem(MEM_SIZE, 0xcc);
         assert!(matches!(
-            configure_bzimage_boot(&mem, &bz, &cmdline),
+            configure_bzimage_boot(&mem, &bz, &cmdline, None),
             Err(BootError::BzCmdlineTooLong { len: 10, max: 8 })
         ));
         assert!(read(&mem, 0, 1 << 20).iter().all(|&b| b == 0xcc));
@@ -1030,7 +1043,7 @@ mod tests {
         let mut cmdline = Cmdline::new(8192).unwrap();
         cmdline.insert_str(&"x".repeat(CMDLINE_MAX_SIZE)).unwrap();
         assert!(matches!(
-            configure_bzimage_boot(&mem, &bz, &cmdline),
+            configure_bzimage_boot(&mem, &bz, &cmdline, None),
             Err(BootError::CmdlineTooLong {
                 len: 2049,
                 limit: 2048

@@ -326,6 +326,64 @@ pub enum BootError {
         /// The limit, [`HIMEM_START`](crate::HIMEM_START).
         limit: u64,
     },
+    /// ACPI tables need at least one CPU.
+    #[error("ACPI tables need at least one CPU")]
+    AcpiNoCpus,
+    /// Too many CPUs for xAPIC IDs: the IOAPIC takes the ID after the last
+    /// CPU, and `0xff` is the broadcast ID.
+    #[error("{num_cpus} CPUs exceed the MADT's limit of {max}")]
+    AcpiTooManyCpus {
+        /// The number of CPUs asked for.
+        num_cpus: u8,
+        /// The limit, [`ACPI_MAX_CPUS`](crate::acpi::ACPI_MAX_CPUS).
+        max: u8,
+    },
+    /// More devices than the DSDT can name.
+    #[error("{count} ACPI devices exceed the DSDT's limit of {max}")]
+    AcpiTooManyDevices {
+        /// The number of devices asked for.
+        count: usize,
+        /// The limit, [`ACPI_MAX_DEVICES`](crate::acpi::ACPI_MAX_DEVICES).
+        max: usize,
+    },
+    /// A virtio-mmio register window is empty or does not lie below 4 GiB
+    /// (the DSDT describes it with `Memory32Fixed`).
+    #[error(
+        "ACPI device {index}: virtio-mmio window at {addr:#x} (size {len:#x}) \
+         is empty or does not lie below 4 GiB"
+    )]
+    AcpiBadMmioRange {
+        /// Index of the device in the list.
+        index: usize,
+        /// The window's address.
+        addr: u64,
+        /// The window's size.
+        len: u64,
+    },
+    /// A device's GSI is not an IOAPIC pin.
+    #[error("ACPI device {index}: GSI {gsi} is not one of the IOAPIC's {pins} pins")]
+    AcpiBadGsi {
+        /// Index of the device in the list.
+        index: usize,
+        /// The GSI.
+        gsi: u32,
+        /// Number of IOAPIC pins, [`IOAPIC_NUM_PINS`](crate::acpi::IOAPIC_NUM_PINS).
+        pins: u32,
+    },
+    /// COM1 is listed more than once.
+    #[error("ACPI device {index} is a second COM1")]
+    AcpiDuplicateCom1 {
+        /// Index of the second COM1 in the list.
+        index: usize,
+    },
+    /// The ACPI tables would reach 1 MiB.
+    #[error("ACPI tables would end at {end:#x}, past their limit {limit:#x}")]
+    AcpiTablesTooLarge {
+        /// Exclusive end of the tables (the end of the DSDT).
+        end: u64,
+        /// The limit, [`HIMEM_START`](crate::HIMEM_START).
+        limit: u64,
+    },
     /// A command line was created with no room even for its NUL.
     #[error("command line capacity must be at least 1 (room for the terminating NUL)")]
     CmdlineZeroCapacity,

@@ -68,7 +68,7 @@ pub fn place_initrd<M: GuestMemory>(
 /// use vm_memory::{GuestAddress, GuestMemoryMmap};
 /// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
 /// let cmdline = ember_boot::Cmdline::default();
-/// let zero_page = ember_boot::configure_linux_boot(&mem, &cmdline).unwrap();
+/// let zero_page = ember_boot::configure_linux_boot(&mem, &cmdline, None).unwrap();
 /// let at = ember_boot::load_initrd(&mem, zero_page, b"070701...", GuestAddress(0x20_0000)).unwrap();
 /// assert_eq!(at.0 % 4096, 0);
 /// ```
@@ -99,7 +99,7 @@ pub fn load_initrd<M: GuestMemory>(
 /// ```
 /// use vm_memory::{GuestAddress, GuestMemoryMmap};
 /// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
-/// let zero_page = ember_boot::configure_linux_boot(&mem, &ember_boot::Cmdline::default()).unwrap();
+/// let zero_page = ember_boot::configure_linux_boot(&mem, &ember_boot::Cmdline::default(), None).unwrap();
 /// let at = ember_boot::initrd::load_initrd_below(
 ///     &mem, zero_page, &[7; 4096], GuestAddress(0x20_0000), 0xff_ffff,
 /// ).unwrap();
@@ -227,7 +227,7 @@ mod tests {
     #[test]
     fn load_writes_image_and_zero_page() {
         let m = mem(&[(0, 64 << 20)]);
-        let zp = configure_linux_boot(&m, &Cmdline::default()).unwrap();
+        let zp = configure_linux_boot(&m, &Cmdline::default(), None).unwrap();
         let image: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
         let at = load_initrd(&m, zp, &image, GuestAddress(0x40_0000)).unwrap();
         let mut back = vec![0u8; image.len()];
@@ -245,7 +245,7 @@ mod tests {
     #[test]
     fn load_below_respects_addr_max() {
         let m = mem(&[(0, 64 << 20)]);
-        let zp = configure_linux_boot(&m, &Cmdline::default()).unwrap();
+        let zp = configure_linux_boot(&m, &Cmdline::default(), None).unwrap();
         let at =
             load_initrd_below(&m, zp, &[1; 0x2000], GuestAddress(0x40_0000), 0xff_ffff).unwrap();
         assert_eq!(at, GuestAddress(0xff_e000));

@@ -19,6 +19,11 @@
 //! | `[CMDLINE_START, +2 KiB)`           | the kernel command line, NUL-terminated       |
 //! | `[EBDA_START, HIMEM_START)`         | EBDA, VGA hole and BIOS ROM: reserved in e820 |
 //! | `[MPTABLE_START, +mptable_size(n))` | MP floating pointer and configuration table   |
+//! | `[ACPI_RSDP_START, +36)`            | ACPI RSDP (0xe0000)                           |
+//! | `[ACPI_XSDT_START, +52)`            | ACPI XSDT (0xe0040; room up to 0xe0100)       |
+//! | `[ACPI_FADT_START, +276)`           | ACPI FADT (0xe0100..0xe0214)                  |
+//! | `[ACPI_MADT_START, +62 + 8 * n)`    | ACPI MADT (0xe0400..0xe0c2e at most)          |
+//! | `[ACPI_DSDT_START, HIMEM_START)`    | ACPI DSDT, 36 bytes + its AML (0xe1000..)     |
 //! | `[HIMEM_START, ...)`                | the kernel image and the rest of RAM          |
 //!
 //! Everything the loader writes below [`EBDA_START`] sits in conventional
@@ -28,8 +33,14 @@
 //! The MP table sits at the start of the EBDA, where Linux scans for the MP
 //! floating pointer (`smp_scan_config` looks at the first KiB of the EBDA and
 //! at 639 KiB); with 254 CPUs it runs past `0xa0000` into the VGA window,
-//! which is still reserved and still below 1 MiB. A bzImage's protected-mode
-//! kernel is loaded at exactly [`HIMEM_START`].
+//! which is still reserved and still below 1 MiB. The ACPI tables
+//! ([`setup_acpi`](crate::setup_acpi)) fill the BIOS ROM area from
+//! `0xe0000`: the RSDP first, where Linux's scan of `0xe0000..0x100000`
+//! (16-byte steps) finds it even when no boot protocol passes its address,
+//! then the fixed-size tables at fixed places, then the DSDT, the only
+//! table whose size depends on the devices, with the rest of the area
+//! (124 KiB) to grow into. A bzImage's protected-mode kernel is loaded at
+//! exactly [`HIMEM_START`].
 
 /// Guest physical address of the zero page (`struct boot_params`).
 ///
@@ -73,6 +84,26 @@ pub const EBDA_START: u64 = 0x9_fc00;
 /// ([`setup_mptable`](crate::setup_mptable)): the start of the EBDA.
 pub const MPTABLE_START: u64 = EBDA_START;
 
+/// Guest physical address of the ACPI RSDP
+/// ([`setup_acpi`](crate::setup_acpi)): the start of the area Linux scans
+/// for it, `0xe0000..0x100000`.
+pub const ACPI_RSDP_START: u64 = 0xe_0000;
+
+/// Guest physical address of the ACPI XSDT (room for 19 entries up to
+/// [`ACPI_FADT_START`]).
+pub const ACPI_XSDT_START: u64 = 0xe_0040;
+
+/// Guest physical address of the ACPI FADT (276 bytes).
+pub const ACPI_FADT_START: u64 = 0xe_0100;
+
+/// Guest physical address of the ACPI MADT (at most 2094 bytes, for 254
+/// vCPUs).
+pub const ACPI_MADT_START: u64 = 0xe_0400;
+
+/// Guest physical address of the ACPI DSDT, which may grow up to
+/// [`HIMEM_START`].
+pub const ACPI_DSDT_START: u64 = 0xe_1000;
+
 /// Guest physical address of the PVH start info (`struct hvm_start_info`);
 /// the VMM passes it to the kernel in `ebx`.
 ///
@@ -105,3 +136,9 @@ const _: () = assert!(CMDLINE_START >= 0xf000);
 const _: () = assert!(ZERO_PAGE_START + ZERO_PAGE_SIZE as u64 <= CMDLINE_START);
 const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
 const _: () = assert!(EBDA_START < HIMEM_START);
+const _: () = assert!(EBDA_START <= ACPI_RSDP_START);
+const _: () = assert!(ACPI_RSDP_START < ACPI_XSDT_START);
+const _: () = assert!(ACPI_XSDT_START < ACPI_FADT_START);
+const _: () = assert!(ACPI_FADT_START < ACPI_MADT_START);
+const _: () = assert!(ACPI_MADT_START < ACPI_DSDT_START);
+const _: () = assert!(ACPI_DSDT_START < HIMEM_START);

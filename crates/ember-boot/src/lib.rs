@@ -15,9 +15,12 @@
 //!   [`load_bzimage`] and entered at its 64-bit entry point with the zero
 //!   page written by [`configure_bzimage_boot`].
 //!
-//! An initrd is placed by the [`initrd`] module, and [`setup_mptable`]
-//! describes the vCPUs and the IOAPIC to a kernel without ACPI. Where each
-//! piece goes in guest physical memory, and why, is documented in
+//! An initrd is placed by the [`initrd`] module. [`setup_mptable`]
+//! describes the vCPUs and the IOAPIC to a kernel without ACPI, and
+//! [`setup_acpi`] writes minimal ACPI tables (vCPUs, IOAPIC, and devices in
+//! the DSDT) for kernels that find CPUs only through ACPI; the
+//! `configure_*_boot` functions pass the kernel the RSDP's address. Where
+//! each piece goes in guest physical memory, and why, is documented in
 //! [`layout`].
 //!
 //! All input, above all the kernel image, is treated as untrusted: any byte
@@ -61,7 +64,7 @@
 //! // Write the command line and the zero page.
 //! let mut cmdline = Cmdline::default();
 //! cmdline.insert_str("console=ttyS0 reboot=k panic=1")?;
-//! let zero_page = configure_linux_boot(&mem, &cmdline)?;
+//! let zero_page = configure_linux_boot(&mem, &cmdline, None)?;
 //!
 //! // A VMM now starts the vCPU at `kernel.entry` with `rsi = zero_page`.
 //! let mut page = [0u8; 4096];
@@ -73,6 +76,8 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod acpi;
+mod aml;
 pub mod bzimage;
 pub mod cmdline;
 pub mod e820;
@@ -90,6 +95,7 @@ pub mod zero_page;
 #[cfg(test)]
 mod testing;
 
+pub use acpi::{setup_acpi, AcpiConfig, AcpiDevice, ACPI_MAX_CPUS};
 pub use bzimage::{
     bzimage_boot_params, configure_bzimage_boot, load_bzimage, parse_bzimage, BzImage, BzImageLoad,
 };
@@ -99,8 +105,8 @@ pub use elf::{load_elf, KernelLoad};
 pub use error::BootError;
 pub use initrd::{load_initrd, load_initrd_below};
 pub use layout::{
-    CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MPTABLE_START, PVH_INFO_START,
-    PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_SIZE, ZERO_PAGE_START,
+    ACPI_RSDP_START, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MPTABLE_START,
+    PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_SIZE, ZERO_PAGE_START,
 };
 pub use linux::{configure_linux_boot, linux_boot_params};
 pub use mptable::{mptable_size, setup_mptable, MPTABLE_MAX_CPUS};

@@ -2,6 +2,7 @@
 
 use vm_memory::{GuestAddress, GuestMemory};
 
+use crate::acpi::rsdp_paddr;
 use crate::guest::range_in_memory;
 use crate::zero_page::{BOOT_FLAG_MAGIC, HEADER_MAGIC, TYPE_OF_LOADER_UNDEFINED};
 use crate::{
@@ -67,13 +68,18 @@ pub fn linux_boot_params<M: GuestMemory>(
 /// [`linux_boot_params`] at [`ZERO_PAGE_START`], and returns the zero
 /// page's address (the VMM passes it to the kernel in `rsi`).
 ///
+/// `rsdp` is the address of the ACPI RSDP, if the VMM wrote ACPI tables
+/// (as returned by [`setup_acpi`](crate::setup_acpi)); it goes into the
+/// zero page's `acpi_rsdp_addr`. With `None` the field is 0 and the kernel
+/// scans the BIOS area for an RSDP.
+///
 /// Everything is checked before anything is written.
 ///
 /// # Errors
 ///
 /// Those of [`linux_boot_params`], [`BootError::OutsideGuestMemory`] if the
-/// command line or zero page would not fit in guest memory, or
-/// [`BootError::GuestMemoryWrite`].
+/// command line or zero page would not fit in guest memory or an RSDP at
+/// `rsdp` would not lie in it, or [`BootError::GuestMemoryWrite`].
 ///
 /// # Example
 ///
@@ -84,17 +90,21 @@ pub fn linux_boot_params<M: GuestMemory>(
 /// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
 /// let mut cmdline = Cmdline::default();
 /// cmdline.insert_str("console=ttyS0")?;
-/// let zero_page = configure_linux_boot(&mem, &cmdline)?;
+/// let zero_page = configure_linux_boot(&mem, &cmdline, Some(GuestAddress(0xe0000)))?;
 /// assert_eq!(zero_page, GuestAddress(ZERO_PAGE_START));
 /// let magic: u32 = mem.read_obj(GuestAddress(ZERO_PAGE_START + 0x202)).unwrap();
 /// assert_eq!(&magic.to_le_bytes(), b"HdrS");
+/// let rsdp: u64 = mem.read_obj(GuestAddress(ZERO_PAGE_START + 0x070)).unwrap();
+/// assert_eq!(rsdp, 0xe0000);
 /// # Ok::<(), ember_boot::BootError>(())
 /// ```
 pub fn configure_linux_boot<M: GuestMemory>(
     mem: &M,
     cmdline: &Cmdline,
+    rsdp: Option<GuestAddress>,
 ) -> Result<GuestAddress, BootError> {
-    let params = linux_boot_params(mem, cmdline)?;
+    let mut params = linux_boot_params(mem, cmdline)?;
+    params.set_acpi_rsdp_addr(GuestAddress(rsdp_paddr(mem, rsdp)?));
     write_cmdline_and_zero_page(mem, cmdline, &params)
 }
 
@@ -146,7 +156,7 @@ mod tests {
         let mem = filled_mem(64 << 20, 0xcc);
         let mut cmdline = Cmdline::default();
         cmdline.insert_str("console=ttyS0 reboot=k").unwrap();
-        let addr = configure_linux_boot(&mem, &cmdline).unwrap();
+        let addr = configure_linux_boot(&mem, &cmdline, None).unwrap();
         assert_eq!(addr, GuestAddress(0x7000));
 
         // The command line, NUL-terminated, at 0x20000.
@@ -197,7 +207,7 @@ mod tests {
         cmdline
             .insert_str(&"x".repeat(CMDLINE_MAX_SIZE - 1))
             .unwrap();
-        configure_linux_boot(&mem, &cmdline).unwrap();
+        configure_linux_boot(&mem, &cmdline, None).unwrap();
         assert_eq!(read(&mem, CMDLINE_START + 2047, 1), [0]);
         assert_eq!(zero_page(&mem).cmdline_size(), 2047);
     }
@@ -207,7 +217,7 @@ mod tests {
         let mem = filled_mem(2 << 20, 0xcc);
         let mut cmdline = Cmdline::new(4096).unwrap();
         cmdline.insert_str(&"x".repeat(CMDLINE_MAX_SIZE)).unwrap();
-        let err = configure_linux_boot(&mem, &cmdline).unwrap_err();
+        let err = configure_linux_boot(&mem, &cmdline, None).unwrap_err();
         assert!(matches!(
             err,
             BootError::CmdlineTooLong {
@@ -219,14 +229,53 @@ mod tests {
     }
 
     #[test]
+    fn rsdp_address_in_zero_page() {
+        let mem = filled_mem(2 << 20, 0xcc);
+        configure_linux_boot(&mem, &Cmdline::default(), None).unwrap();
+        assert_eq!(read(&mem, ZERO_PAGE_START + 0x070, 8), [0; 8]);
+        let rsdp = crate::setup_acpi(
+            &mem,
+            &crate::AcpiConfig {
+                num_cpus: 2,
+                devices: &[],
+            },
+        )
+        .unwrap();
+        configure_linux_boot(&mem, &Cmdline::default(), Some(rsdp)).unwrap();
+        assert_eq!(
+            read(&mem, ZERO_PAGE_START + 0x070, 8),
+            0xe0000u64.to_le_bytes()
+        );
+        assert_eq!(zero_page(&mem).acpi_rsdp_addr(), 0xe0000);
+
+        // An RSDP outside guest memory: error, nothing written.
+        let mem = filled_mem(2 << 20, 0xcc);
+        let err = configure_linux_boot(
+            &mem,
+            &Cmdline::default(),
+            Some(GuestAddress((2 << 20) - 35)),
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            BootError::OutsideGuestMemory {
+                what: "ACPI RSDP",
+                len: 36,
+                ..
+            }
+        ));
+        assert!(read(&mem, 0, 2 << 20).iter().all(|&b| b == 0xcc));
+    }
+
+    #[test]
     fn bad_memory_layout_writes_nothing() {
         let mem =
             GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(MIB), 4 * MIB as usize)]).unwrap();
-        let err = configure_linux_boot(&mem, &Cmdline::default()).unwrap_err();
+        let err = configure_linux_boot(&mem, &Cmdline::default(), None).unwrap_err();
         assert!(matches!(err, BootError::E820NoRegionAtZero));
 
         let mem = filled_mem(0x8_0000, 0xcc);
-        let err = configure_linux_boot(&mem, &Cmdline::default()).unwrap_err();
+        let err = configure_linux_boot(&mem, &Cmdline::default(), None).unwrap_err();
         assert!(matches!(err, BootError::E820LowMemoryTooSmall { .. }));
         assert!(read(&mem, 0, 0x8_0000).iter().all(|&b| b == 0xcc));
     }

@@ -14,6 +14,7 @@
 
 use vm_memory::{GuestAddress, GuestMemory};
 
+use crate::acpi::rsdp_paddr;
 use crate::elf::{program_headers, segment_file_bytes, PT_NOTE};
 use crate::guest::{range_in_memory, write_bytes};
 use crate::layout::{PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START};
@@ -336,7 +337,10 @@ pub fn find_pvh_entry(image: &[u8]) -> Result<Option<GuestAddress>, BootError> {
 ///
 /// `initrd` is the address and size of an initrd already in guest memory
 /// (for example written by [`copy_initrd`](crate::initrd::copy_initrd)).
-/// No ACPI RSDP is given (`rsdp_paddr` is 0): Linux then scans for it.
+/// `rsdp` is the address of the ACPI RSDP, if the VMM wrote ACPI tables
+/// (as returned by [`setup_acpi`](crate::setup_acpi)); it goes into
+/// `rsdp_paddr`. With `None` that is 0 and Linux scans the BIOS area for
+/// an RSDP.
 ///
 /// Everything is checked before anything is written.
 ///
@@ -346,7 +350,8 @@ pub fn find_pvh_entry(image: &[u8]) -> Result<Option<GuestAddress>, BootError> {
 /// [`CMDLINE_MAX_SIZE`], an error of [`e820_map`],
 /// [`BootError::InitrdEmpty`] for an initrd of size 0,
 /// [`BootError::OutsideGuestMemory`] if the initrd is not in guest memory or
-/// a structure would not fit, or [`BootError::GuestMemoryWrite`].
+/// a structure would not fit or an RSDP at `rsdp` would not lie in guest
+/// memory, or [`BootError::GuestMemoryWrite`].
 ///
 /// # Example
 ///
@@ -357,7 +362,8 @@ pub fn find_pvh_entry(image: &[u8]) -> Result<Option<GuestAddress>, BootError> {
 /// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
 /// let mut cmdline = Cmdline::default();
 /// cmdline.insert_str("console=ttyS0")?;
-/// let start_info = configure_pvh_boot(&mem, &cmdline, Some((GuestAddress(0x300_0000), 0x1000)))?;
+/// let initrd = Some((GuestAddress(0x300_0000), 0x1000));
+/// let start_info = configure_pvh_boot(&mem, &cmdline, initrd, None)?;
 /// assert_eq!(start_info, GuestAddress(PVH_INFO_START));
 ///
 /// let mut bytes = [0u8; HvmStartInfo::SIZE];
@@ -371,6 +377,7 @@ pub fn configure_pvh_boot<M: GuestMemory>(
     mem: &M,
     cmdline: &Cmdline,
     initrd: Option<(GuestAddress, u64)>,
+    rsdp: Option<GuestAddress>,
 ) -> Result<GuestAddress, BootError> {
     let len = cmdline.len();
     if len >= CMDLINE_MAX_SIZE {
@@ -406,6 +413,8 @@ pub fn configure_pvh_boot<M: GuestMemory>(
         }
     };
 
+    let rsdp_paddr = rsdp_paddr(mem, rsdp)?;
+
     let info = HvmStartInfo {
         magic: XEN_HVM_START_MAGIC_VALUE,
         version: HVM_START_INFO_VERSION,
@@ -416,6 +425,7 @@ pub fn configure_pvh_boot<M: GuestMemory>(
             0
         },
         cmdline_paddr: CMDLINE_START,
+        rsdp_paddr,
         memmap_paddr: PVH_MEMMAP_START,
         // At most E820_MAX_ENTRIES (128).
         memmap_entries: e820.len() as u32,
@@ -728,7 +738,8 @@ mod tests {
         let mut cmdline = Cmdline::default();
         cmdline.insert_str("console=ttyS0 quiet").unwrap();
         let initrd = (GuestAddress(0x300_0000), 0x1234);
-        let addr = configure_pvh_boot(&mem, &cmdline, Some(initrd)).unwrap();
+        let addr =
+            configure_pvh_boot(&mem, &cmdline, Some(initrd), Some(GuestAddress(0xe0000))).unwrap();
         assert_eq!(addr, GuestAddress(0x6000));
 
         let info = start_info(&mem);
@@ -741,7 +752,7 @@ mod tests {
                 nr_modules: 1,
                 modlist_paddr: PVH_MODLIST_START,
                 cmdline_paddr: CMDLINE_START,
-                rsdp_paddr: 0,
+                rsdp_paddr: 0xe0000,
                 memmap_paddr: PVH_MEMMAP_START,
                 memmap_entries: 3,
                 reserved: 0,
@@ -751,6 +762,7 @@ mod tests {
         assert_eq!(read(&mem, 0x6000, 4), 0x336e_c578u32.to_le_bytes());
         assert_eq!(read(&mem, 0x6000 + 12, 4), 1u32.to_le_bytes());
         assert_eq!(read(&mem, 0x6000 + 24, 8), CMDLINE_START.to_le_bytes());
+        assert_eq!(read(&mem, 0x6000 + 32, 8), 0xe0000u64.to_le_bytes());
         assert_eq!(read(&mem, 0x6000 + 40, 8), PVH_MEMMAP_START.to_le_bytes());
         assert_eq!(read(&mem, 0x6000 + 48, 4), 3u32.to_le_bytes());
 
@@ -790,9 +802,10 @@ mod tests {
     #[test]
     fn without_initrd_no_module_list() {
         let mem = pvh_mem();
-        configure_pvh_boot(&mem, &Cmdline::default(), None).unwrap();
+        configure_pvh_boot(&mem, &Cmdline::default(), None, None).unwrap();
         let info = start_info(&mem);
         assert_eq!((info.nr_modules, info.modlist_paddr), (0, 0));
+        assert_eq!(info.rsdp_paddr, 0);
         assert!(read(&mem, PVH_MODLIST_START, 32).iter().all(|&b| b == 0xcc));
         assert_eq!(read(&mem, CMDLINE_START, 1), [0]);
     }
@@ -803,7 +816,7 @@ mod tests {
         let mut ranges = vec![(GuestAddress(0), 2 << 20)];
         ranges.extend((1..126u64).map(|i| (GuestAddress(i * (4 << 20)), 4096)));
         let mem = GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap();
-        configure_pvh_boot(&mem, &Cmdline::default(), None).unwrap();
+        configure_pvh_boot(&mem, &Cmdline::default(), None, None).unwrap();
         let mut bytes = [0u8; HvmStartInfo::SIZE];
         vm_memory::Bytes::read_slice(&mem, &mut bytes, GuestAddress(PVH_INFO_START)).unwrap();
         let info = HvmStartInfo::from_bytes(&bytes);
@@ -822,23 +835,31 @@ mod tests {
         let mem = pvh_mem();
         let cmdline = Cmdline::default();
         assert!(matches!(
-            configure_pvh_boot(&mem, &cmdline, Some((GuestAddress(0x300_0000), 0))),
+            configure_pvh_boot(&mem, &cmdline, Some((GuestAddress(0x300_0000), 0)), None),
             Err(BootError::InitrdEmpty)
         ));
         for (addr, size) in [((64 << 20) - 0x1000, 0x1001), (u64::MAX, 2), (0, u64::MAX)] {
             assert!(matches!(
-                configure_pvh_boot(&mem, &cmdline, Some((GuestAddress(addr), size))),
+                configure_pvh_boot(&mem, &cmdline, Some((GuestAddress(addr), size)), None),
                 Err(BootError::OutsideGuestMemory { what: "initrd", .. })
             ));
         }
         let mut long = Cmdline::new(4096).unwrap();
         long.insert_str(&"x".repeat(CMDLINE_MAX_SIZE)).unwrap();
         assert!(matches!(
-            configure_pvh_boot(&mem, &long, None),
+            configure_pvh_boot(&mem, &long, None, None),
             Err(BootError::CmdlineTooLong {
                 len: 2049,
                 limit: 2048
             })
+        ));
+        assert!(matches!(
+            configure_pvh_boot(&mem, &cmdline, None, Some(GuestAddress(64 << 20))),
+            Err(BootError::OutsideGuestMemory {
+                what: "ACPI RSDP",
+                addr,
+                len: 36
+            }) if addr == 64 << 20
         ));
         for addr in (0..1 << 20).step_by(0x1000) {
             assert!(read(&mem, addr, 0x1000).iter().all(|&b| b == 0xcc));
@@ -846,7 +867,7 @@ mod tests {
         // Memory without low RAM.
         let high = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(1 << 20), 4 << 20)]).unwrap();
         assert!(matches!(
-            configure_pvh_boot(&high, &cmdline, None),
+            configure_pvh_boot(&high, &cmdline, None, None),
             Err(BootError::E820NoRegionAtZero)
         ));
     }

@@ -343,6 +343,27 @@ impl BootParams {
         self.get_u32(RAMDISK_SIZE)
     }
 
+    /// Points the kernel at the ACPI RSDP at `addr`: sets `acpi_rsdp_addr`
+    /// (offset `0x070`). 0 means none: the kernel then scans for it.
+    ///
+    /// ```
+    /// use ember_boot::{BootParams, ACPI_RSDP_START};
+    /// use vm_memory::GuestAddress;
+    ///
+    /// let mut params = BootParams::new();
+    /// params.set_acpi_rsdp_addr(GuestAddress(ACPI_RSDP_START));
+    /// assert_eq!(params.acpi_rsdp_addr(), 0xe0000);
+    /// assert_eq!(params.as_bytes()[0x70..0x78], 0xe0000u64.to_le_bytes());
+    /// ```
+    pub fn set_acpi_rsdp_addr(&mut self, addr: GuestAddress) {
+        self.put(ACPI_RSDP_ADDR, &addr.0.to_le_bytes());
+    }
+
+    /// `acpi_rsdp_addr`: the physical address of the ACPI RSDP (0: none).
+    pub fn acpi_rsdp_addr(&self) -> u64 {
+        u64::from_le_bytes(le::get(&self.bytes, ACPI_RSDP_ADDR))
+    }
+
     /// Replaces the e820 map: sets `e820_entries` and fills `e820_table`,
     /// zeroing unused slots.
     ///
@@ -417,6 +438,10 @@ impl fmt::Debug for BootParams {
                 &format_args!("{:#x}", self.ramdisk_image()),
             )
             .field("ramdisk_size", &self.ramdisk_size())
+            .field(
+                "acpi_rsdp_addr",
+                &format_args!("{:#x}", self.acpi_rsdp_addr()),
+            )
             .field("e820_table", &self.e820_table())
             .finish_non_exhaustive()
     }
@@ -569,6 +594,21 @@ mod tests {
         assert_eq!(at::<4>(&p, 0x0c4), [0; 4]);
         assert_eq!(p.ramdisk_image(), 0x2_0f00_0000);
         assert_eq!(p.ramdisk_size(), 0x80_0000);
+    }
+
+    #[test]
+    fn acpi_rsdp_address() {
+        let mut p = BootParams::new();
+        assert_eq!(p.acpi_rsdp_addr(), 0);
+        p.set_acpi_rsdp_addr(GuestAddress(0x1_2345_6789));
+        assert_eq!(at::<8>(&p, 0x070), 0x1_2345_6789u64.to_le_bytes());
+        assert_eq!(p.acpi_rsdp_addr(), 0x1_2345_6789);
+        // Nothing else was touched.
+        for (i, &b) in p.as_bytes().iter().enumerate() {
+            if !(0x070..0x078).contains(&i) {
+                assert_eq!(b, 0, "byte {i:#x}");
+            }
+        }
     }
 
     fn entries(n: usize) -> Vec<E820Entry> {

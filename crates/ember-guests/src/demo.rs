@@ -112,7 +112,10 @@ pub fn demo_elf(ports: &DemoPorts) -> Result<Vec<u8>, GuestError> {
         let mut string = |a: &mut CodeAssembler, text: &'static [u8]| {
             let label = a.create_label();
             strings.push((label, text));
-            Text { label, len: text.len() }
+            Text {
+                label,
+                len: text.len(),
+            }
         };
         let s_prefix = string(a, PREFIX);
         let s_running = string(a, b"running in 64-bit mode\n");
@@ -185,10 +188,10 @@ pub fn demo_elf(ports: &DemoPorts) -> Result<Vec<u8>, GuestError> {
         a.set_label(&mut e820_done)?;
 
         let print = |a: &mut CodeAssembler, text: Text| -> Result<(), IcedError> {
-                a.lea(rsi, ptr(text.label))?;
-                a.mov(ecx, text.len as u32)?;
-                a.call(print_str)
-            };
+            a.lea(rsi, ptr(text.label))?;
+            a.mov(ecx, text.len as u32)?;
+            a.call(print_str)
+        };
         // "running in 64-bit mode"
         print(a, s_prefix)?;
         print(a, s_running)?;
@@ -297,7 +300,8 @@ fn virtio_blk_read(
         a.mov(ecx, text.len as u32)?;
         a.call(print_str)
     };
-    let reg = |a: &mut CodeAssembler, offset: i32, value: u32| a.mov(dword_ptr(rbx + offset), value);
+    let reg =
+        |a: &mut CodeAssembler, offset: i32, value: u32| a.mov(dword_ptr(rbx + offset), value);
     let mut scan = a.create_label();
     let mut next = a.create_label();
     let mut found = a.create_label();
@@ -344,7 +348,11 @@ fn virtio_blk_read(
     reg(a, REG_QUEUE_DEVICE, VQ_USED)?;
     reg(a, REG_QUEUE_DEVICE + 4, 0)?;
     reg(a, REG_QUEUE_READY, 1)?;
-    reg(a, REG_STATUS, STATUS_ACK_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK)?;
+    reg(
+        a,
+        REG_STATUS,
+        STATUS_ACK_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+    )?;
 
     // Request: header {type IN, reserved, sector 0}, 512 data bytes, status byte.
     a.mov(rdi, u64::from(REQ_HEADER))?;
@@ -360,7 +368,11 @@ fn virtio_blk_read(
     ];
     for (i, (addr, len, flags)) in chain.into_iter().enumerate() {
         let d = 16 * i as i32;
-        let next = if flags & DESC_F_NEXT != 0 { i as u32 + 1 } else { 0 };
+        let next = if flags & DESC_F_NEXT != 0 {
+            i as u32 + 1
+        } else {
+            0
+        };
         a.mov(qword_ptr(rdi + d), addr as i32)?;
         a.mov(dword_ptr(rdi + d + 8), len as u32)?;
         a.mov(word_ptr(rdi + d + 12), flags)?;

@@ -25,12 +25,23 @@
 pub mod asm;
 pub mod demo;
 pub mod elf;
+pub mod rust_guest;
 pub mod testing;
 
-/// Errors from assembling a guest.
+/// Errors from assembling or building a guest.
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
     /// iced-x86 refused the code.
     #[error("cannot assemble the guest: {0}")]
     Assemble(#[from] iced_x86::IcedError),
+    /// Building a Rust guest ([`rust_guest::build_guest`]) failed.
+    #[error("cannot build the Rust guest {guest} ({status}):\n{stderr_tail}")]
+    Build {
+        /// The guest's name (its directory under `guests/`).
+        guest: String,
+        /// How the build ended: cargo's exit status, or why it could not run.
+        status: String,
+        /// The last lines of cargo's stderr.
+        stderr_tail: String,
+    },
 }

@@ -53,7 +53,9 @@ pub struct ActiveQueue {
     pub index: u16,
     /// The queue, validated against guest memory by the transport.
     pub queue: Queue,
-    /// Signalled when the driver notifies this queue.
+    /// Signalled when the driver notifies this queue. Nonblocking (`EFD_NONBLOCK`), and
+    /// shared with the transport, which keeps it across resets; the transport drains it
+    /// when the driver resets the device.
     pub notify: EventFd,
 }
 

@@ -10,8 +10,8 @@ use std::time::Instant;
 use ember_boot::initrd::{copy_initrd, DEFAULT_INITRD_ADDR_MAX};
 use ember_boot::{
     configure_bzimage_boot, configure_linux_boot, configure_pvh_boot, load_bzimage, load_elf,
-    load_initrd_below, parse_bzimage, setup_mptable, BootError, Cmdline, CMDLINE_MAX_SIZE,
-    HIMEM_START,
+    load_initrd_below, parse_bzimage, setup_acpi, setup_mptable, AcpiConfig, AcpiDevice, BootError,
+    Cmdline, CMDLINE_MAX_SIZE, HIMEM_START,
 };
 use ember_bus::{Bus, BusError, BusKind};
 use ember_devices::{
@@ -86,6 +86,9 @@ pub enum BuildError {
         "kernel {0}: --entry pvh, but the kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)"
     )]
     NoPvhEntry(String),
+    /// The MP or ACPI tables could not be written.
+    #[error("firmware tables: {0}")]
+    Firmware(BootError),
     /// Memory size or set-up.
     #[error("guest memory: {0}")]
     Memory(#[from] MemoryError),
@@ -153,6 +156,7 @@ fn load_kernel(
     cmdline: &Cmdline,
     initrd: Option<&[u8]>,
     choice: EntryChoice,
+    rsdp: GuestAddress,
 ) -> Result<Entry, BuildError> {
     let boot_error = |source| BuildError::Boot {
         kernel: name.to_string(),
@@ -185,7 +189,8 @@ fn load_kernel(
             loaded.end.0,
             loaded.entry.0
         );
-        let zero_page = configure_bzimage_boot(memory, &bz, cmdline).map_err(boot_error)?;
+        let zero_page =
+            configure_bzimage_boot(memory, &bz, cmdline, Some(rsdp)).map_err(boot_error)?;
         if let Some(initrd) = initrd {
             let at = load_initrd_below(memory, zero_page, initrd, loaded.end, bz.initrd_addr_max())
                 .map_err(boot_error)?;
@@ -219,7 +224,8 @@ fn load_kernel(
             }
             None => None,
         };
-        let start_info = configure_pvh_boot(memory, cmdline, initrd).map_err(boot_error)?;
+        let start_info =
+            configure_pvh_boot(memory, cmdline, initrd, Some(rsdp)).map_err(boot_error)?;
         log::info!(
             "entering through PVH at {:#x}, start info at {:#x}",
             entry.0,
@@ -227,7 +233,7 @@ fn load_kernel(
         );
         return Ok(Entry::Pvh { entry, start_info });
     }
-    let zero_page = configure_linux_boot(memory, cmdline).map_err(boot_error)?;
+    let zero_page = configure_linux_boot(memory, cmdline, Some(rsdp)).map_err(boot_error)?;
     if let Some(initrd) = initrd {
         let at = load_initrd_below(
             memory,
@@ -348,7 +354,22 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
         boot_done.clone(),
     )?;
 
-    // Kernel, command line, boot structures, MP table, boot page tables.
+    // Firmware tables: an MP table for kernels that read it, and ACPI for those that
+    // only read the MADT (Debian's). The FADT says hardware-reduced ACPI, so Linux
+    // wires no legacy IRQs by itself: every device with an interrupt is in the DSDT.
+    let num_cpus = u8::try_from(config.vcpus).unwrap_or(u8::MAX);
+    setup_mptable(&memory, num_cpus).map_err(BuildError::Firmware)?;
+    let acpi_devices = [AcpiDevice::Com1];
+    let rsdp = setup_acpi(
+        &memory,
+        &AcpiConfig {
+            num_cpus,
+            devices: &acpi_devices,
+        },
+    )
+    .map_err(BuildError::Firmware)?;
+
+    // Kernel, command line, boot structures, boot page tables.
     let entry = load_kernel(
         &memory,
         &kernel_name,
@@ -356,12 +377,8 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
         &cmdline,
         initrd.as_deref(),
         config.entry,
+        rsdp,
     )?;
-    let num_cpus = u8::try_from(config.vcpus).unwrap_or(u8::MAX);
-    setup_mptable(&memory, num_cpus).map_err(|source| BuildError::Boot {
-        kernel: kernel_name.clone(),
-        source,
-    })?;
     regs::write_boot_tables(&memory)?;
 
     // vCPUs. A Linux kernel starts on vCPU 0 and wakes the others itself (INIT/SIPI);

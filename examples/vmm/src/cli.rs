@@ -6,7 +6,9 @@ use clap::Parser;
 
 use ember_vcpu::cpuid::CpuTemplate;
 
-use crate::config::{CpuTemplateChoice, EntryChoice, KernelSource, SerialConfig, VmConfig};
+use crate::config::{
+    CpuTemplateChoice, DiskConfig, EntryChoice, KernelSource, NetConfig, SerialConfig, VmConfig,
+};
 
 /// Ember's example VMM: boots a Linux kernel (or, with no kernel, its embedded demo
 /// guest) on KVM.
@@ -54,6 +56,18 @@ pub struct Cli {
     #[arg(long, value_name = "PROTOCOL", default_value = "auto", value_parser = parse_entry)]
     pub entry: EntryChoice,
 
+    /// A virtio-blk disk backed by a raw image: path=FILE[,readonly=on]. Repeatable.
+    #[arg(long, value_name = "path=FILE[,readonly=on]", value_parser = parse_disk)]
+    pub disk: Vec<DiskConfig>,
+
+    /// A virtio-net card on an existing tap interface: tap=NAME[,mac=MAC]. Repeatable.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    pub net: Vec<NetConfig>,
+
+    /// A virtio-rng device fed from the host's getrandom.
+    #[arg(long)]
+    pub rng: bool,
+
     /// Log more (repeat for debug output). Logs go to stderr.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -74,6 +88,9 @@ impl Cli {
             initrd: self.initrd.clone(),
             cpu_template: self.cpu_template,
             entry: self.entry,
+            disks: self.disk.clone(),
+            nets: self.net.clone(),
+            rng: self.rng,
         }
     }
 }
@@ -111,6 +128,85 @@ pub fn parse_serial(s: &str) -> Result<SerialConfig, String> {
             )),
         },
     }
+}
+
+/// Splits `key=value,key=value` into pairs, rejecting empty keys and values.
+fn key_values<'a>(what: &str, s: &'a str) -> Result<Vec<(&'a str, &'a str)>, String> {
+    s.split(',')
+        .map(|part| match part.split_once('=') {
+            Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k, v)),
+            _ => Err(format!("invalid {what} '{s}': '{part}' is not key=value")),
+        })
+        .collect()
+}
+
+/// Parses `path=FILE[,readonly=on|off]`.
+pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    let mut path = None;
+    let mut read_only = false;
+    for (key, value) in key_values("disk", s)? {
+        match (key, value) {
+            ("path", p) => path = Some(PathBuf::from(p)),
+            ("readonly", "on") => read_only = true,
+            ("readonly", "off") => read_only = false,
+            ("readonly", other) => {
+                return Err(format!(
+                    "invalid disk '{s}': readonly={other}, expected on or off"
+                ))
+            }
+            (other, _) => {
+                return Err(format!(
+                    "invalid disk '{s}': unknown key '{other}' (expected path, readonly)"
+                ))
+            }
+        }
+    }
+    let path = path.ok_or_else(|| format!("invalid disk '{s}': path=FILE is required"))?;
+    Ok(DiskConfig { path, read_only })
+}
+
+/// Parses `tap=NAME[,mac=AA:BB:CC:DD:EE:FF]`.
+pub fn parse_net(s: &str) -> Result<NetConfig, String> {
+    let mut tap = None;
+    let mut mac = None;
+    for (key, value) in key_values("net", s)? {
+        match key {
+            // Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
+            "tap" if value.len() <= 15 && !value.contains('/') => tap = Some(value.to_string()),
+            "tap" => {
+                return Err(format!(
+                    "invalid net '{s}': tap name '{value}' is not a valid interface name"
+                ))
+            }
+            "mac" => {
+                mac = Some(
+                    parse_mac(value)
+                        .ok_or_else(|| format!("invalid net '{s}': bad MAC '{value}'"))?,
+                )
+            }
+            other => {
+                return Err(format!(
+                    "invalid net '{s}': unknown key '{other}' (expected tap, mac)"
+                ))
+            }
+        }
+    }
+    let tap = tap.ok_or_else(|| format!("invalid net '{s}': tap=NAME is required"))?;
+    Ok(NetConfig { tap, mac })
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in mac.iter_mut() {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    // A multicast address cannot be a card's own.
+    (parts.next().is_none() && mac[0] & 1 == 0).then_some(mac)
 }
 
 /// Parses `auto`, `pvh` or `64bit`.
@@ -175,6 +271,77 @@ mod tests {
         assert_eq!((config.vcpus, config.memory_bytes), (1, 256 << 20));
         assert_eq!(config.serial, SerialConfig::Stdio);
         assert_eq!(config.cpu_template, CpuTemplateChoice::Auto);
+    }
+
+    #[test]
+    fn disks() {
+        assert_eq!(
+            parse_disk("path=/tmp/d.img"),
+            Ok(DiskConfig {
+                path: "/tmp/d.img".into(),
+                read_only: false
+            })
+        );
+        assert_eq!(
+            parse_disk("path=d.img,readonly=on"),
+            Ok(DiskConfig {
+                path: "d.img".into(),
+                read_only: true
+            })
+        );
+        assert!(parse_disk("readonly=on")
+            .unwrap_err()
+            .contains("path=FILE is required"));
+        assert!(parse_disk("path=x,readonly=yes")
+            .unwrap_err()
+            .contains("readonly=yes"));
+        assert!(parse_disk("path=x,cache=none")
+            .unwrap_err()
+            .contains("unknown key 'cache'"));
+        assert!(parse_disk("d.img").unwrap_err().contains("not key=value"));
+        assert!(parse_disk("path=").is_err());
+    }
+
+    #[test]
+    fn nets() {
+        assert_eq!(
+            parse_net("tap=tap0"),
+            Ok(NetConfig {
+                tap: "tap0".into(),
+                mac: None
+            })
+        );
+        assert_eq!(
+            parse_net("tap=tap0,mac=52:54:00:12:34:56"),
+            Ok(NetConfig {
+                tap: "tap0".into(),
+                mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56])
+            })
+        );
+        assert!(parse_net("tap=0123456789abcdef")
+            .unwrap_err()
+            .contains("not a valid interface name"));
+        assert!(parse_net("tap=t,mac=52:54:00:12:34")
+            .unwrap_err()
+            .contains("bad MAC"));
+        assert!(parse_net("tap=t,mac=01:00:00:00:00:00")
+            .unwrap_err()
+            .contains("bad MAC"));
+        assert!(parse_net("tap=t,mac=zz:00:00:00:00:00").is_err());
+        assert!(parse_net("mac=52:54:00:12:34:56")
+            .unwrap_err()
+            .contains("tap=NAME is required"));
+        let cli = Cli::parse_from([
+            "ember",
+            "--disk",
+            "path=a",
+            "--disk",
+            "path=b,readonly=on",
+            "--rng",
+        ]);
+        let config = cli.vm_config();
+        assert_eq!(config.disks.len(), 2);
+        assert!(config.disks[1].read_only && config.rng);
     }
 
     #[test]

@@ -42,6 +42,24 @@ pub enum EntryChoice {
     Linux64,
 }
 
+/// A virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The raw image file.
+    pub path: PathBuf,
+    /// Whether the guest may only read it.
+    pub read_only: bool,
+}
+
+/// A virtio-net card on a tap device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The tap interface's name.
+    pub tap: String,
+    /// The card's MAC; random (locally administered) when `None`.
+    pub mac: Option<[u8; 6]>,
+}
+
 /// A VM to build.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -61,6 +79,12 @@ pub struct VmConfig {
     pub cpu_template: CpuTemplateChoice,
     /// Kernel entry protocol.
     pub entry: EntryChoice,
+    /// virtio-blk disks.
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net cards.
+    pub nets: Vec<NetConfig>,
+    /// Whether to add a virtio-rng device.
+    pub rng: bool,
 }
 
 /// The command line a Linux guest gets when none is given: console on COM1, and reboot

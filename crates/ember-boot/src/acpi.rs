@@ -1,0 +1,1025 @@
+//! Minimal ACPI tables: how a kernel without `CONFIG_X86_MPPARSE` finds the
+//! vCPUs, the IOAPIC and the platform devices.
+//!
+//! [`setup_acpi`] writes, in the reserved area below 1 MiB (see
+//! [`layout`](crate::layout)):
+//!
+//! | table | where                | what                                                   |
+//! |-------|----------------------|--------------------------------------------------------|
+//! | RSDP  | [`ACPI_RSDP_START`]  | revision 2: points at the XSDT (`RsdtAddress` 0)       |
+//! | XSDT  | [`ACPI_XSDT_START`]  | points at the FADT and the MADT                        |
+//! | FADT  | [`ACPI_FADT_START`]  | revision 6.4, 276 bytes: hardware-reduced ACPI, DSDT   |
+//! | MADT  | [`ACPI_MADT_START`]  | one local APIC per vCPU, the IOAPIC, LINT1 as NMI      |
+//! | DSDT  | [`ACPI_DSDT_START`]  | AML describing the [`AcpiDevice`]s under `\_SB`        |
+//!
+//! All tables are little-endian and every table's bytes sum to 0 mod 256
+//! (the RSDP's first 20 bytes too). Their headers carry OEM ID `"EMBER "`,
+//! OEM table ID `"EMBERVM "` and creator ID `"EMBR"`.
+//!
+//! # Finding the RSDP
+//!
+//! The RSDP sits at the start of the BIOS area Linux scans (`0xe0000` to
+//! `0xfffff`, on 16-byte boundaries) when nobody tells it where the RSDP
+//! is, so older kernels find it too. The boot protocols can also pass its
+//! address: `configure_linux_boot`, `configure_bzimage_boot` (zero page
+//! `acpi_rsdp_addr`) and `configure_pvh_boot` (`hvm_start_info.rsdp_paddr`)
+//! take it as their `rsdp` argument.
+//!
+//! # The platform the tables describe
+//!
+//! - **Hardware-reduced ACPI** (FADT flag `HW_REDUCED_ACPI`): there is no
+//!   PM timer, no PM1 event or control block, no SCI and no FACS, which is
+//!   what Ember has. The power and sleep buttons are flagged as not fixed
+//!   hardware (`PWR_BUTTON`, `SLP_BUTTON`), so Linux does not make up
+//!   devices for buttons that a hardware-reduced platform cannot have.
+//! - **IA-PC boot architecture flags**: an 8042 is present (Ember emulates
+//!   an i8042 for the reset command; without the flag Linux declares the
+//!   controller absent), there is no VGA (so Linux does not probe for one)
+//!   and no CMOS RTC (Ember emulates none at ports `0x70`/`0x71`). MSI and
+//!   ASPM are left alone: Ember has no PCI.
+//! - **Interrupts**: the MADT has `PCAT_COMPAT` set (KVM emulates the dual
+//!   8259 PIC), the IOAPIC has ID `num_cpus` (as in the MP table) and GSI
+//!   base 0, and there is **no interrupt source override**: with KVM's
+//!   default GSI routing, which Ember keeps, ISA IRQ `i` is GSI `i` on IOAPIC
+//!   pin `i`, the in-kernel PIT included (IRQ 0 on pin 0). ACPI's default
+//!   for an ISA IRQ without an override is exactly this identity mapping,
+//!   edge-triggered and active high, so the MADT says the same as the
+//!   [MP table](crate::mptable), which maps IRQ `i` to pin `i` for the same
+//!   reason.
+//!
+//! Linux treats a hardware-reduced platform as having no legacy PIC
+//! (`acpi_generic_reduced_hw_init` installs `null_legacy_pic`), so it does
+//! not pre-assign Linux IRQs 0-15 to IOAPIC pins 0-15: an interrupt is
+//! usable once a device description asks for its GSI. A device the guest
+//! should use with interrupts (COM1, virtio-mmio) therefore belongs in the
+//! DSDT ([`AcpiDevice`]).
+
+use vm_memory::{GuestAddress, GuestMemory};
+
+use crate::aml::{self, NameSeg};
+use crate::guest::{range_in_memory, write_bytes};
+use crate::layout::{
+    ACPI_DSDT_START, ACPI_FADT_START, ACPI_MADT_START, ACPI_RSDP_START, ACPI_XSDT_START,
+};
+use crate::mptable::{APIC_DEFAULT_PHYS_BASE, IO_APIC_DEFAULT_PHYS_BASE};
+use crate::{le, BootError, HIMEM_START, MPTABLE_MAX_CPUS};
+
+/// The most vCPUs the MADT describes: as for the MP table, xAPIC IDs are 8
+/// bits, the IOAPIC takes the ID after the last CPU, and `0xff` is the
+/// broadcast ID.
+pub const ACPI_MAX_CPUS: u8 = MPTABLE_MAX_CPUS;
+
+/// The most devices the DSDT describes: virtio-mmio devices are named
+/// `V000` to `VFFF`. (The 124 KiB the DSDT has room for in practice holds
+/// fewer; [`setup_acpi`] checks that too.)
+pub const ACPI_MAX_DEVICES: usize = 0x1000;
+
+/// Number of pins of KVM's IOAPIC (`KVM_IOAPIC_NUM_PINS`): the GSIs a
+/// device can use are `0..IOAPIC_NUM_PINS`.
+pub const IOAPIC_NUM_PINS: u32 = 24;
+
+/// Size of the RSDP (revision 2).
+pub const RSDP_SIZE: usize = 36;
+
+/// A platform device to describe in the DSDT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcpiDevice {
+    /// A virtio-mmio transport (`_HID "LNRO0005"`, as Linux's virtio_mmio
+    /// driver matches): its registers at `[addr, addr + len)` below 4 GiB
+    /// (`Memory32Fixed`) and its interrupt on `gsi` (edge, active high).
+    /// The `n`-th virtio-mmio device in the list is named `V00n` (hex)
+    /// with `_UID n`.
+    VirtioMmio {
+        /// Guest physical address of the registers.
+        addr: u64,
+        /// Size of the register window in bytes.
+        len: u64,
+        /// The GSI (IOAPIC pin) the device interrupts on.
+        gsi: u32,
+    },
+    /// The first 16550 serial port: `COM1`, `_HID EISAID("PNP0501")`,
+    /// `_UID 0`, I/O ports `0x3f8`-`0x3ff`, IRQ 4 (edge, active high).
+    Com1,
+}
+
+/// What [`setup_acpi`] describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcpiConfig<'a> {
+    /// Number of vCPUs, 1 to [`ACPI_MAX_CPUS`]: vCPU `i` gets ACPI
+    /// processor UID `i` and local APIC ID `i`.
+    pub num_cpus: u8,
+    /// The devices for the DSDT, in order (at most one [`AcpiDevice::Com1`]).
+    pub devices: &'a [AcpiDevice],
+}
+
+// Table header and fields.
+const HEADER_SIZE: usize = 36;
+const OEM_ID: &[u8; 6] = b"EMBER ";
+const OEM_TABLE_ID: &[u8; 8] = b"EMBERVM ";
+const OEM_REVISION: u32 = 1;
+const CREATOR_ID: &[u8; 4] = b"EMBR";
+const CREATOR_REVISION: u32 = 1;
+/// Offset of the checksum byte in a table header.
+const CHECKSUM: usize = 9;
+
+const RSDP_REVISION: u8 = 2;
+/// The RSDP's first checksum covers the ACPI 1.0 part, bytes 0-19.
+const RSDP_V1_SIZE: usize = 20;
+const XSDT_REVISION: u8 = 1;
+/// The FADT of ACPI 6.4: revision (major version) 6, minor version 4.
+const FADT_REVISION: u8 = 6;
+const FADT_MINOR_VERSION: u8 = 4;
+/// Size of a revision 6 FADT.
+pub const FADT_SIZE: usize = 276;
+/// The MADT of ACPI 6.4.
+const MADT_REVISION: u8 = 5;
+/// DSDT revision 2: AML integers are 64 bits.
+const DSDT_REVISION: u8 = 2;
+
+// FADT field offsets.
+const FADT_DSDT: usize = 40;
+const FADT_IAPC_BOOT_ARCH: usize = 109;
+const FADT_FLAGS: usize = 112;
+const FADT_MINOR_VERSION_OFFSET: usize = 131;
+const FADT_X_DSDT: usize = 140;
+const FADT_HYPERVISOR_VENDOR_ID: usize = 268;
+
+/// FADT flag: the power button, if any, is a control-method device.
+pub const FADT_PWR_BUTTON: u32 = 1 << 4;
+/// FADT flag: the sleep button, if any, is a control-method device.
+pub const FADT_SLP_BUTTON: u32 = 1 << 5;
+/// FADT flag: hardware-reduced ACPI.
+pub const FADT_HW_REDUCED_ACPI: u32 = 1 << 20;
+/// IA-PC boot architecture flag: an 8042 (or equivalent) is present.
+pub const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
+/// IA-PC boot architecture flag: VGA is not present.
+pub const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
+/// IA-PC boot architecture flag: no CMOS RTC.
+pub const IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
+const HYPERVISOR_VENDOR_ID: &[u8; 8] = b"EMBER   ";
+
+// MADT.
+const MADT_FIXED_SIZE: usize = HEADER_SIZE + 8;
+/// MADT flag: the system also has dual 8259 PICs.
+pub const MADT_PCAT_COMPAT: u32 = 1 << 0;
+const MADT_LOCAL_APIC: u8 = 0;
+const MADT_LOCAL_APIC_SIZE: usize = 8;
+const MADT_IO_APIC: u8 = 1;
+const MADT_IO_APIC_SIZE: usize = 12;
+const MADT_LOCAL_APIC_NMI: u8 = 4;
+const MADT_LOCAL_APIC_NMI_SIZE: usize = 6;
+/// Local APIC flag: the processor is enabled.
+const LOCAL_APIC_ENABLED: u32 = 1 << 0;
+/// Processor UID meaning "all processors" in a local APIC NMI entry.
+const ALL_PROCESSORS: u8 = 0xff;
+
+// DSDT devices.
+const SB_PATH: [u8; 5] = [aml::ROOT_CHAR, b'_', b'S', b'B', b'_'];
+const HID: &NameSeg = b"_HID";
+const UID: &NameSeg = b"_UID";
+const CRS: &NameSeg = b"_CRS";
+const VIRTIO_MMIO_HID: &str = "LNRO0005";
+const COM1_NAME: &NameSeg = b"COM1";
+const COM1_HID: u32 = aml::eisa_id(b"PNP0501");
+const COM1_PORT: u16 = 0x3f8;
+const COM1_PORTS: u8 = 8;
+const COM1_IRQ: u32 = 4;
+
+/// Size of the MADT for `num_cpus` vCPUs: `62 + 8 * num_cpus`.
+const fn madt_size(num_cpus: u8) -> usize {
+    MADT_FIXED_SIZE
+        + MADT_LOCAL_APIC_SIZE * num_cpus as usize
+        + MADT_IO_APIC_SIZE
+        + MADT_LOCAL_APIC_NMI_SIZE
+}
+
+/// The tables referenced by the XSDT.
+const XSDT_ENTRIES: usize = 2;
+const XSDT_SIZE: usize = HEADER_SIZE + 8 * XSDT_ENTRIES;
+
+// The fixed-size tables fit in their slots, the DSDT's address fits the
+// FADT's 32-bit DSDT field, and the MP table (at the EBDA) ends below.
+const _: () = assert!(ACPI_RSDP_START % 16 == 0);
+const _: () = assert!(ACPI_RSDP_START + RSDP_SIZE as u64 <= ACPI_XSDT_START);
+const _: () = assert!(ACPI_XSDT_START + XSDT_SIZE as u64 <= ACPI_FADT_START);
+const _: () = assert!(ACPI_FADT_START + FADT_SIZE as u64 <= ACPI_MADT_START);
+const _: () = assert!(ACPI_MADT_START + madt_size(ACPI_MAX_CPUS) as u64 <= ACPI_DSDT_START);
+const _: () = assert!(ACPI_DSDT_START < HIMEM_START);
+const _: () = assert!(ACPI_DSDT_START <= u32::MAX as u64);
+const _: () =
+    assert!(crate::MPTABLE_START + crate::mptable_size(MPTABLE_MAX_CPUS) as u64 <= ACPI_RSDP_START);
+
+/// The byte that makes `bytes` plus it sum to 0 mod 256.
+fn checksum(bytes: &[u8]) -> u8 {
+    0u8.wrapping_sub(bytes.iter().fold(0u8, |sum, &b| sum.wrapping_add(b)))
+}
+
+/// A zeroed table of `len` bytes with its standard header filled in, except
+/// the checksum (see [`seal`]).
+fn table(signature: &[u8; 4], len: usize, revision: u8) -> Vec<u8> {
+    let mut t = vec![0u8; len];
+    le::put(&mut t, 0, signature);
+    // Every table is far below 4 GiB: at most the DSDT's 124 KiB.
+    le::put(&mut t, 4, &(len as u32).to_le_bytes());
+    le::put(&mut t, 8, &[revision]);
+    le::put(&mut t, 10, OEM_ID);
+    le::put(&mut t, 16, OEM_TABLE_ID);
+    le::put(&mut t, 24, &OEM_REVISION.to_le_bytes());
+    le::put(&mut t, 28, CREATOR_ID);
+    le::put(&mut t, 32, &CREATOR_REVISION.to_le_bytes());
+    t
+}
+
+/// Sets the header's checksum so that the table sums to 0.
+fn seal(mut t: Vec<u8>) -> Vec<u8> {
+    le::put(&mut t, CHECKSUM, &[0]);
+    let sum = checksum(&t);
+    le::put(&mut t, CHECKSUM, &[sum]);
+    t
+}
+
+/// The revision 2 RSDP pointing at the XSDT at `xsdt`.
+fn build_rsdp(xsdt: u64) -> [u8; RSDP_SIZE] {
+    let mut r = [0u8; RSDP_SIZE];
+    le::put(&mut r, 0, b"RSD PTR ");
+    le::put(&mut r, 9, OEM_ID);
+    le::put(&mut r, 15, &[RSDP_REVISION]);
+    // 16: RsdtAddress, 0: there is no RSDT.
+    le::put(&mut r, 20, &(RSDP_SIZE as u32).to_le_bytes());
+    le::put(&mut r, 24, &xsdt.to_le_bytes());
+    let sum = checksum(r.get(..RSDP_V1_SIZE).unwrap_or_default());
+    le::put(&mut r, 8, &[sum]);
+    let sum = checksum(&r);
+    le::put(&mut r, 32, &[sum]);
+    r
+}
+
+fn build_xsdt(entries: &[u64; XSDT_ENTRIES]) -> Vec<u8> {
+    let mut t = table(b"XSDT", XSDT_SIZE, XSDT_REVISION);
+    for (i, addr) in entries.iter().enumerate() {
+        le::put(&mut t, HEADER_SIZE + 8 * i, &addr.to_le_bytes());
+    }
+    seal(t)
+}
+
+fn build_fadt(dsdt: u32) -> Vec<u8> {
+    let mut t = table(b"FACP", FADT_SIZE, FADT_REVISION);
+    // FIRMWARE_CTRL and X_FIRMWARE_CTRL stay 0: a hardware-reduced
+    // platform needs no FACS. So do SCI_INT, SMI_CMD, the PM and GPE
+    // blocks, RESET_REG and the sleep registers.
+    le::put(&mut t, FADT_DSDT, &dsdt.to_le_bytes());
+    let boot_arch =
+        IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT;
+    le::put(&mut t, FADT_IAPC_BOOT_ARCH, &boot_arch.to_le_bytes());
+    let flags = FADT_HW_REDUCED_ACPI | FADT_PWR_BUTTON | FADT_SLP_BUTTON;
+    le::put(&mut t, FADT_FLAGS, &flags.to_le_bytes());
+    le::put(&mut t, FADT_MINOR_VERSION_OFFSET, &[FADT_MINOR_VERSION]);
+    le::put(&mut t, FADT_X_DSDT, &u64::from(dsdt).to_le_bytes());
+    le::put(&mut t, FADT_HYPERVISOR_VENDOR_ID, HYPERVISOR_VENDOR_ID);
+    seal(t)
+}
+
+/// The MADT for `num_cpus` (1..=254) vCPUs.
+fn build_madt(num_cpus: u8) -> Vec<u8> {
+    let mut t = table(b"APIC", madt_size(num_cpus), MADT_REVISION);
+    le::put(&mut t, HEADER_SIZE, &APIC_DEFAULT_PHYS_BASE.to_le_bytes());
+    le::put(&mut t, HEADER_SIZE + 4, &MADT_PCAT_COMPAT.to_le_bytes());
+    let mut off = MADT_FIXED_SIZE;
+    for i in 0..num_cpus {
+        // Type, length, ACPI processor UID, APIC ID, flags.
+        le::put(
+            &mut t,
+            off,
+            &[MADT_LOCAL_APIC, MADT_LOCAL_APIC_SIZE as u8, i, i],
+        );
+        le::put(&mut t, off + 4, &LOCAL_APIC_ENABLED.to_le_bytes());
+        off += MADT_LOCAL_APIC_SIZE;
+    }
+    // Type, length, I/O APIC ID, reserved, address, GSI base.
+    let ioapic_id = num_cpus;
+    le::put(
+        &mut t,
+        off,
+        &[MADT_IO_APIC, MADT_IO_APIC_SIZE as u8, ioapic_id, 0],
+    );
+    le::put(&mut t, off + 4, &IO_APIC_DEFAULT_PHYS_BASE.to_le_bytes());
+    le::put(&mut t, off + 8, &0u32.to_le_bytes());
+    off += MADT_IO_APIC_SIZE;
+    // Type, length, processor UID (all), MPS INTI flags (conforming), LINT#.
+    le::put(
+        &mut t,
+        off,
+        &[MADT_LOCAL_APIC_NMI, MADT_LOCAL_APIC_NMI_SIZE as u8],
+    );
+    le::put(&mut t, off + 2, &[ALL_PROCESSORS, 0, 0, 1]);
+    seal(t)
+}
+
+/// The AML of one device.
+fn device_aml(device: &AcpiDevice, virtio_index: usize) -> Vec<u8> {
+    let (seg, hid, uid, resources) = match *device {
+        AcpiDevice::VirtioMmio { addr, len, gsi } => {
+            let mut resources = Vec::with_capacity(21);
+            // `validate` checked both fit in 32 bits.
+            resources.extend(aml::memory32_fixed(addr as u32, len as u32));
+            resources.extend(aml::extended_interrupt(gsi));
+            (
+                virtio_name(virtio_index),
+                aml::string(VIRTIO_MMIO_HID),
+                virtio_index as u64,
+                resources,
+            )
+        }
+        AcpiDevice::Com1 => {
+            let mut resources = aml::io(COM1_PORT, COM1_PORT, 1, COM1_PORTS).to_vec();
+            resources.extend(aml::extended_interrupt(COM1_IRQ));
+            (*COM1_NAME, aml::integer(COM1_HID.into()), 0, resources)
+        }
+    };
+    let mut body = aml::name(HID, &hid);
+    body.extend(aml::name(UID, &aml::integer(uid)));
+    body.extend(aml::name(CRS, &aml::resource_template(&resources)));
+    aml::device(&seg, &body)
+}
+
+/// `V000` to `VFFF`: `V` and the index in three upper-case hex digits
+/// (`validate` keeps it below [`ACPI_MAX_DEVICES`]).
+fn virtio_name(index: usize) -> NameSeg {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let digit = |shift: usize| HEX[(index >> shift) & 0xf];
+    [b'V', digit(8), digit(4), digit(0)]
+}
+
+/// The DSDT's AML: `Scope(\_SB) { devices }`, or nothing without devices.
+fn dsdt_aml(devices: &[AcpiDevice]) -> Vec<u8> {
+    if devices.is_empty() {
+        return Vec::new();
+    }
+    let mut body = Vec::new();
+    let mut virtio_index = 0;
+    for device in devices {
+        body.extend(device_aml(device, virtio_index));
+        if matches!(device, AcpiDevice::VirtioMmio { .. }) {
+            virtio_index += 1;
+        }
+    }
+    aml::scope(&SB_PATH, &body)
+}
+
+fn build_dsdt(devices: &[AcpiDevice]) -> Vec<u8> {
+    let aml = dsdt_aml(devices);
+    let mut t = table(b"DSDT", HEADER_SIZE + aml.len(), DSDT_REVISION);
+    le::put(&mut t, HEADER_SIZE, &aml);
+    seal(t)
+}
+
+/// Checks the configuration before anything is built.
+fn validate(config: &AcpiConfig<'_>) -> Result<(), BootError> {
+    let num_cpus = config.num_cpus;
+    if num_cpus == 0 {
+        return Err(BootError::AcpiNoCpus);
+    }
+    if num_cpus > ACPI_MAX_CPUS {
+        return Err(BootError::AcpiTooManyCpus {
+            num_cpus,
+            max: ACPI_MAX_CPUS,
+        });
+    }
+    if config.devices.len() > ACPI_MAX_DEVICES {
+        return Err(BootError::AcpiTooManyDevices {
+            count: config.devices.len(),
+            max: ACPI_MAX_DEVICES,
+        });
+    }
+    let mut com1_seen = false;
+    for (index, device) in config.devices.iter().enumerate() {
+        match *device {
+            AcpiDevice::VirtioMmio { addr, len, gsi } => {
+                let below_4g = u32::try_from(addr).is_ok()
+                    && u32::try_from(len).is_ok()
+                    && addr + len <= 1 << 32;
+                if len == 0 || !below_4g {
+                    return Err(BootError::AcpiBadMmioRange { index, addr, len });
+                }
+                if gsi >= IOAPIC_NUM_PINS {
+                    return Err(BootError::AcpiBadGsi {
+                        index,
+                        gsi,
+                        pins: IOAPIC_NUM_PINS,
+                    });
+                }
+            }
+            AcpiDevice::Com1 => {
+                if com1_seen {
+                    return Err(BootError::AcpiDuplicateCom1 { index });
+                }
+                com1_seen = true;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Builds every table into one buffer that starts at [`ACPI_RSDP_START`].
+fn build_tables(config: &AcpiConfig<'_>) -> Result<Vec<u8>, BootError> {
+    let dsdt = build_dsdt(config.devices);
+    let end = ACPI_DSDT_START + dsdt.len() as u64;
+    if end > HIMEM_START {
+        return Err(BootError::AcpiTablesTooLarge {
+            end,
+            limit: HIMEM_START,
+        });
+    }
+    // `ACPI_DSDT_START` is asserted to fit in 32 bits.
+    let fadt = build_fadt(ACPI_DSDT_START as u32);
+    let madt = build_madt(config.num_cpus);
+    let xsdt = build_xsdt(&[ACPI_FADT_START, ACPI_MADT_START]);
+    let rsdp = build_rsdp(ACPI_XSDT_START);
+
+    // Below 1 MiB, so these offsets are small.
+    let offset = |addr: u64| (addr - ACPI_RSDP_START) as usize;
+    let mut buf = vec![0u8; offset(end)];
+    le::put(&mut buf, 0, &rsdp);
+    le::put(&mut buf, offset(ACPI_XSDT_START), &xsdt);
+    le::put(&mut buf, offset(ACPI_FADT_START), &fadt);
+    le::put(&mut buf, offset(ACPI_MADT_START), &madt);
+    le::put(&mut buf, offset(ACPI_DSDT_START), &dsdt);
+    Ok(buf)
+}
+
+/// Writes the ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) for `config` into
+/// `[ACPI_RSDP_START, HIMEM_START)` and returns the RSDP's address, to pass
+/// to the `configure_*_boot` functions as `rsdp`.
+///
+/// The MADT lists `config.num_cpus` enabled local APICs (vCPU `i`: ACPI
+/// processor UID `i`, APIC ID `i`), the IOAPIC (ID `num_cpus`, at
+/// `0xfec00000`, GSI base 0) and LINT1 of every local APIC as the NMI
+/// input; the DSDT describes `config.devices`. See the
+/// [module documentation](self) for what the FADT says and why the MADT
+/// has no interrupt source override.
+///
+/// The configuration, the tables' size and the target range are all
+/// checked before anything is written; the tables (with zeroed gaps
+/// between them) are then written in one piece, from [`ACPI_RSDP_START`] to
+/// the end of the DSDT. That range is reserved in the e820 map.
+///
+/// # Errors
+///
+/// [`BootError::AcpiNoCpus`] for 0 vCPUs, [`BootError::AcpiTooManyCpus`]
+/// for more than [`ACPI_MAX_CPUS`], [`BootError::AcpiTooManyDevices`] for
+/// more than [`ACPI_MAX_DEVICES`] devices, [`BootError::AcpiBadMmioRange`]
+/// for a virtio-mmio window that is empty or not below 4 GiB,
+/// [`BootError::AcpiBadGsi`] for a GSI the IOAPIC does not have,
+/// [`BootError::AcpiDuplicateCom1`] for a second COM1,
+/// [`BootError::AcpiTablesTooLarge`] if the DSDT would reach 1 MiB,
+/// [`BootError::OutsideGuestMemory`] if guest memory does not cover the
+/// tables, or [`BootError::GuestMemoryWrite`].
+///
+/// # Example
+///
+/// ```
+/// use ember_boot::{setup_acpi, AcpiConfig, AcpiDevice, ACPI_RSDP_START};
+/// use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+///
+/// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+/// let devices = [AcpiDevice::VirtioMmio { addr: 0xd000_0000, len: 0x1000, gsi: 5 }];
+/// let rsdp = setup_acpi(&mem, &AcpiConfig { num_cpus: 2, devices: &devices })?;
+/// assert_eq!(rsdp, GuestAddress(ACPI_RSDP_START));
+/// let mut signature = [0u8; 8];
+/// mem.read_slice(&mut signature, rsdp).unwrap();
+/// assert_eq!(&signature, b"RSD PTR ");
+/// assert!(setup_acpi(&mem, &AcpiConfig { num_cpus: 0, devices: &[] }).is_err());
+/// # Ok::<(), ember_boot::BootError>(())
+/// ```
+pub fn setup_acpi<M: GuestMemory>(
+    mem: &M,
+    config: &AcpiConfig<'_>,
+) -> Result<GuestAddress, BootError> {
+    validate(config)?;
+    let tables = build_tables(config)?;
+    // Checks the whole range before writing any of it.
+    write_bytes(mem, "ACPI tables", &tables, ACPI_RSDP_START)?;
+    Ok(GuestAddress(ACPI_RSDP_START))
+}
+
+/// The RSDP address to hand to the kernel (0: none), after checking that
+/// an RSDP there lies in guest memory.
+pub(crate) fn rsdp_paddr<M: GuestMemory>(
+    mem: &M,
+    rsdp: Option<GuestAddress>,
+) -> Result<u64, BootError> {
+    match rsdp {
+        None => Ok(0),
+        Some(GuestAddress(addr)) => {
+            if range_in_memory(mem, addr, RSDP_SIZE as u64) {
+                Ok(addr)
+            } else {
+                Err(BootError::OutsideGuestMemory {
+                    what: "ACPI RSDP",
+                    addr,
+                    len: RSDP_SIZE as u64,
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aml::is_name_seg;
+    use crate::testing::{filled_mem, read};
+    use crate::{e820_map, E820_RESERVED, EBDA_START};
+    use vm_memory::GuestMemoryMmap;
+
+    const FILL: u8 = 0xcc;
+
+    fn sum(bytes: &[u8]) -> u8 {
+        bytes.iter().fold(0u8, |s, &b| s.wrapping_add(b))
+    }
+
+    fn u16_at(b: &[u8], off: usize) -> u16 {
+        u16::from_le_bytes(b[off..off + 2].try_into().unwrap())
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    /// Reads the table at `addr` by its header's length, checking the
+    /// signature, the standard header fields and the checksum.
+    fn read_table(mem: &GuestMemoryMmap<()>, addr: u64, signature: &[u8; 4]) -> Vec<u8> {
+        let header = read(mem, addr, 36);
+        assert_eq!(&header[..4], signature);
+        let table = read(mem, addr, u32_at(&header, 4) as usize);
+        assert_eq!(
+            sum(&table),
+            0,
+            "{} checksum",
+            String::from_utf8_lossy(signature)
+        );
+        assert_eq!(&table[10..16], b"EMBER ");
+        assert_eq!(&table[16..24], b"EMBERVM ");
+        assert_eq!(u32_at(&table, 24), 1, "OEM revision");
+        assert_eq!(&table[28..32], b"EMBR");
+        assert_eq!(u32_at(&table, 32), 1, "creator revision");
+        table
+    }
+
+    struct Tables {
+        fadt: Vec<u8>,
+        madt: Vec<u8>,
+        dsdt: Vec<u8>,
+    }
+
+    /// Follows the pointers from the RSDP as a kernel does, checking every
+    /// checksum on the way.
+    fn parse_back(mem: &GuestMemoryMmap<()>) -> Tables {
+        let rsdp = read(mem, ACPI_RSDP_START, 36);
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert_eq!(sum(&rsdp[..20]), 0, "RSDP checksum (first 20 bytes)");
+        assert_eq!(sum(&rsdp), 0, "RSDP extended checksum (36 bytes)");
+        assert_eq!(&rsdp[9..15], b"EMBER ");
+        assert_eq!(rsdp[15], 2, "revision");
+        assert_eq!(u32_at(&rsdp, 16), 0, "RsdtAddress");
+        assert_eq!(u32_at(&rsdp, 20), 36, "length");
+        assert_eq!(&rsdp[33..36], [0; 3], "reserved");
+
+        let xsdt = read_table(mem, u64_at(&rsdp, 24), b"XSDT");
+        assert_eq!(xsdt[8], 1, "XSDT revision");
+        assert_eq!(xsdt.len(), 36 + 16);
+        let fadt = read_table(mem, u64_at(&xsdt, 36), b"FACP");
+        let madt = read_table(mem, u64_at(&xsdt, 44), b"APIC");
+        let dsdt = read_table(mem, u64_at(&fadt, 140), b"DSDT");
+        Tables { fadt, madt, dsdt }
+    }
+
+    fn setup(num_cpus: u8, devices: &[AcpiDevice]) -> (GuestMemoryMmap<()>, Tables) {
+        let mem = filled_mem(2 << 20, FILL);
+        let config = AcpiConfig { num_cpus, devices };
+        let rsdp = setup_acpi(&mem, &config).unwrap();
+        assert_eq!(rsdp, GuestAddress(0xe0000));
+        let tables = parse_back(&mem);
+        (mem, tables)
+    }
+
+    /// Splits the MADT's interrupt controller structures by their lengths.
+    fn madt_entries(madt: &[u8]) -> Vec<&[u8]> {
+        let mut entries = Vec::new();
+        let mut off = 44;
+        while off < madt.len() {
+            let len = usize::from(madt[off + 1]);
+            assert!(len >= 2);
+            entries.push(&madt[off..off + len]);
+            off += len;
+        }
+        assert_eq!(off, madt.len());
+        entries
+    }
+
+    fn check_madt(num_cpus: u8) {
+        let (mem, t) = setup(num_cpus, &[]);
+        let madt = &t.madt;
+        let n = usize::from(num_cpus);
+        assert_eq!(madt[8], 5, "MADT revision");
+        assert_eq!(madt.len(), 44 + 8 * n + 12 + 6);
+        assert_eq!(u32_at(madt, 36), 0xfee0_0000, "local APIC address");
+        assert_eq!(u32_at(madt, 40), 1, "flags: PCAT_COMPAT only");
+
+        let entries = madt_entries(madt);
+        assert_eq!(entries.len(), n + 2);
+        for (i, cpu) in entries[..n].iter().enumerate() {
+            assert_eq!((cpu[0], cpu.len()), (0, 8), "processor local APIC");
+            assert_eq!(usize::from(cpu[2]), i, "ACPI processor UID");
+            assert_eq!(usize::from(cpu[3]), i, "APIC ID");
+            assert_eq!(u32_at(cpu, 4), 1, "enabled");
+        }
+        let ioapic = entries[n];
+        assert_eq!((ioapic[0], ioapic.len()), (1, 12), "I/O APIC");
+        assert_eq!(ioapic[2], num_cpus, "IOAPIC ID, as in the MP table");
+        assert_eq!(ioapic[3], 0, "reserved");
+        assert_eq!(u32_at(ioapic, 4), 0xfec0_0000);
+        assert_eq!(u32_at(ioapic, 8), 0, "GSI base");
+        let nmi = entries[n + 1];
+        assert_eq!((nmi[0], nmi.len()), (4, 6), "local APIC NMI");
+        assert_eq!(nmi[2], 0xff, "all processors");
+        assert_eq!(u16_at(nmi, 3), 0, "flags: conforming");
+        assert_eq!(nmi[5], 1, "LINT1");
+        // No interrupt source overrides (type 2) or anything else.
+        assert!(entries.iter().all(|e| matches!(e[0], 0 | 1 | 4)));
+
+        // The MADT ends before the DSDT; nothing is written past the tables.
+        assert!(ACPI_MADT_START + madt.len() as u64 <= ACPI_DSDT_START);
+        assert_eq!(read(&mem, ACPI_DSDT_START + 36, 1), [FILL]);
+        assert_eq!(read(&mem, ACPI_RSDP_START - 1, 1), [FILL]);
+    }
+
+    #[test]
+    fn madt_one_cpu() {
+        check_madt(1);
+    }
+
+    #[test]
+    fn madt_two_cpus() {
+        check_madt(2);
+    }
+
+    #[test]
+    fn madt_max_cpus() {
+        check_madt(254);
+        assert_eq!(madt_size(254), 2094);
+    }
+
+    #[test]
+    fn xsdt_points_at_fadt_and_madt() {
+        let (mem, _) = setup(2, &[]);
+        let xsdt = read(&mem, ACPI_XSDT_START, 52);
+        assert_eq!(u64_at(&xsdt, 36), ACPI_FADT_START);
+        assert_eq!(u64_at(&xsdt, 44), ACPI_MADT_START);
+        assert_eq!(
+            u64_at(&read(&mem, ACPI_RSDP_START, 36), 24),
+            ACPI_XSDT_START
+        );
+    }
+
+    #[test]
+    fn fadt_fields() {
+        let (_, t) = setup(2, &[]);
+        let f = &t.fadt;
+        assert_eq!(f.len(), 276);
+        assert_eq!((f[8], f[131]), (6, 4), "FADT version 6.4");
+        assert_eq!(u32_at(f, 112), 1 << 20 | 1 << 5 | 1 << 4, "flags");
+        assert_eq!(u16_at(f, 109), 1 << 1 | 1 << 2 | 1 << 5, "IA-PC boot flags");
+        assert_eq!(u32_at(f, 40), 0xe1000, "DSDT");
+        assert_eq!(u64_at(f, 140), 0xe1000, "X_DSDT");
+        assert_eq!(&f[268..276], b"EMBER   ", "hypervisor vendor identity");
+        assert_eq!(u32_at(f, 36), 0, "FIRMWARE_CTRL: no FACS");
+        assert_eq!(u64_at(f, 132), 0, "X_FIRMWARE_CTRL: no FACS");
+        assert_eq!(u16_at(f, 46), 0, "SCI_INT");
+        assert_eq!(f[111], 0, "reserved");
+        // Everything else (PM blocks, reset register, sleep registers, ...)
+        // is zero.
+        let set = [0..44, 109..111, 112..116, 131..132, 140..148, 268..276];
+        for (i, &b) in f.iter().enumerate() {
+            if !set.iter().any(|r| r.contains(&i)) {
+                assert_eq!(b, 0, "FADT byte {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn empty_dsdt_is_a_bare_definition_block() {
+        let (_, t) = setup(1, &[]);
+        assert_eq!(t.dsdt.len(), 36);
+        assert_eq!(t.dsdt[8], 2, "DSDT revision 2: 64-bit integers");
+    }
+
+    /// `Scope(\_SB) { Device(V000) {...} }` for a virtio-mmio device at
+    /// 0xd0000000 (4 KiB) on GSI 5, assembled by hand from the ACPI 6.4
+    /// encodings (20.2 AML grammar, 6.4 resource descriptors); the PkgLength
+    /// of each package counts its own bytes and everything after it to the
+    /// end of the package. The same bytes come out of `iasl -oa` (ACPICA
+    /// 20200925; `-oa` keeps the root prefix of `\_SB` that its
+    /// optimizer would drop) for the ASL `iasl -d` prints for them.
+    #[rustfmt::skip]
+    const VIRTIO_DSDT_AML: &[u8] = &[
+        // ScopeOp, PkgLength 67 = 0x043 (two-byte form: 0x40 | 0x3, 0x04),
+        // \_SB_
+        0x10, 0x43, 0x04, b'\\', b'_', b'S', b'B', b'_',
+        // ExtOpPrefix DeviceOp, PkgLength 58 = 0x3a, "V000"
+        0x5b, 0x82, 0x3a, b'V', b'0', b'0', b'0',
+        // Name(_HID, "LNRO0005"): NameOp, "_HID", StringPrefix, ASCII, NUL
+        0x08, b'_', b'H', b'I', b'D',
+        0x0d, b'L', b'N', b'R', b'O', b'0', b'0', b'0', b'5', 0x00,
+        // Name(_UID, Zero)
+        0x08, b'_', b'U', b'I', b'D', 0x00,
+        // Name(_CRS, Buffer(BytePrefix 23) {...}): BufferOp, PkgLength 26
+        0x08, b'_', b'C', b'R', b'S', 0x11, 0x1a, 0x0a, 0x17,
+        // Memory32Fixed(ReadWrite, 0xd0000000, 0x1000): 0x86, length 9,
+        // information 1 (read-write), base, length
+        0x86, 0x09, 0x00, 0x01, 0x00, 0x00, 0x00, 0xd0, 0x00, 0x10, 0x00, 0x00,
+        // Interrupt(ResourceConsumer, Edge, ActiveHigh, Exclusive) {5}:
+        // 0x89, length 6, flags 0x03 (consumer | edge), 1 interrupt, 5
+        0x89, 0x06, 0x00, 0x03, 0x01, 0x05, 0x00, 0x00, 0x00,
+        // End Tag, checksum 0
+        0x79, 0x00,
+    ];
+
+    /// `Scope(\_SB) { Device(COM1) {...} }`, assembled by hand like
+    /// [`VIRTIO_DSDT_AML`].
+    #[rustfmt::skip]
+    const COM1_DSDT_AML: &[u8] = &[
+        // ScopeOp, PkgLength 57 = 0x39, \_SB_
+        0x10, 0x39, b'\\', b'_', b'S', b'B', b'_',
+        // ExtOpPrefix DeviceOp, PkgLength 49 = 0x31, "COM1"
+        0x5b, 0x82, 0x31, b'C', b'O', b'M', b'1',
+        // Name(_HID, EISAID("PNP0501")): DWordPrefix 0x0105d041
+        0x08, b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x05, 0x01,
+        // Name(_UID, Zero)
+        0x08, b'_', b'U', b'I', b'D', 0x00,
+        // Name(_CRS, Buffer(BytePrefix 19) {...}): BufferOp, PkgLength 22
+        0x08, b'_', b'C', b'R', b'S', 0x11, 0x16, 0x0a, 0x13,
+        // IO(Decode16, 0x3f8, 0x3f8, 1, 8): 0x47, information 1 (16-bit
+        // decode), minimum, maximum, alignment, length
+        0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08,
+        // Interrupt(ResourceConsumer, Edge, ActiveHigh, Exclusive) {4}
+        0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0x00, 0x00, 0x00,
+        // End Tag, checksum 0
+        0x79, 0x00,
+    ];
+
+    #[test]
+    fn dsdt_for_one_virtio_mmio_device() {
+        let devices = [AcpiDevice::VirtioMmio {
+            addr: 0xd000_0000,
+            len: 0x1000,
+            gsi: 5,
+        }];
+        let (_, t) = setup(2, &devices);
+        assert_eq!(&t.dsdt[36..], VIRTIO_DSDT_AML);
+    }
+
+    #[test]
+    fn dsdt_for_com1() {
+        let (_, t) = setup(1, &[AcpiDevice::Com1]);
+        assert_eq!(&t.dsdt[36..], COM1_DSDT_AML);
+        assert_eq!(COM1_HID, 0x0105_d041);
+    }
+
+    #[test]
+    fn dsdt_for_several_devices() {
+        let virtio = |i: u64| AcpiDevice::VirtioMmio {
+            addr: 0xd000_0000 + i * 0x1000,
+            len: 0x1000,
+            gsi: 5 + i as u32,
+        };
+        let devices = [virtio(0), AcpiDevice::Com1, virtio(1), virtio(2)];
+        let (_, t) = setup(4, &devices);
+        let aml = &t.dsdt[36..];
+        // One scope holding the four devices in order.
+        let body: Vec<u8> = [
+            device_aml(&devices[0], 0),
+            device_aml(&devices[1], 0),
+            device_aml(&devices[2], 1),
+            device_aml(&devices[3], 2),
+        ]
+        .concat();
+        assert_eq!(aml, aml::scope(&SB_PATH, &body));
+        assert_eq!(device_aml(&devices[0], 0), VIRTIO_DSDT_AML[8..]);
+        assert_eq!(device_aml(&devices[1], 0), COM1_DSDT_AML[7..]);
+        let find = |needle: &[u8]| aml.windows(needle.len()).any(|w| w == needle);
+        // V001 has _UID 1 (OneOp), V002 _UID 2 (BytePrefix 2) and GSI 7.
+        assert!(find(b"V001\x08_HID"));
+        assert!(find(b"\x08_UID\x01\x08_CRS"));
+        assert!(find(b"V002\x08_HID"));
+        assert!(find(b"\x08_UID\x0a\x02\x08_CRS"));
+        assert!(find(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x07, 0, 0, 0]));
+    }
+
+    #[test]
+    fn virtio_names() {
+        assert_eq!(&virtio_name(0), b"V000");
+        assert_eq!(&virtio_name(0x1a), b"V01A");
+        assert_eq!(&virtio_name(ACPI_MAX_DEVICES - 1), b"VFFF");
+        for i in 0..ACPI_MAX_DEVICES {
+            assert!(is_name_seg(&virtio_name(i)));
+        }
+        assert!(is_name_seg(COM1_NAME));
+        assert!([HID, UID, CRS].iter().all(|s| is_name_seg(s)));
+    }
+
+    #[test]
+    fn many_devices_fit_and_too_many_do_not() {
+        let devices: Vec<AcpiDevice> = (0..1000)
+            .map(|i| AcpiDevice::VirtioMmio {
+                addr: 0xd000_0000 + i * 0x1000,
+                len: 0x1000,
+                gsi: 5 + (i % 19) as u32,
+            })
+            .collect();
+        let (mem, t) = setup(254, &devices);
+        let end = ACPI_DSDT_START + t.dsdt.len() as u64;
+        assert!(end <= HIMEM_START);
+        let aml = &t.dsdt[36..];
+        assert!(aml.windows(4).any(|w| w == b"V3E7"));
+        // The scope's PkgLength uses the three-byte form (over 4095 bytes).
+        assert_eq!(aml[1] >> 6, 2);
+        if end < HIMEM_START {
+            assert_eq!(read(&mem, end, 1), [FILL]);
+        }
+
+        // 4000 devices need about 280 KiB: more than the 124 KiB left.
+        let mut many = devices;
+        many.extend(many.clone().iter().cycle().take(3000).copied());
+        let mem = filled_mem(2 << 20, FILL);
+        let err = setup_acpi(
+            &mem,
+            &AcpiConfig {
+                num_cpus: 1,
+                devices: &many,
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            BootError::AcpiTablesTooLarge { end, limit: 0x10_0000 } if end > 0x10_0000
+        ));
+        assert!(read(&mem, ACPI_RSDP_START, 0x2_0000)
+            .iter()
+            .all(|&b| b == FILL));
+
+        many.push(AcpiDevice::Com1);
+        many.extend(many.clone().iter().take(96).copied());
+        assert_eq!(many.len(), 4097);
+        assert!(matches!(
+            setup_acpi(
+                &mem,
+                &AcpiConfig {
+                    num_cpus: 1,
+                    devices: &many
+                }
+            ),
+            Err(BootError::AcpiTooManyDevices {
+                count: 4097,
+                max: 4096
+            })
+        ));
+    }
+
+    #[test]
+    fn linux_rsdp_scan_finds_it() {
+        // acpi_find_root_pointer: 16-byte steps over 0xe0000..0x100000, the
+        // first "RSD PTR " whose 20-byte checksum (and, for revision 2, 36-byte
+        // checksum) is 0.
+        let (mem, _) = setup(2, &[AcpiDevice::Com1]);
+        let area = read(&mem, 0xe0000, 0x2_0000);
+        let found = (0..area.len())
+            .step_by(16)
+            .find(|&off| {
+                area[off..].starts_with(b"RSD PTR ")
+                    && sum(&area[off..off + 20]) == 0
+                    && sum(&area[off..off + 36]) == 0
+            })
+            .map(|off| 0xe0000 + off as u64);
+        assert_eq!(found, Some(ACPI_RSDP_START));
+    }
+
+    #[test]
+    fn tables_lie_in_reserved_e820_range() {
+        let mem = filled_mem(2 << 20, 0);
+        let reserved = e820_map(&mem)
+            .unwrap()
+            .into_iter()
+            .find(|e| e.kind == E820_RESERVED)
+            .unwrap();
+        assert_eq!(reserved.addr, EBDA_START);
+        assert!(reserved.addr <= ACPI_RSDP_START);
+        assert_eq!(reserved.addr + reserved.size, HIMEM_START);
+    }
+
+    fn config_err(num_cpus: u8, devices: &[AcpiDevice]) -> BootError {
+        let mem = filled_mem(2 << 20, FILL);
+        let err = setup_acpi(&mem, &AcpiConfig { num_cpus, devices }).unwrap_err();
+        assert!(!err.to_string().is_empty());
+        assert!(read(&mem, ACPI_RSDP_START, 0x2_0000)
+            .iter()
+            .all(|&b| b == FILL));
+        err
+    }
+
+    #[test]
+    fn zero_and_too_many_cpus_rejected() {
+        assert!(matches!(config_err(0, &[]), BootError::AcpiNoCpus));
+        let err = config_err(255, &[]);
+        assert!(matches!(
+            err,
+            BootError::AcpiTooManyCpus {
+                num_cpus: 255,
+                max: 254
+            }
+        ));
+        assert!(err.to_string().contains("255"));
+    }
+
+    #[test]
+    fn bad_devices_rejected() {
+        let virtio = |addr, len, gsi| AcpiDevice::VirtioMmio { addr, len, gsi };
+        let ok = virtio(0xd000_0000, 0x1000, 5);
+        for (addr, len) in [
+            (0xd000_0000, 0),
+            (0xffff_f000, 0x1001),
+            (0x1_0000_0000, 0x1000),
+            (0, 1 << 32),
+            (u64::MAX, 2),
+        ] {
+            assert!(matches!(
+                config_err(1, &[ok, virtio(addr, len, 5)]),
+                BootError::AcpiBadMmioRange { index: 1, addr: a, len: l } if a == addr && l == len
+            ));
+        }
+        // The last page below 4 GiB is fine.
+        let mem = filled_mem(2 << 20, FILL);
+        let edge = [virtio(0xffff_f000, 0x1000, 23)];
+        setup_acpi(
+            &mem,
+            &AcpiConfig {
+                num_cpus: 1,
+                devices: &edge,
+            },
+        )
+        .unwrap();
+
+        assert!(matches!(
+            config_err(1, &[virtio(0xd000_0000, 0x1000, 24)]),
+            BootError::AcpiBadGsi {
+                index: 0,
+                gsi: 24,
+                pins: 24
+            }
+        ));
+        assert!(matches!(
+            config_err(1, &[AcpiDevice::Com1, ok, AcpiDevice::Com1]),
+            BootError::AcpiDuplicateCom1 { index: 2 }
+        ));
+    }
+
+    #[test]
+    fn memory_without_the_bios_area_rejected() {
+        let len = ACPI_DSDT_START + 36 - ACPI_RSDP_START;
+        // Low memory only up to 0xe0000, then high memory.
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0xe_0000),
+            (GuestAddress(HIMEM_START), 1 << 20),
+        ])
+        .unwrap();
+        let config = AcpiConfig {
+            num_cpus: 1,
+            devices: &[],
+        };
+        assert!(matches!(
+            setup_acpi(&mem, &config),
+            Err(BootError::OutsideGuestMemory { what: "ACPI tables", addr: 0xe_0000, len: l })
+                if l == len
+        ));
+        // Memory ending one byte short of the tables' end: nothing written.
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0xe_0000 + len as usize - 1)])
+                .unwrap();
+        assert!(matches!(
+            setup_acpi(&mem, &config),
+            Err(BootError::OutsideGuestMemory { .. })
+        ));
+        assert!(read(&mem, ACPI_RSDP_START, len as usize - 1)
+            .iter()
+            .all(|&b| b == 0));
+        // Exactly enough.
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0xe_0000 + len as usize)])
+            .unwrap();
+        setup_acpi(&mem, &config).unwrap();
+        parse_back(&mem);
+    }
+}

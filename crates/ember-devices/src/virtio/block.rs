@@ -1,0 +1,673 @@
+//! virtio-blk (virtio 1.2, section 5.2) on a raw disk image.
+//!
+//! A request is a 16-byte header (`type` u32, `reserved` u32, `sector` u64) in
+//! device-readable buffers, then data, then a one-byte status in the last device-writable
+//! byte of the chain. Framing is not assumed (virtio 1.x implies `ANY_LAYOUT`): the header
+//! is the first 16 readable bytes, written data is the rest of the readable bytes, read
+//! data goes to the writable bytes before the status byte.
+//!
+//! Supported: `IN`, `OUT`, `FLUSH` (`fdatasync(2)` before the status is written),
+//! `GET_ID`, and `DISCARD` / `WRITE_ZEROES` when the host file system supports them.
+//! Anything else completes with `VIRTIO_BLK_S_UNSUPP`; malformed or failing requests with
+//! `VIRTIO_BLK_S_IOERR`. When the driver did not negotiate `VIRTIO_BLK_F_FLUSH` the device
+//! is write-through: every write is followed by `fdatasync(2)` before it completes.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ember_virtio::{
+    device_type, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+};
+use log::warn;
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+
+use super::chain::{walk, ChainLayout, Cursor, Segment};
+use super::worker::{drain_queue, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
+use super::{read_config_bytes, QUEUE_MAX_SIZE};
+use crate::DeviceError;
+
+/// Sector size: virtio-blk addresses the disk in 512-byte sectors.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// Feature bit: `seg_max` is valid.
+pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+/// Feature bit: the device is read-only.
+pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+/// Feature bit: `blk_size` is valid.
+pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
+/// Feature bit: the device supports `VIRTIO_BLK_T_FLUSH`.
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+/// Feature bit: the device supports `VIRTIO_BLK_T_DISCARD`.
+pub const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
+/// Feature bit: the device supports `VIRTIO_BLK_T_WRITE_ZEROES`.
+pub const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
+
+/// Request type: read.
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+/// Request type: write.
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+/// Request type: flush the write cache.
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+/// Request type: read the device ID string.
+pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+/// Request type: discard sectors.
+pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
+/// Request type: write zeroes to sectors.
+pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
+
+/// Status: success.
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+/// Status: the request failed or was malformed.
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+/// Status: the request type (or a flag) is not supported.
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+
+/// `WRITE_ZEROES` segment flag: the range may be deallocated.
+pub const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
+
+/// Length of the device ID returned by `GET_ID`.
+pub const VIRTIO_BLK_ID_BYTES: usize = 20;
+
+/// Bytes of the request header.
+const HEADER_LEN: u64 = 16;
+/// Bytes of one discard / write-zeroes segment.
+const DWZ_SEGMENT_LEN: u64 = 16;
+/// `max_discard_seg` and `max_write_zeroes_seg`.
+pub const MAX_DWZ_SEGMENTS: u32 = 16;
+/// `max_discard_sectors` and `max_write_zeroes_sectors`: 2 GiB per segment.
+pub const MAX_DWZ_SECTORS: u32 = 1 << 22;
+/// `discard_sector_alignment`, in sectors (4 KiB).
+const DISCARD_ALIGNMENT: u32 = 8;
+/// `seg_max`: data descriptors per request (a 256-entry queue minus header and status).
+pub const SEG_MAX: u32 = QUEUE_MAX_SIZE as u32 - 2;
+/// Size of the configuration space exposed (through `write_zeroes_may_unmap` and its
+/// padding).
+pub const CONFIG_SIZE: usize = 60;
+/// Bytes copied between the file and guest memory at a time.
+pub const BOUNCE_SIZE: usize = 128 * 1024;
+
+/// How [`Block::new`] opens the image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockOptions {
+    /// Open the image read-only and offer `VIRTIO_BLK_F_RO`; writes fail with
+    /// `VIRTIO_BLK_S_IOERR`.
+    pub read_only: bool,
+}
+
+/// An open disk image: the backing file and what it supports.
+#[derive(Debug)]
+pub struct Disk {
+    file: File,
+    path: PathBuf,
+    capacity: u64,
+    read_only: bool,
+    punch_hole: bool,
+    zero_range: bool,
+    id: [u8; VIRTIO_BLK_ID_BYTES],
+}
+
+impl Disk {
+    /// Opens `path` (`O_RDWR`, or `O_RDONLY` if `options.read_only`). Its size must be a
+    /// multiple of 512. For a writable image, probes whether the file system supports
+    /// `fallocate(2)` hole punching and zero ranges (see [`Disk::supports_discard`]).
+    pub fn open(path: impl AsRef<Path>, options: BlockOptions) -> Result<Disk, DeviceError> {
+        let path = path.as_ref().to_path_buf();
+        let err = |op: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| DeviceError::DiskImage { op, path, source }
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!options.read_only)
+            .open(&path)
+            .map_err(err("open", &path))?;
+        // Seek rather than stat: this also sizes block devices.
+        let size = (&file)
+            .seek(SeekFrom::End(0))
+            .map_err(err("read the size of", &path))?;
+        if size % SECTOR_SIZE != 0 {
+            return Err(DeviceError::DiskSize { path, size });
+        }
+        let ino = file.metadata().map_err(err("stat", &path))?.ino();
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
+        let name = format!("ember-{ino}");
+        let n = name.len().min(VIRTIO_BLK_ID_BYTES);
+        id[..n].copy_from_slice(&name.as_bytes()[..n]);
+        let (punch_hole, zero_range) = if options.read_only {
+            (false, false)
+        } else {
+            probe_fallocate(&file, size)
+        };
+        Ok(Disk {
+            file,
+            path,
+            capacity: size / SECTOR_SIZE,
+            read_only: options.read_only,
+            punch_hole,
+            zero_range,
+            id,
+        })
+    }
+
+    /// The image path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Whether the image was opened read-only.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The 20-byte `GET_ID` string: `ember-<inode>`, NUL-padded.
+    pub fn id(&self) -> [u8; VIRTIO_BLK_ID_BYTES] {
+        self.id
+    }
+
+    /// Whether `DISCARD` is offered: the image is writable and the file system punches
+    /// holes (`FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`).
+    pub fn supports_discard(&self) -> bool {
+        self.punch_hole
+    }
+
+    /// Whether `WRITE_ZEROES` is offered: the image is writable and the file system
+    /// supports `FALLOC_FL_ZERO_RANGE` or hole punching (a punched hole reads as zeroes).
+    pub fn supports_write_zeroes(&self) -> bool {
+        self.punch_hole || self.zero_range
+    }
+
+    fn range(&self, sector: u64, len: u64) -> Option<u64> {
+        let offset = sector.checked_mul(SECTOR_SIZE)?;
+        let end = offset.checked_add(len)?;
+        (end <= self.capacity * SECTOR_SIZE).then_some(offset)
+    }
+
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        fallocate(
+            &self.file,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, bounce: &mut [u8]) -> io::Result<()> {
+        if unmap && self.punch_hole && self.punch(offset, len).is_ok() {
+            return Ok(());
+        }
+        if self.zero_range
+            && fallocate(
+                &self.file,
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if self.punch_hole && self.punch(offset, len).is_ok() {
+            return Ok(());
+        }
+        // The probe was wrong (or the file moved): write the zeroes.
+        bounce.fill(0);
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(bounce.len() as u64) as usize;
+            self.file.write_all_at(&bounce[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let offset = libc::off64_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let len = libc::off64_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: fallocate only reads its integer arguments; the fd is valid for the call.
+    let ret = unsafe { libc::fallocate64(file.as_raw_fd(), mode, offset, len) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Probes hole punching and zero ranges on a 4 KiB range past the end of the file, with
+/// `FALLOC_FL_KEEP_SIZE`, so the file's size and data are untouched. (A zero-length
+/// probe cannot work: `fallocate(2)` rejects `len == 0` with `EINVAL` before asking the
+/// file system.) A zero range past the end may allocate blocks there; they are punched
+/// out again right away when hole punching works. Block devices reject ranges past
+/// their end, so they get neither feature.
+fn probe_fallocate(file: &File, size: u64) -> (bool, bool) {
+    const PROBE: u64 = 4096;
+    let Some(offset) = size.checked_next_multiple_of(PROBE) else {
+        return (false, false);
+    };
+    let punch = fallocate(
+        file,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        PROBE,
+    )
+    .is_ok();
+    let zero = fallocate(
+        file,
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        PROBE,
+    )
+    .is_ok();
+    if zero && punch {
+        let _ = fallocate(
+            file,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            PROBE,
+        );
+    }
+    (punch, zero)
+}
+
+/// What [`process_request`] did with a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// The used length to report: bytes written to the chain, status byte included.
+    pub used_len: u32,
+    /// The status byte written, or `None` when the chain has no usable status byte (then
+    /// `used_len` is 0).
+    pub status: Option<u8>,
+}
+
+impl Completion {
+    const NO_STATUS: Completion = Completion {
+        used_len: 0,
+        status: None,
+    };
+}
+
+/// Handles one request chain against `disk`: parses and validates it, does the I/O
+/// through `bounce` (any non-empty size; [`BOUNCE_SIZE`] in the device), and writes the
+/// status byte. `features` are the negotiated features (`DISCARD`, `WRITE_ZEROES` and
+/// `FLUSH` matter). Never panics, whatever the chain holds.
+pub fn process_request<M, I>(disk: &Disk, mem: &M, chain: I, features: u64, bounce: &mut [u8]) -> Completion
+where
+    M: GuestMemory + ?Sized,
+    I: IntoIterator<Item = Descriptor>,
+{
+    let layout = walk(mem, chain);
+    let Some(status_seg) = layout.last_writable else {
+        return Completion::NO_STATUS;
+    };
+    let Some(status_addr) = status_seg
+        .addr
+        .0
+        .checked_add(u64::from(status_seg.len) - 1)
+        .map(GuestAddress)
+        .filter(|&a| mem.check_range(a, 1, Permissions::Write))
+    else {
+        return Completion::NO_STATUS;
+    };
+    let (status, written) = if bounce.is_empty() {
+        (VIRTIO_BLK_S_IOERR, 0)
+    } else {
+        execute(disk, mem, &layout, features, bounce)
+    };
+    if mem.write_obj(status, status_addr).is_err() {
+        return Completion::NO_STATUS;
+    }
+    Completion {
+        used_len: u32::try_from(written).unwrap_or(u32::MAX - 1) + 1,
+        status: Some(status),
+    }
+}
+
+/// Runs a request whose status byte is known to be writable; returns the status and the
+/// data bytes written to the chain.
+fn execute<M: GuestMemory + ?Sized>(
+    disk: &Disk,
+    mem: &M,
+    layout: &ChainLayout,
+    features: u64,
+    bounce: &mut [u8],
+) -> (u8, u64) {
+    if !layout.is_sound() || layout.readable_len < HEADER_LEN {
+        return (VIRTIO_BLK_S_IOERR, 0);
+    }
+    let mut reader = Cursor::new(&layout.readable);
+    let mut header = [0u8; HEADER_LEN as usize];
+    if reader.read(mem, &mut header).is_err() {
+        return (VIRTIO_BLK_S_IOERR, 0);
+    }
+    let req_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let sector = u64::from_le_bytes([
+        header[8], header[9], header[10], header[11], header[12], header[13], header[14], header[15],
+    ]);
+    // Sound chain: the status segment is the last writable one, so this is >= 1.
+    let in_len = layout.writable_len.saturating_sub(1);
+    let out_len = layout.readable_len - HEADER_LEN;
+    let writethrough = features & VIRTIO_BLK_F_FLUSH == 0;
+
+    match req_type {
+        VIRTIO_BLK_T_IN => {
+            if in_len % SECTOR_SIZE != 0 {
+                return (VIRTIO_BLK_S_IOERR, 0);
+            }
+            let Some(offset) = disk.range(sector, in_len) else {
+                return (VIRTIO_BLK_S_IOERR, 0);
+            };
+            let data = data_in_segments(layout);
+            let mut writer = Cursor::new(&data);
+            let mut done = 0u64;
+            while done < in_len {
+                let n = (in_len - done).min(bounce.len() as u64) as usize;
+                if disk.file.read_exact_at(&mut bounce[..n], offset + done).is_err()
+                    || writer.write(mem, &bounce[..n]).is_err()
+                {
+                    return (VIRTIO_BLK_S_IOERR, done);
+                }
+                done += n as u64;
+            }
+            (VIRTIO_BLK_S_OK, done)
+        }
+        VIRTIO_BLK_T_OUT => {
+            if disk.read_only || out_len % SECTOR_SIZE != 0 {
+                return (VIRTIO_BLK_S_IOERR, 0);
+            }
+            let Some(offset) = disk.range(sector, out_len) else {
+                return (VIRTIO_BLK_S_IOERR, 0);
+            };
+            let mut done = 0u64;
+            while done < out_len {
+                let n = (out_len - done).min(bounce.len() as u64) as usize;
+                if reader.read(mem, &mut bounce[..n]).is_err()
+                    || disk.file.write_all_at(&bounce[..n], offset + done).is_err()
+                {
+                    return (VIRTIO_BLK_S_IOERR, 0);
+                }
+                done += n as u64;
+            }
+            if writethrough && disk.file.sync_data().is_err() {
+                return (VIRTIO_BLK_S_IOERR, 0);
+            }
+            (VIRTIO_BLK_S_OK, 0)
+        }
+        VIRTIO_BLK_T_FLUSH => match disk.file.sync_data() {
+            Ok(()) => (VIRTIO_BLK_S_OK, 0),
+            Err(e) => {
+                warn!("virtio-blk {}: flush failed: {e}", disk.path.display());
+                (VIRTIO_BLK_S_IOERR, 0)
+            }
+        },
+        VIRTIO_BLK_T_GET_ID => {
+            let n = in_len.min(VIRTIO_BLK_ID_BYTES as u64) as usize;
+            let data = data_in_segments(layout);
+            match Cursor::new(&data).write(mem, &disk.id[..n]) {
+                Ok(()) => (VIRTIO_BLK_S_OK, n as u64),
+                Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+            }
+        }
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+            let discard = req_type == VIRTIO_BLK_T_DISCARD;
+            let needed = if discard {
+                VIRTIO_BLK_F_DISCARD
+            } else {
+                VIRTIO_BLK_F_WRITE_ZEROES
+            };
+            let supported = if discard {
+                disk.supports_discard()
+            } else {
+                disk.supports_write_zeroes()
+            };
+            if features & needed == 0 || !supported {
+                return (VIRTIO_BLK_S_UNSUPP, 0);
+            }
+            if disk.read_only {
+                return (VIRTIO_BLK_S_IOERR, 0);
+            }
+            let status = discard_or_write_zeroes(disk, mem, &mut reader, out_len, discard, bounce);
+            if status == VIRTIO_BLK_S_OK && writethrough && disk.file.sync_data().is_err() {
+                return (VIRTIO_BLK_S_IOERR, 0);
+            }
+            (status, 0)
+        }
+        _ => (VIRTIO_BLK_S_UNSUPP, 0),
+    }
+}
+
+/// The writable segments minus the final (status) byte.
+fn data_in_segments(layout: &ChainLayout) -> Vec<Segment> {
+    let mut data = layout.writable.clone();
+    if let Some(last) = data.last_mut() {
+        if last.len > 1 {
+            last.len -= 1;
+        } else {
+            data.pop();
+        }
+    }
+    data
+}
+
+fn discard_or_write_zeroes<M: GuestMemory + ?Sized>(
+    disk: &Disk,
+    mem: &M,
+    reader: &mut Cursor<'_>,
+    payload_len: u64,
+    discard: bool,
+    bounce: &mut [u8],
+) -> u8 {
+    const BUF_LEN: usize = (MAX_DWZ_SEGMENTS as u64 * DWZ_SEGMENT_LEN) as usize;
+    if payload_len == 0
+        || payload_len % DWZ_SEGMENT_LEN != 0
+        || payload_len / DWZ_SEGMENT_LEN > u64::from(MAX_DWZ_SEGMENTS)
+    {
+        return VIRTIO_BLK_S_IOERR;
+    }
+    let mut buf = [0u8; BUF_LEN];
+    let buf = &mut buf[..payload_len as usize];
+    if reader.read(mem, buf).is_err() {
+        return VIRTIO_BLK_S_IOERR;
+    }
+    // Validate every segment before touching the disk.
+    let mut ranges = [(0u64, 0u64, false); MAX_DWZ_SEGMENTS as usize];
+    let mut count = 0;
+    for seg in buf.chunks_exact(DWZ_SEGMENT_LEN as usize) {
+        let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
+        let num_sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
+        let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
+        let allowed_flags = if discard {
+            0
+        } else {
+            VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+        };
+        if flags & !allowed_flags != 0 {
+            return VIRTIO_BLK_S_UNSUPP;
+        }
+        if num_sectors > MAX_DWZ_SECTORS {
+            return VIRTIO_BLK_S_IOERR;
+        }
+        let len = u64::from(num_sectors) * SECTOR_SIZE;
+        let Some(offset) = disk.range(sector, len) else {
+            return VIRTIO_BLK_S_IOERR;
+        };
+        ranges[count] = (offset, len, flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0);
+        count += 1;
+    }
+    for &(offset, len, unmap) in &ranges[..count] {
+        if len == 0 {
+            continue;
+        }
+        let result = if discard {
+            disk.punch(offset, len)
+        } else {
+            disk.write_zeroes(offset, len, unmap, bounce)
+        };
+        if let Err(e) = result {
+            // A discard is only a hint; a file system that stopped punching holes does not
+            // make it fail.
+            if discard && e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                continue;
+            }
+            warn!("virtio-blk {}: discard/write-zeroes failed: {e}", disk.path.display());
+            return VIRTIO_BLK_S_IOERR;
+        }
+    }
+    VIRTIO_BLK_S_OK
+}
+
+/// A virtio-blk device backed by a raw image file.
+///
+/// One request queue of up to [`QUEUE_MAX_SIZE`] entries. Features offered:
+/// `VERSION_1`, `RING_EVENT_IDX`, `RING_INDIRECT_DESC`, `SEG_MAX`, `BLK_SIZE`, `FLUSH`,
+/// `RO` for read-only images, `DISCARD` / `WRITE_ZEROES` when the host file system
+/// supports them ([`Disk::supports_discard`], [`Disk::supports_write_zeroes`]).
+///
+/// ```no_run
+/// use ember_devices::virtio::{Block, BlockOptions};
+/// use ember_virtio::VirtioDevice;
+///
+/// let disk = Block::new("disk.img", BlockOptions { read_only: false })?;
+/// let mut capacity = [0u8; 8];
+/// disk.read_config(0, &mut capacity);
+/// # Ok::<(), ember_devices::DeviceError>(())
+/// ```
+#[derive(Debug)]
+pub struct Block {
+    disk: Arc<Disk>,
+    features: u64,
+    config: [u8; CONFIG_SIZE],
+    worker: Option<Worker<BlockHandler>>,
+}
+
+impl Block {
+    /// Opens the image at `path` (see [`Disk::open`]) and builds the device.
+    pub fn new(path: impl AsRef<Path>, options: BlockOptions) -> Result<Block, DeviceError> {
+        Ok(Block::from_disk(Disk::open(path, options)?))
+    }
+
+    /// Builds the device on an already opened disk.
+    pub fn from_disk(disk: Disk) -> Block {
+        let mut features = VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_BLK_SIZE
+            | VIRTIO_BLK_F_FLUSH;
+        if disk.read_only {
+            features |= VIRTIO_BLK_F_RO;
+        }
+        let mut config = [0u8; CONFIG_SIZE];
+        config[0..8].copy_from_slice(&disk.capacity.to_le_bytes());
+        config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        if disk.supports_discard() {
+            features |= VIRTIO_BLK_F_DISCARD;
+            config[36..40].copy_from_slice(&MAX_DWZ_SECTORS.to_le_bytes());
+            config[40..44].copy_from_slice(&MAX_DWZ_SEGMENTS.to_le_bytes());
+            config[44..48].copy_from_slice(&DISCARD_ALIGNMENT.to_le_bytes());
+        }
+        if disk.supports_write_zeroes() {
+            features |= VIRTIO_BLK_F_WRITE_ZEROES;
+            config[48..52].copy_from_slice(&MAX_DWZ_SECTORS.to_le_bytes());
+            config[52..56].copy_from_slice(&MAX_DWZ_SEGMENTS.to_le_bytes());
+            config[56] = u8::from(disk.punch_hole);
+        }
+        Block {
+            disk: Arc::new(disk),
+            features,
+            config,
+            worker: None,
+        }
+    }
+
+    /// The backing disk.
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        device_type::BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_MAX_SIZE]
+    }
+
+    fn device_features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // `writeback` is only writable with VIRTIO_BLK_F_CONFIG_WCE, which is not offered.
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::Other("virtio-blk is already active".into()));
+        }
+        if activation.queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: activation.queues.len(),
+            });
+        }
+        let handler = BlockHandler {
+            disk: Arc::clone(&self.disk),
+            features: activation.features,
+            bounce: vec![0; BOUNCE_SIZE],
+        };
+        let worker = Worker::spawn("blk", handler, activation).map_err(ActivateError::Start)?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+        }
+    }
+}
+
+struct BlockHandler {
+    disk: Arc<Disk>,
+    features: u64,
+    bounce: Vec<u8>,
+}
+
+impl QueueHandler for BlockHandler {
+    fn queue_notified(&mut self, ctx: &mut WorkerContext, queue: usize) {
+        let Some(q) = ctx.queues.get_mut(queue) else {
+            return;
+        };
+        let mem = &ctx.mem;
+        let drained = drain_queue(mem, &mut q.queue, QUEUE_BUDGET, |chain| {
+            process_request(&self.disk, mem, chain, self.features, &mut self.bounce).used_len
+        });
+        if drained.handled > 0 {
+            ctx.signal_used(queue);
+        }
+        if drained.more {
+            ctx.kick(queue);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,267 @@
+//! Bounded, validating walks over guest descriptor chains, and copies to and from the
+//! byte streams they describe.
+//!
+//! Everything here is guest-controlled input. [`walk`] never trusts a length: it sums in
+//! `u64`, stores at most [`MAX_CHAIN_SEGMENTS`] segments (so a chain's memory footprint
+//! on the host is bounded whatever the guest writes), and checks every segment against
+//! guest memory once, up front. The walk itself terminates because virtio-queue's
+//! [`virtio_queue::DescriptorChain`] iterator is bounded by the queue (or indirect table)
+//! size and stops at the first descriptor it cannot read; a loop in the `next` links
+//! therefore shows up here as a chain of at most queue-size descriptors.
+
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+
+/// At most this many non-empty descriptors of a chain are kept. Longer chains are marked
+/// [`ChainLayout::too_long`]. 1024 is four times the largest queue Ember offers (256), so
+/// only indirect tables can get there.
+pub const MAX_CHAIN_SEGMENTS: usize = 1024;
+
+/// One non-empty descriptor: a guest buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Guest physical address.
+    pub addr: GuestAddress,
+    /// Length in bytes, never 0.
+    pub len: u32,
+}
+
+/// What a descriptor chain describes, split into the device-readable and the
+/// device-writable byte streams.
+#[derive(Debug, Default, Clone)]
+pub struct ChainLayout {
+    /// Device-readable segments, in chain order (at most [`MAX_CHAIN_SEGMENTS`] in all).
+    pub readable: Vec<Segment>,
+    /// Device-writable segments, in chain order.
+    pub writable: Vec<Segment>,
+    /// Total bytes of the readable segments kept.
+    pub readable_len: u64,
+    /// Total bytes of the writable segments kept.
+    pub writable_len: u64,
+    /// The last non-empty writable descriptor of the whole chain, even when the chain is
+    /// [`too_long`](Self::too_long) (where a status byte goes).
+    pub last_writable: Option<Segment>,
+    /// A readable descriptor followed a writable one (virtio 1.2, 2.7.4.2 forbids it).
+    pub misordered: bool,
+    /// The chain had more than [`MAX_CHAIN_SEGMENTS`] non-empty descriptors.
+    pub too_long: bool,
+    /// Some segment is not entirely inside guest memory.
+    pub out_of_bounds: bool,
+}
+
+impl ChainLayout {
+    /// Whether the chain is well formed: in bounds, ordered and not too long.
+    pub fn is_sound(&self) -> bool {
+        !self.misordered && !self.too_long && !self.out_of_bounds
+    }
+}
+
+/// Walks a chain (any iterator of descriptors, normally a
+/// [`virtio_queue::DescriptorChain`]), validating each segment against `mem`.
+pub fn walk<M, I>(mem: &M, chain: I) -> ChainLayout
+where
+    M: GuestMemory + ?Sized,
+    I: IntoIterator<Item = Descriptor>,
+{
+    let mut layout = ChainLayout::default();
+    let mut kept = 0usize;
+    let mut seen_writable = false;
+    for desc in chain {
+        if desc.len() == 0 {
+            continue;
+        }
+        let seg = Segment {
+            addr: desc.addr(),
+            len: desc.len(),
+        };
+        if desc.is_write_only() {
+            seen_writable = true;
+            layout.last_writable = Some(seg);
+        } else if seen_writable {
+            layout.misordered = true;
+        }
+        if kept >= MAX_CHAIN_SEGMENTS {
+            layout.too_long = true;
+            continue;
+        }
+        kept += 1;
+        let access = if desc.is_write_only() {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
+        // `len` is a u32, so it fits a usize on every supported target.
+        if !mem.check_range(seg.addr, seg.len as usize, access) {
+            layout.out_of_bounds = true;
+        }
+        if desc.is_write_only() {
+            layout.writable_len += u64::from(seg.len);
+            layout.writable.push(seg);
+        } else {
+            layout.readable_len += u64::from(seg.len);
+            layout.readable.push(seg);
+        }
+    }
+    layout
+}
+
+/// Why a copy through a [`Cursor`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyError {
+    /// The segments ended before the requested number of bytes.
+    Short,
+    /// Guest memory refused the access.
+    Memory,
+}
+
+/// A position in the byte stream formed by a list of segments.
+#[derive(Debug, Clone)]
+pub struct Cursor<'a> {
+    segs: &'a [Segment],
+    index: usize,
+    offset: u32,
+}
+
+impl<'a> Cursor<'a> {
+    /// A cursor at the start of `segs`.
+    pub fn new(segs: &'a [Segment]) -> Self {
+        Cursor {
+            segs,
+            index: 0,
+            offset: 0,
+        }
+    }
+
+    /// Moves forward by `count` bytes.
+    pub fn skip(&mut self, mut count: u64) -> Result<(), CopyError> {
+        while count > 0 {
+            let seg = self.segs.get(self.index).ok_or(CopyError::Short)?;
+            let left = u64::from(seg.len - self.offset);
+            if count < left {
+                // count < left <= u32::MAX.
+                self.offset += count as u32;
+                return Ok(());
+            }
+            count -= left;
+            self.index += 1;
+            self.offset = 0;
+        }
+        Ok(())
+    }
+
+    /// Calls `f(address, length, position in the caller's buffer)` for each piece of the
+    /// next `total` bytes, then moves past them.
+    fn for_each_piece(
+        &mut self,
+        total: usize,
+        mut f: impl FnMut(GuestAddress, usize, usize) -> Result<(), CopyError>,
+    ) -> Result<(), CopyError> {
+        let mut done = 0usize;
+        while done < total {
+            let seg = self.segs.get(self.index).ok_or(CopyError::Short)?;
+            let left = (seg.len - self.offset) as usize;
+            let n = left.min(total - done);
+            let addr = seg
+                .addr
+                .0
+                .checked_add(u64::from(self.offset))
+                .ok_or(CopyError::Memory)?;
+            f(GuestAddress(addr), n, done)?;
+            done += n;
+            if n == left {
+                self.index += 1;
+                self.offset = 0;
+            } else {
+                // n < left <= u32::MAX.
+                self.offset += n as u32;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the next `buf.len()` bytes of the stream into `buf`.
+    pub fn read<M: GuestMemory + ?Sized>(&mut self, mem: &M, buf: &mut [u8]) -> Result<(), CopyError> {
+        let total = buf.len();
+        self.for_each_piece(total, |addr, n, at| {
+            mem.read_slice(&mut buf[at..at + n], addr)
+                .map_err(|_| CopyError::Memory)
+        })
+    }
+
+    /// Copies `buf` into the next `buf.len()` bytes of the stream.
+    pub fn write<M: GuestMemory + ?Sized>(&mut self, mem: &M, buf: &[u8]) -> Result<(), CopyError> {
+        self.for_each_piece(buf.len(), |addr, n, at| {
+            mem.write_slice(&buf[at..at + n], addr)
+                .map_err(|_| CopyError::Memory)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::split::Descriptor;
+    use vm_memory::GuestMemoryMmap;
+
+    const W: u16 = 2; // VRING_DESC_F_WRITE
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
+    }
+
+    #[test]
+    fn walk_splits_and_flags() {
+        let m = mem();
+        let l = walk(
+            &m,
+            vec![
+                Descriptor::new(0x100, 16, 0, 0),
+                Descriptor::new(0x200, 0, 0, 0),
+                Descriptor::new(0x300, 8, W, 0),
+                Descriptor::new(0x400, 1, W, 0),
+            ],
+        );
+        assert!(l.is_sound());
+        assert_eq!(l.readable_len, 16);
+        assert_eq!(l.writable_len, 9);
+        assert_eq!(l.readable.len(), 1);
+        assert_eq!(l.last_writable.unwrap().addr, GuestAddress(0x400));
+
+        let l = walk(&m, vec![Descriptor::new(0x300, 8, W, 0), Descriptor::new(0x100, 8, 0, 0)]);
+        assert!(l.misordered);
+        let l = walk(&m, vec![Descriptor::new(0xfff0, 0x20, 0, 0)]);
+        assert!(l.out_of_bounds);
+        let l = walk(&m, vec![Descriptor::new(u64::MAX - 4, u32::MAX, W, 0)]);
+        assert!(l.out_of_bounds);
+    }
+
+    #[test]
+    fn walk_caps_segments() {
+        let m = mem();
+        let descs: Vec<_> = (0..MAX_CHAIN_SEGMENTS + 10)
+            .map(|i| Descriptor::new(0x100, 1, if i > 5 { W } else { 0 }, 0))
+            .collect();
+        let l = walk(&m, descs);
+        assert!(l.too_long);
+        assert_eq!(l.readable.len() + l.writable.len(), MAX_CHAIN_SEGMENTS);
+        assert!(l.last_writable.is_some());
+    }
+
+    #[test]
+    fn cursor_copies_across_segments() {
+        let m = mem();
+        let segs = [
+            Segment { addr: GuestAddress(0x100), len: 3 },
+            Segment { addr: GuestAddress(0x200), len: 5 },
+        ];
+        let mut c = Cursor::new(&segs);
+        c.write(&m, b"abcdefg").unwrap();
+        assert_eq!(c.write(&m, b"hi"), Err(CopyError::Short));
+        let mut c = Cursor::new(&segs);
+        c.skip(2).unwrap();
+        let mut buf = [0u8; 4];
+        c.read(&m, &mut buf).unwrap();
+        assert_eq!(&buf, b"cdef");
+        assert_eq!(c.skip(3), Err(CopyError::Short));
+    }
+}
