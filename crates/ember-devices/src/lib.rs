@@ -1,6 +1,8 @@
-//! Legacy PC devices for Ember virtual machine monitors: a 16550A serial port, an
-//! i8042 controller that turns the guest's reset into a clean exit, debug-exit and
-//! boot-done ports, and setup of KVM's in-kernel interrupt controllers and PIT.
+//! Devices for Ember virtual machine monitors. Legacy PC devices: a 16550A serial port,
+//! an i8042 controller that turns the guest's reset into a clean exit, debug-exit and
+//! boot-done ports, and setup of KVM's in-kernel interrupt controllers and PIT. Virtio
+//! devices ([`virtio`]): block on a raw image, net on a tap, and an entropy source, each
+//! an [`ember_virtio::VirtioDevice`] served by a worker thread of its own.
 //!
 //! Every device implements [`ember_bus::BusDevice`]: insert it into an
 //! [`ember_bus::Bus`] at its port and the vCPU run loop reaches it through the bus.
@@ -47,8 +49,8 @@
 //!
 //! Modules, one concept each: [`exit`] (how devices ask the VMM to end the VM),
 //! [`irq`] (eventfd interrupt lines), [`serial`], [`i8042`], [`debug_exit`],
-//! [`boot_done`], [`irqchip`] (KVM's in-kernel PIC/IOAPIC/LAPIC and PIT) and
-//! [`error`].
+//! [`boot_done`], [`irqchip`] (KVM's in-kernel PIC/IOAPIC/LAPIC and PIT), [`virtio`]
+//! (virtio-blk, virtio-net with its tap, virtio-rng) and [`error`].
 
 #![deny(missing_docs)]
 
@@ -61,6 +63,7 @@ pub mod irq;
 #[cfg(target_arch = "x86_64")]
 pub mod irqchip;
 pub mod serial;
+pub mod virtio;
 
 #[cfg(test)]
 mod testutil;
@@ -74,3 +77,4 @@ pub use irq::IrqLine;
 #[cfg(target_arch = "x86_64")]
 pub use irqchip::create_irqchip_and_pit;
 pub use serial::{Serial, SerialOutput, SerialStats, COM1_GSI, COM1_PORT, SERIAL_PORT_SIZE};
+pub use virtio::{Block, BlockOptions, Net, NetBackend, Rng, Tap};

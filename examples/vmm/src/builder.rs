@@ -14,6 +14,7 @@ use ember_boot::{
     Cmdline, CMDLINE_MAX_SIZE, HIMEM_START,
 };
 use ember_bus::{Bus, BusError, BusKind};
+use ember_devices::virtio::{Block, BlockOptions, Net, Rng};
 use ember_devices::{
     BootDone, DebugExit, DeviceError, ExitSignal, IrqLine, Serial, SerialOutput, BOOT_DONE_PORT,
     BOOT_DONE_PORT_SIZE, COM1_GSI, COM1_PORT, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_SIZE, I8042,
@@ -22,9 +23,14 @@ use ember_devices::{
 use ember_memory::{
     create_guest_memory, register_memory_slots, HugePages, MemoryError, MemoryLayout,
 };
+use ember_memory::{AddressAllocator, GsiAllocator};
 use ember_vcpu::{regs, BootRegs, Vcpu, VcpuError};
+use ember_virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use ember_virtio::{TransportError, VirtioDevice};
+use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use ember_vcpu::cpuid::CpuTemplate;
 
@@ -86,6 +92,12 @@ pub enum BuildError {
         "kernel {0}: --entry pvh, but the kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)"
     )]
     NoPvhEntry(String),
+    /// A virtio transport could not be created.
+    #[error("virtio device {0}: {1}")]
+    Transport(String, TransportError),
+    /// An eventfd for a device could not be created.
+    #[error("cannot create an eventfd for {0}: {1}")]
+    EventFd(String, std::io::Error),
     /// The MP or ACPI tables could not be written.
     #[error("firmware tables: {0}")]
     Firmware(BootError),
@@ -354,12 +366,65 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
         boot_done.clone(),
     )?;
 
+    // Virtio devices, each in a 4 KiB MMIO window with its own GSI, both from the
+    // allocators. Queue notifications reach the device's worker through ioeventfds and
+    // its interrupts reach the guest through an irqfd: the vCPU only ever touches the
+    // transport's registers. Kernels learn of the devices from the DSDT, or from
+    // `virtio_mmio.device=` for those built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES.
+    let mut virtio: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+    for disk in &config.disks {
+        let block = Block::new(
+            &disk.path,
+            BlockOptions {
+                read_only: disk.read_only,
+            },
+        )?;
+        virtio.push((format!("disk {}", disk.path.display()), Box::new(block)));
+    }
+    for net in &config.nets {
+        virtio.push((
+            format!("net tap={}", net.tap),
+            Box::new(Net::new(&net.tap, net.mac)?),
+        ));
+    }
+    if config.rng {
+        virtio.push(("rng".to_string(), Box::new(Rng::new())));
+    }
+    let (window, window_size) = layout.device_mmio_window();
+    let mut mmio_space = AddressAllocator::new(window, window_size)?;
+    let mut gsis = GsiAllocator::new(5, 23)?;
+    let mut acpi_devices = vec![AcpiDevice::Com1];
+    for (name, device) in virtio {
+        let addr = mmio_space.allocate(MMIO_WINDOW_SIZE, MMIO_WINDOW_SIZE)?;
+        let gsi = gsis.allocate()?;
+        let irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::EventFd(name.clone(), e))?;
+        vm.register_irqfd(&irq, gsi)
+            .map_err(|e| BuildError::Kvm("KVM_IRQFD for a virtio device", e))?;
+        let transport = MmioTransport::new(device, memory.clone(), irq)
+            .map_err(|e| BuildError::Transport(name.clone(), e))?;
+        for (queue, notify) in transport.queue_notify_events() {
+            let at = IoEventAddress::Mmio(addr.0 + QUEUE_NOTIFY_OFFSET);
+            vm.register_ioevent(&notify, &at, u32::from(queue))
+                .map_err(|e| BuildError::Kvm("KVM_IOEVENTFD for a virtio queue", e))?;
+        }
+        mmio.insert(addr.0, MMIO_WINDOW_SIZE, Arc::new(transport))?;
+        cmdline
+            .insert_str(&format!("virtio_mmio.device=4K@{:#x}:{gsi}", addr.0))
+            .map_err(BuildError::Cmdline)?;
+        acpi_devices.push(AcpiDevice::VirtioMmio {
+            addr: addr.0,
+            len: MMIO_WINDOW_SIZE,
+            gsi,
+        });
+        log::info!("{name}: virtio-mmio at {:#x}, GSI {gsi}", addr.0);
+    }
+
     // Firmware tables: an MP table for kernels that read it, and ACPI for those that
     // only read the MADT (Debian's). The FADT says hardware-reduced ACPI, so Linux
     // wires no legacy IRQs by itself: every device with an interrupt is in the DSDT.
     let num_cpus = u8::try_from(config.vcpus).unwrap_or(u8::MAX);
     setup_mptable(&memory, num_cpus).map_err(BuildError::Firmware)?;
-    let acpi_devices = [AcpiDevice::Com1];
     let rsdp = setup_acpi(
         &memory,
         &AcpiConfig {

@@ -107,6 +107,57 @@ fn demo_guest_sees_every_vcpu_and_all_memory() {
 }
 
 #[test]
+fn demo_guest_reads_sector_0_of_a_virtio_disk() {
+    if !kvm_available("demo_guest_reads_sector_0_of_a_virtio_disk") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    let mut image = vec![0u8; 64 * 1024];
+    image[..19].copy_from_slice(b"Hello from the disk");
+    image[19] = 0x01; // not printable: shown as '.'
+    std::fs::write(&disk, &image).unwrap();
+    let out = ember(
+        &[
+            "--disk",
+            &format!("path={},readonly=on", disk.display()),
+            "-v",
+        ],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    let expected = format!(
+        "Ember demo guest: virtio-blk sector 0: Hello from the disk.{}\n",
+        ".".repeat(12)
+    );
+    assert!(text.contains(&expected), "{text}");
+    assert!(
+        stderr(&out).contains("virtio-mmio at 0xd0000000, GSI 5"),
+        "{}",
+        stderr(&out)
+    );
+    // No disk, no virtio line.
+    let out = ember(&[], b"");
+    assert!(!stdout(&out).contains("virtio-blk"), "{}", stdout(&out));
+}
+
+#[test]
+fn missing_or_bad_disk_is_one_clear_error() {
+    assert_one_error_line(
+        &ember(&["--disk", "path=/nonexistent/disk.img"], b""),
+        "/nonexistent/disk.img",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let odd = dir.path().join("odd.img");
+    std::fs::write(&odd, [0u8; 1000]).unwrap();
+    assert_one_error_line(
+        &ember(&["--disk", &format!("path={}", odd.display())], b""),
+        "512",
+    );
+}
+
+#[test]
 fn serial_output_to_a_file_or_nowhere() {
     if !kvm_available("serial_output_to_a_file_or_nowhere") {
         return;

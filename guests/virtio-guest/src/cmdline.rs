@@ -109,3 +109,11 @@ pub fn virtio_mmio_devices(cmdline: &str) -> Vec<VirtioMmioDevice> {
         })
         .collect()
 }
+
+/// The value of the last `key=value` word of a command line, if any.
+pub fn param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline
+        .split_ascii_whitespace()
+        .filter_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+        .last()
+}

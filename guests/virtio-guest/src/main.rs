@@ -7,13 +7,33 @@
 //!
 //! Build it with `ember_guests::rust_guest::build_guest("virtio-guest")`, which passes
 //! the flags it needs (a linker script, no start files, static relocation model).
+//!
+//! What it does comes from its command line, `ember.test=<scenario>`:
+//! - none: the user-mode, heap and float checks, and a probe of every virtio-mmio device;
+//! - `blk`: the first virtio-blk disk: capacity, sector 0 as text, a pattern written to
+//!   sector 1, flushed and read back;
+//! - `blk-ro`: a read-only disk: reads work, a write fails with IOERR;
+//! - `blk-bench`: `ember.mib=<n>` MiB (default 64) read then written in 64 KiB requests,
+//!   with `bench ...` lines for the host to time (`ember.verify=1` checks sector tags);
+//! - `rng`: two 64-byte requests to virtio-rng;
+//! - `net`: an ARP request for 10.0.2.1 on virtio-net, and the reply;
+//! - `calibrate`: `ember.polls=<n>` polling iterations between two lines, to measure
+//!   [`virtio::POLLS_PER_SECOND`] from the host.
+//!
+//! A scenario ends with exit code 0 on success; on failure it prints
+//! `virtio-guest: <scenario> FAIL: <why>` and exits with 1 (2 for an unknown scenario).
+//! `ember.log=<level>` shows virtio-drivers' log messages (default `warn`).
 
 #![no_std]
 #![no_main]
 
 extern crate alloc;
 
+mod blk;
 mod cmdline;
+mod logger;
+mod net;
+mod rng;
 mod rt;
 mod serial;
 mod virtio;
@@ -41,6 +61,11 @@ pub extern "C" fn guest_main(zero_page: u64) -> ! {
     let cmdline = unsafe { cmdline::read(zero_page) };
     println!("virtio-guest: cmdline: {cmdline}");
     let devices = cmdline::virtio_mmio_devices(cmdline);
+    logger::init(cmdline::param(cmdline, "ember.log"));
+
+    if let Some(scenario) = cmdline::param(cmdline, "ember.test") {
+        run_scenario(scenario, cmdline, &devices);
+    }
 
     // The heap, SSE (Rust zeroes, copies and does floating point with it) and float
     // formatting, all in user mode.
@@ -69,4 +94,63 @@ pub extern "C" fn guest_main(zero_page: u64) -> ! {
 
     println!("virtio-guest: done");
     rt::exit(0)
+}
+
+/// Runs `ember.test=<scenario>` and ends the VM: exit code 0 on success, 1 on failure,
+/// 2 for an unknown scenario or parameter.
+fn run_scenario(scenario: &str, cmdline: &str, devices: &[cmdline::VirtioMmioDevice]) -> ! {
+    println!("virtio-guest: scenario {scenario}");
+    let number = |key: &str, default: u64| -> u64 {
+        match cmdline::param(cmdline, key) {
+            None => default,
+            Some(value) => value.parse().unwrap_or_else(|_| {
+                println!("virtio-guest: {scenario} FAIL: {key}={value} is not a number");
+                rt::exit(2)
+            }),
+        }
+    };
+    let result = match scenario {
+        "blk" => blk::blk(devices),
+        "blk-ro" => blk::blk_ro(devices),
+        "blk-bench" => blk::bench(
+            devices,
+            number("ember.mib", 64),
+            number("ember.verify", 0) != 0,
+        ),
+        "rng" => rng::rng(devices),
+        "net" => net::net(devices),
+        "calibrate" => {
+            calibrate(number("ember.polls", 10 * virtio::POLLS_PER_SECOND));
+            Ok(())
+        }
+        _ => {
+            println!(
+                "virtio-guest: unknown scenario {scenario:?} \
+                 (blk, blk-ro, blk-bench, rng, net, calibrate)"
+            );
+            rt::exit(2)
+        }
+    };
+    let bounced = virtio::bounced();
+    match result {
+        Ok(()) => {
+            println!("virtio-guest: {scenario} passed ({bounced} buffers bounced into the DMA region)");
+            rt::exit(0)
+        }
+        Err(why) => {
+            println!("virtio-guest: {scenario} FAIL: {why}");
+            rt::exit(1)
+        }
+    }
+}
+
+/// Spins `polls` iterations of the loop [`virtio::poll`] runs (a memory read and a
+/// `pause`) between two lines the host can time.
+fn calibrate(polls: u64) {
+    let flag = core::sync::atomic::AtomicU16::new(0);
+    println!("virtio-guest: calibrate start {polls}");
+    let got = virtio::poll(polls, || {
+        (flag.load(core::sync::atomic::Ordering::Acquire) != 0).then_some(())
+    });
+    println!("virtio-guest: calibrate done {}", u8::from(got.is_some()));
 }

@@ -84,6 +84,14 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
 #[no_mangle]
 extern "C" fn rust_eh_personality() {}
 
+/// The prebuilt `alloc` (e.g. `alloc::fmt::format`) has cleanup paths that end in a call
+/// to this; with `panic = "abort"` nothing ever unwinds, so it is never called.
+#[no_mangle]
+extern "C" fn _Unwind_Resume() -> ! {
+    serial::print(format_args!("virtio-guest: _Unwind_Resume called\n"));
+    exit(102)
+}
+
 // The memory functions the compiler emits calls to. They are written in assembly (or,
 // for the comparisons, with volatile reads) so the compiler cannot turn them into calls
 // to themselves.

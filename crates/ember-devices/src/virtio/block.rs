@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ember_virtio::{
-    device_type, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC,
+    device_type, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use log::warn;
 use virtio_queue::desc::split::Descriptor;
@@ -202,7 +202,13 @@ impl Disk {
         )
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, bounce: &mut [u8]) -> io::Result<()> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        bounce: &mut [u8],
+    ) -> io::Result<()> {
         if unmap && self.punch_hole && self.punch(offset, len).is_ok() {
             return Ok(());
         }
@@ -233,8 +239,10 @@ impl Disk {
 }
 
 fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-    let offset = libc::off64_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let len = libc::off64_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let offset =
+        libc::off64_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let len =
+        libc::off64_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: fallocate only reads its integer arguments; the fd is valid for the call.
     let ret = unsafe { libc::fallocate64(file.as_raw_fd(), mode, offset, len) };
     if ret == 0 {
@@ -301,7 +309,13 @@ impl Completion {
 /// through `bounce` (any non-empty size; [`BOUNCE_SIZE`] in the device), and writes the
 /// status byte. `features` are the negotiated features (`DISCARD`, `WRITE_ZEROES` and
 /// `FLUSH` matter). Never panics, whatever the chain holds.
-pub fn process_request<M, I>(disk: &Disk, mem: &M, chain: I, features: u64, bounce: &mut [u8]) -> Completion
+pub fn process_request<M, I>(
+    disk: &Disk,
+    mem: &M,
+    chain: I,
+    features: u64,
+    bounce: &mut [u8],
+) -> Completion
 where
     M: GuestMemory + ?Sized,
     I: IntoIterator<Item = Descriptor>,
@@ -352,7 +366,8 @@ fn execute<M: GuestMemory + ?Sized>(
     }
     let req_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let sector = u64::from_le_bytes([
-        header[8], header[9], header[10], header[11], header[12], header[13], header[14], header[15],
+        header[8], header[9], header[10], header[11], header[12], header[13], header[14],
+        header[15],
     ]);
     // Sound chain: the status segment is the last writable one, so this is >= 1.
     let in_len = layout.writable_len.saturating_sub(1);
@@ -372,7 +387,10 @@ fn execute<M: GuestMemory + ?Sized>(
             let mut done = 0u64;
             while done < in_len {
                 let n = (in_len - done).min(bounce.len() as u64) as usize;
-                if disk.file.read_exact_at(&mut bounce[..n], offset + done).is_err()
+                if disk
+                    .file
+                    .read_exact_at(&mut bounce[..n], offset + done)
+                    .is_err()
                     || writer.write(mem, &bounce[..n]).is_err()
                 {
                     return (VIRTIO_BLK_S_IOERR, done);
@@ -430,11 +448,12 @@ fn execute<M: GuestMemory + ?Sized>(
             } else {
                 disk.supports_write_zeroes()
             };
-            if features & needed == 0 || !supported {
-                return (VIRTIO_BLK_S_UNSUPP, 0);
-            }
+            // Like any write, refused on a read-only disk (where neither is offered).
             if disk.read_only {
                 return (VIRTIO_BLK_S_IOERR, 0);
+            }
+            if features & needed == 0 || !supported {
+                return (VIRTIO_BLK_S_UNSUPP, 0);
             }
             let status = discard_or_write_zeroes(disk, mem, &mut reader, out_len, discard, bounce);
             if status == VIRTIO_BLK_S_OK && writethrough && disk.file.sync_data().is_err() {
@@ -519,7 +538,10 @@ fn discard_or_write_zeroes<M: GuestMemory + ?Sized>(
             if discard && e.raw_os_error() == Some(libc::EOPNOTSUPP) {
                 continue;
             }
-            warn!("virtio-blk {}: discard/write-zeroes failed: {e}", disk.path.display());
+            warn!(
+                "virtio-blk {}: discard/write-zeroes failed: {e}",
+                disk.path.display()
+            );
             return VIRTIO_BLK_S_IOERR;
         }
     }
@@ -633,7 +655,8 @@ impl VirtioDevice for Block {
             features: activation.features,
             bounce: vec![0; BOUNCE_SIZE],
         };
-        let worker = Worker::spawn("blk", handler, activation).map_err(ActivateError::Start)?;
+        let worker =
+            Worker::spawn("blk", handler, activation).map_err(|(e, _)| ActivateError::Start(e))?;
         self.worker = Some(worker);
         Ok(())
     }

@@ -13,7 +13,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 /// At most this many non-empty descriptors of a chain are kept. Longer chains are marked
-/// [`ChainLayout::too_long`]. 1024 is four times the largest queue Ember offers (256), so
+/// malformed (too long). 1024 is four times the largest queue Ember offers (256), so
 /// only indirect tables can get there.
 pub const MAX_CHAIN_SEGMENTS: usize = 1024;
 
@@ -38,8 +38,8 @@ pub struct ChainLayout {
     pub readable_len: u64,
     /// Total bytes of the writable segments kept.
     pub writable_len: u64,
-    /// The last non-empty writable descriptor of the whole chain, even when the chain is
-    /// [`too_long`](Self::too_long) (where a status byte goes).
+    /// The chain's last non-empty descriptor if it is device-writable (where a status
+    /// byte goes), even when the chain is [`too_long`](Self::too_long).
     pub last_writable: Option<Segment>,
     /// A readable descriptor followed a writable one (virtio 1.2, 2.7.4.2 forbids it).
     pub misordered: bool,
@@ -77,8 +77,11 @@ where
         if desc.is_write_only() {
             seen_writable = true;
             layout.last_writable = Some(seg);
-        } else if seen_writable {
-            layout.misordered = true;
+        } else {
+            layout.last_writable = None;
+            if seen_writable {
+                layout.misordered = true;
+            }
         }
         if kept >= MAX_CHAIN_SEGMENTS {
             layout.too_long = true;
@@ -132,23 +135,6 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    /// Moves forward by `count` bytes.
-    pub fn skip(&mut self, mut count: u64) -> Result<(), CopyError> {
-        while count > 0 {
-            let seg = self.segs.get(self.index).ok_or(CopyError::Short)?;
-            let left = u64::from(seg.len - self.offset);
-            if count < left {
-                // count < left <= u32::MAX.
-                self.offset += count as u32;
-                return Ok(());
-            }
-            count -= left;
-            self.index += 1;
-            self.offset = 0;
-        }
-        Ok(())
-    }
-
     /// Calls `f(address, length, position in the caller's buffer)` for each piece of the
     /// next `total` bytes, then moves past them.
     fn for_each_piece(
@@ -180,7 +166,11 @@ impl<'a> Cursor<'a> {
     }
 
     /// Copies the next `buf.len()` bytes of the stream into `buf`.
-    pub fn read<M: GuestMemory + ?Sized>(&mut self, mem: &M, buf: &mut [u8]) -> Result<(), CopyError> {
+    pub fn read<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        buf: &mut [u8],
+    ) -> Result<(), CopyError> {
         let total = buf.len();
         self.for_each_piece(total, |addr, n, at| {
             mem.read_slice(&mut buf[at..at + n], addr)
@@ -227,8 +217,15 @@ mod tests {
         assert_eq!(l.readable.len(), 1);
         assert_eq!(l.last_writable.unwrap().addr, GuestAddress(0x400));
 
-        let l = walk(&m, vec![Descriptor::new(0x300, 8, W, 0), Descriptor::new(0x100, 8, 0, 0)]);
+        let l = walk(
+            &m,
+            vec![
+                Descriptor::new(0x300, 8, W, 0),
+                Descriptor::new(0x100, 8, 0, 0),
+            ],
+        );
         assert!(l.misordered);
+        assert_eq!(l.last_writable, None);
         let l = walk(&m, vec![Descriptor::new(0xfff0, 0x20, 0, 0)]);
         assert!(l.out_of_bounds);
         let l = walk(&m, vec![Descriptor::new(u64::MAX - 4, u32::MAX, W, 0)]);
@@ -251,17 +248,25 @@ mod tests {
     fn cursor_copies_across_segments() {
         let m = mem();
         let segs = [
-            Segment { addr: GuestAddress(0x100), len: 3 },
-            Segment { addr: GuestAddress(0x200), len: 5 },
+            Segment {
+                addr: GuestAddress(0x100),
+                len: 3,
+            },
+            Segment {
+                addr: GuestAddress(0x200),
+                len: 5,
+            },
         ];
         let mut c = Cursor::new(&segs);
         c.write(&m, b"abcdefg").unwrap();
         assert_eq!(c.write(&m, b"hi"), Err(CopyError::Short));
         let mut c = Cursor::new(&segs);
-        c.skip(2).unwrap();
+        let mut buf = [0u8; 2];
+        c.read(&m, &mut buf).unwrap();
         let mut buf = [0u8; 4];
         c.read(&m, &mut buf).unwrap();
         assert_eq!(&buf, b"cdef");
-        assert_eq!(c.skip(3), Err(CopyError::Short));
+        let mut buf = [0u8; 3];
+        assert_eq!(c.read(&m, &mut buf), Err(CopyError::Short));
     }
 }

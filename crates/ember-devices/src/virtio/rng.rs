@@ -7,8 +7,8 @@
 use std::io;
 
 use ember_virtio::{
-    device_type, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC,
+    device_type, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use log::warn;
 use virtio_queue::desc::split::Descriptor;
@@ -124,7 +124,8 @@ impl VirtioDevice for Rng {
                 got: activation.queues.len(),
             });
         }
-        let worker = Worker::spawn("rng", RngHandler, activation).map_err(ActivateError::Start)?;
+        let worker = Worker::spawn("rng", RngHandler, activation)
+            .map_err(|(e, _)| ActivateError::Start(e))?;
         self.worker = Some(worker);
         Ok(())
     }
@@ -144,7 +145,9 @@ impl QueueHandler for RngHandler {
             return;
         };
         let mem = &ctx.mem;
-        let drained = drain_queue(mem, &mut q.queue, QUEUE_BUDGET, |chain| process_request(mem, chain));
+        let drained = drain_queue(mem, &mut q.queue, QUEUE_BUDGET, |chain| {
+            process_request(mem, chain)
+        });
         if drained.handled > 0 {
             ctx.signal_used(queue);
         }
@@ -170,7 +173,11 @@ mod tests {
     fn fills_writable_buffers() {
         let m = mem();
         let mut d = Driver::new(&m, 0, 16);
-        d.add(&[(DATA, 100, false), (DATA + 0x1000, 300, true), (DATA + 0x2000, 200, true)]);
+        d.add(&[
+            (DATA, 100, false),
+            (DATA + 0x1000, 300, true),
+            (DATA + 0x2000, 200, true),
+        ]);
         let mut q = d.queue();
         assert_eq!(pop_and_process(&m, &mut q), 500);
         // Readable buffer untouched; 500 random bytes are not all zero.

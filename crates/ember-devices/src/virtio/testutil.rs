@@ -108,7 +108,13 @@ impl<'a> Driver<'a> {
 
     /// Used ring element `i`: (id, len).
     pub fn used(&self, i: u16) -> (u32, u32) {
-        let e = self.vq.used().ring().ref_at((i % self.size) as usize).unwrap().load();
+        let e = self
+            .vq
+            .used()
+            .ring()
+            .ref_at((i % self.size) as usize)
+            .unwrap()
+            .load();
         (e.id(), e.len())
     }
 

@@ -12,12 +12,14 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
-use ember_virtio::{Activation, ActiveQueue, InterruptKind, VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX};
-use log::{error, warn};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use ember_virtio::{
+    Activation, ActiveQueue, InterruptKind, VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX,
+};
+use log::{debug, error, warn};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -57,6 +59,8 @@ pub(crate) struct WorkerContext {
     pub interrupt: Arc<dyn VirtioInterrupt>,
     epoll: Epoll,
     backend_fds: Vec<RawFd>,
+    /// Backend fds still in the epoll set (one that hung up or failed is removed).
+    backend_live: Vec<bool>,
 }
 
 impl WorkerContext {
@@ -67,7 +71,10 @@ impl WorkerContext {
             return;
         };
         let needed = q.queue.needs_notification(&self.mem).unwrap_or_else(|e| {
-            warn!("virtio queue {}: cannot read used_event ({e}); interrupting", q.index);
+            warn!(
+                "virtio queue {}: cannot read used_event ({e}); interrupting",
+                q.index
+            );
             true
         });
         if needed {
@@ -81,7 +88,10 @@ impl WorkerContext {
     pub fn kick(&self, queue: usize) {
         if let Some(q) = self.queues.get(queue) {
             if let Err(e) = q.notify.write(1) {
-                error!("virtio queue {}: cannot re-signal the notify eventfd: {e}", q.index);
+                error!(
+                    "virtio queue {}: cannot re-signal the notify eventfd: {e}",
+                    q.index
+                );
             }
         }
     }
@@ -91,11 +101,37 @@ impl WorkerContext {
         let Some(&fd) = self.backend_fds.get(index) else {
             return;
         };
-        let events = if watch { EventSet::IN } else { EventSet::empty() };
+        if !self.backend_live.get(index).copied().unwrap_or(false) {
+            return;
+        }
+        let events = if watch {
+            EventSet::IN
+        } else {
+            EventSet::empty()
+        };
         let event = EpollEvent::new(events, BACKEND_TOKEN_BASE + index as u64);
         if let Err(e) = self.epoll.ctl(ControlOperation::Modify, fd, event) {
             error!("virtio worker: cannot change the interest in backend fd {fd}: {e}");
         }
+    }
+}
+
+impl WorkerContext {
+    fn drop_backend(&mut self, index: usize) {
+        let (Some(&fd), Some(live)) = (
+            self.backend_fds.get(index),
+            self.backend_live.get_mut(index),
+        ) else {
+            return;
+        };
+        if !*live {
+            return;
+        }
+        *live = false;
+        error!("virtio worker: backend fd {fd} hung up or failed; no longer polling it");
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
     }
 }
 
@@ -114,7 +150,12 @@ pub(crate) struct Drained {
 /// A ring whose avail index runs ahead of what can be popped (an invalid index from a
 /// buggy or hostile driver) does not spin: after two rounds that pop nothing the
 /// function gives up until the next notification.
-pub(crate) fn drain_queue<F>(mem: &GuestMemoryMmap, queue: &mut Queue, budget: usize, mut handle: F) -> Drained
+pub(crate) fn drain_queue<F>(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    budget: usize,
+    mut handle: F,
+) -> Drained
 where
     F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
 {
@@ -134,7 +175,10 @@ where
             }
             handled += 1;
             if handled >= budget {
-                return Drained { handled, more: true };
+                return Drained {
+                    handled,
+                    more: true,
+                };
             }
         }
         match queue.enable_notification(mem) {
@@ -142,7 +186,8 @@ where
                 if !popped {
                     empty_rounds += 1;
                     if empty_rounds >= 2 {
-                        warn!("virtio queue: avail index ahead of poppable chains; ignoring until the next notification");
+                        // Guest-triggered: keep it out of the default log level.
+                        debug!("virtio queue: avail index ahead of poppable chains; ignoring until the next notification");
                         break;
                     }
                 }
@@ -154,19 +199,23 @@ where
             }
         }
     }
-    Drained { handled, more: false }
+    Drained {
+        handled,
+        more: false,
+    }
 }
 
 /// A running worker thread; dropping it stops it.
 pub(crate) struct Worker<H> {
     stop: EventFd,
-    thread: Option<JoinHandle<H>>,
+    thread: Option<JoinHandle<Option<H>>>,
 }
 
 impl<H: QueueHandler> Worker<H> {
     /// Starts thread `ember-virtio-<kind>` serving `activation`'s queues with `handler`.
-    /// Queues have EVENT_IDX set according to the negotiated features.
-    pub fn spawn(kind: &str, handler: H, activation: Activation) -> io::Result<Self> {
+    /// Queues have EVENT_IDX set according to the negotiated features. On failure the
+    /// handler comes back with the error, so a device keeps its backend.
+    pub fn spawn(kind: &str, handler: H, activation: Activation) -> Result<Self, (io::Error, H)> {
         let Activation {
             mem,
             mut queues,
@@ -174,40 +223,42 @@ impl<H: QueueHandler> Worker<H> {
             features,
         } = activation;
         for q in &mut queues {
-            q.queue.set_event_idx(features & VIRTIO_RING_F_EVENT_IDX != 0);
-        }
-        let stop = EventFd::new(EFD_NONBLOCK)?;
-        let epoll = Epoll::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            stop.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, STOP_TOKEN),
-        )?;
-        for (i, q) in queues.iter().enumerate() {
-            epoll.ctl(
-                ControlOperation::Add,
-                q.notify.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, QUEUE_TOKEN_BASE + i as u64),
-            )?;
+            q.queue
+                .set_event_idx(features & VIRTIO_RING_F_EVENT_IDX != 0);
         }
         let backend_fds = handler.backend_fds();
-        for (j, &fd) in backend_fds.iter().enumerate() {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, BACKEND_TOKEN_BASE + j as u64),
-            )?;
-        }
+        let (stop, epoll) = match set_up_epoll(&queues, &backend_fds) {
+            Ok(pair) => pair,
+            Err(e) => return Err((e, handler)),
+        };
         let ctx = WorkerContext {
             mem,
             queues,
             interrupt,
             epoll,
+            backend_live: vec![true; backend_fds.len()],
             backend_fds,
         };
-        let thread = std::thread::Builder::new()
+        // The handler travels through a channel, so that it is still ours if the thread
+        // cannot be created.
+        let (send, recv) = mpsc::channel::<(H, WorkerContext)>();
+        let spawned = std::thread::Builder::new()
             .name(format!("ember-virtio-{kind}"))
-            .spawn(move || run(handler, ctx))?;
+            .spawn(move || {
+                let (handler, ctx) = recv.recv().ok()?;
+                Some(run(handler, ctx))
+            });
+        let thread = match spawned {
+            Ok(thread) => thread,
+            Err(e) => return Err((e, handler)),
+        };
+        if let Err(mpsc::SendError((handler, _))) = send.send((handler, ctx)) {
+            let _ = thread.join();
+            return Err((
+                io::Error::other("the worker thread exited at once"),
+                handler,
+            ));
+        }
         Ok(Worker {
             stop,
             thread: Some(thread),
@@ -226,7 +277,7 @@ impl<H: QueueHandler> Worker<H> {
             error!("virtio worker: cannot signal stop: {e}");
         }
         match thread.join() {
-            Ok(handler) => Some(handler),
+            Ok(handler) => handler,
             Err(_) => {
                 error!("virtio worker thread panicked");
                 None
@@ -252,6 +303,33 @@ impl<H> Drop for Worker<H> {
     }
 }
 
+/// The stop eventfd and an epoll set with it, every queue's notify eventfd and the
+/// backend fds.
+fn set_up_epoll(queues: &[ActiveQueue], backend_fds: &[RawFd]) -> io::Result<(EventFd, Epoll)> {
+    let stop = EventFd::new(EFD_NONBLOCK)?;
+    let epoll = Epoll::new()?;
+    epoll.ctl(
+        ControlOperation::Add,
+        stop.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, STOP_TOKEN),
+    )?;
+    for (i, q) in queues.iter().enumerate() {
+        epoll.ctl(
+            ControlOperation::Add,
+            q.notify.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, QUEUE_TOKEN_BASE + i as u64),
+        )?;
+    }
+    for (j, &fd) in backend_fds.iter().enumerate() {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, BACKEND_TOKEN_BASE + j as u64),
+        )?;
+    }
+    Ok((stop, epoll))
+}
+
 fn run<H: QueueHandler>(mut handler: H, mut ctx: WorkerContext) -> H {
     // Serve whatever the driver queued before activation.
     for i in 0..ctx.queues.len() {
@@ -275,13 +353,26 @@ fn run<H: QueueHandler>(mut handler: H, mut ctx: WorkerContext) -> H {
             if token >= BACKEND_TOKEN_BASE {
                 let index = (token - BACKEND_TOKEN_BASE) as usize;
                 handler.backend_ready(&mut ctx, index);
+                // epoll reports hang-ups and errors whatever the interest set, so a dead
+                // backend fd would wake the loop forever: stop polling it.
+                if ev
+                    .event_set()
+                    .intersects(EventSet::HANG_UP | EventSet::ERROR)
+                {
+                    ctx.drop_backend(index);
+                }
             } else if token >= QUEUE_TOKEN_BASE {
                 let index = (token - QUEUE_TOKEN_BASE) as usize;
-                let Some(q) = ctx.queues.get(index) else { continue };
+                let Some(q) = ctx.queues.get(index) else {
+                    continue;
+                };
                 // Readable per epoll, so this does not block even on a blocking eventfd.
                 if let Err(e) = q.notify.read() {
                     if e.kind() != io::ErrorKind::WouldBlock {
-                        error!("virtio queue {}: cannot read the notify eventfd: {e}", q.index);
+                        error!(
+                            "virtio queue {}: cannot read the notify eventfd: {e}",
+                            q.index
+                        );
                     }
                 }
                 handler.queue_notified(&mut ctx, index);

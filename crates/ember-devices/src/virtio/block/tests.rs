@@ -1,0 +1,782 @@
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+
+use ember_virtio::InterruptKind;
+use tempfile::NamedTempFile;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::QueueT;
+use vm_memory::GuestMemoryMmap;
+
+use super::*;
+use crate::virtio::testutil::*;
+
+const SECTORS: u64 = 64;
+const HDR: u64 = 0x20_0000;
+const BUF: u64 = 0x30_0000;
+const STATUS: u64 = 0x40_0000;
+const ALL: u64 = VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
+
+/// A temp image of `SECTORS` sectors where byte i is (i / 512) as u8 ^ (i as u8).
+fn image() -> NamedTempFile {
+    let mut f = NamedTempFile::new().unwrap();
+    let data: Vec<u8> = (0..SECTORS * 512)
+        .map(|i| ((i / 512) as u8) ^ (i as u8))
+        .collect();
+    f.write_all(&data).unwrap();
+    f.flush().unwrap();
+    f
+}
+
+fn open(f: &NamedTempFile, read_only: bool) -> Disk {
+    Disk::open(f.path(), BlockOptions { read_only }).unwrap()
+}
+
+fn expected(offset: u64, len: usize) -> Vec<u8> {
+    (offset..offset + len as u64)
+        .map(|i| ((i / 512) as u8) ^ (i as u8))
+        .collect()
+}
+
+fn header(m: &GuestMemoryMmap, req_type: u32, sector: u64) {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&req_type.to_le_bytes());
+    h[4..8].copy_from_slice(&0xdead_beefu32.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    fill(m, HDR, &h);
+}
+
+fn r(addr: u64, len: u32) -> Descriptor {
+    Descriptor::new(addr, len, 0, 0)
+}
+
+fn w(addr: u64, len: u32) -> Descriptor {
+    Descriptor::new(addr, len, WRITE, 0)
+}
+
+fn run(disk: &Disk, m: &GuestMemoryMmap, descs: Vec<Descriptor>, features: u64) -> Completion {
+    let mut bounce = vec![0u8; 4096]; // small, to exercise chunking
+    fill(m, STATUS, &[0xee]);
+    process_request(disk, m, descs, features, &mut bounce)
+}
+
+fn status(m: &GuestMemoryMmap) -> u8 {
+    read(m, STATUS, 1)[0]
+}
+
+fn ok(used_len: u32) -> Completion {
+    Completion {
+        used_len,
+        status: Some(VIRTIO_BLK_S_OK),
+    }
+}
+
+const IOERR: Completion = Completion {
+    used_len: 1,
+    status: Some(VIRTIO_BLK_S_IOERR),
+};
+const UNSUPP: Completion = Completion {
+    used_len: 1,
+    status: Some(VIRTIO_BLK_S_UNSUPP),
+};
+
+#[test]
+fn open_errors_say_which() {
+    let err = Disk::open("/nonexistent/ember.img", BlockOptions::default()).unwrap_err();
+    assert!(
+        matches!(err, DeviceError::DiskImage { op: "open", .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("/nonexistent/ember.img"));
+    let mut f = NamedTempFile::new().unwrap();
+    f.write_all(&[0u8; 1000]).unwrap();
+    let err = Block::new(f.path(), BlockOptions::default()).unwrap_err();
+    assert!(
+        matches!(err, DeviceError::DiskSize { size: 1000, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("not a multiple of 512"));
+}
+
+#[test]
+fn features_and_config() {
+    let f = image();
+    let dev = Block::from_disk(open(&f, false));
+    let feats = dev.device_features();
+    for bit in [
+        VIRTIO_F_VERSION_1,
+        VIRTIO_RING_F_EVENT_IDX,
+        VIRTIO_RING_F_INDIRECT_DESC,
+        VIRTIO_BLK_F_SEG_MAX,
+        VIRTIO_BLK_F_BLK_SIZE,
+        VIRTIO_BLK_F_FLUSH,
+    ] {
+        assert_ne!(feats & bit, 0, "{bit:#x}");
+    }
+    assert_eq!(feats & VIRTIO_BLK_F_RO, 0);
+    assert_eq!(
+        feats & VIRTIO_BLK_F_DISCARD != 0,
+        dev.disk().supports_discard()
+    );
+    assert_eq!(dev.device_type(), device_type::BLOCK);
+    assert_eq!(dev.queue_max_sizes(), &[256]);
+
+    let mut cap = [0u8; 8];
+    dev.read_config(0, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), SECTORS);
+    let mut v = [0u8; 4];
+    dev.read_config(12, &mut v);
+    assert_eq!(u32::from_le_bytes(v), SEG_MAX);
+    dev.read_config(20, &mut v);
+    assert_eq!(u32::from_le_bytes(v), 512);
+    if dev.disk().supports_discard() {
+        dev.read_config(40, &mut v);
+        assert_eq!(u32::from_le_bytes(v), MAX_DWZ_SEGMENTS);
+    }
+    // Odd offsets and widths, and reads off the end.
+    let mut b = [0u8; 1];
+    dev.read_config(0, &mut b);
+    assert_eq!(b[0], SECTORS as u8);
+    let mut tail = [0xaau8; 8];
+    dev.read_config(CONFIG_SIZE as u64 - 2, &mut tail);
+    assert_eq!(tail[2..], [0xaa; 6]);
+    let mut out = [0xaau8; 4];
+    dev.read_config(0x1000, &mut out);
+    dev.read_config(u64::MAX, &mut out);
+    assert_eq!(out, [0xaa; 4]);
+
+    let mut dev = dev;
+    dev.write_config(0, &[0xff; 8]);
+    dev.read_config(0, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), SECTORS);
+
+    let ro = Block::new(f.path(), BlockOptions { read_only: true }).unwrap();
+    let feats = ro.device_features();
+    assert_ne!(feats & VIRTIO_BLK_F_RO, 0);
+    assert_eq!(
+        feats & (VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES),
+        0
+    );
+}
+
+#[test]
+fn in_out_round_trip() {
+    let f = image();
+    let disk = open(&f, false);
+    let m = mem();
+
+    // Read sectors 3..5 into two buffers split at an odd place.
+    header(&m, VIRTIO_BLK_T_IN, 3);
+    let c = run(
+        &disk,
+        &m,
+        vec![r(HDR, 16), w(BUF, 700), w(BUF + 0x1000, 324), w(STATUS, 1)],
+        ALL,
+    );
+    assert_eq!(c, ok(1025));
+    assert_eq!(status(&m), VIRTIO_BLK_S_OK);
+    let mut got = read(&m, BUF, 700);
+    got.extend(read(&m, BUF + 0x1000, 324));
+    assert_eq!(got, expected(3 * 512, 1024));
+
+    // Header and status may share descriptors with data: one readable and one writable
+    // descriptor carrying data + status.
+    header(&m, VIRTIO_BLK_T_IN, 0);
+    let c = run(&disk, &m, vec![r(HDR, 16), w(BUF, 513)], ALL);
+    assert_eq!(c, ok(513));
+    assert_eq!(read(&m, BUF, 512), expected(0, 512));
+    assert_eq!(read(&m, BUF + 512, 1)[0], VIRTIO_BLK_S_OK);
+
+    // Write sector 10..12 from a buffer that follows the header in the same descriptor.
+    let data: Vec<u8> = (0..1024u32).map(|i| (i * 7) as u8).collect();
+    header(&m, VIRTIO_BLK_T_OUT, 10);
+    fill(&m, HDR + 16, &data);
+    let c = run(&disk, &m, vec![r(HDR, 16 + 1024), w(STATUS, 1)], ALL);
+    assert_eq!(c, ok(1));
+    let mut on_disk = vec![0u8; 1024];
+    f.as_file().read_exact_at(&mut on_disk, 10 * 512).unwrap();
+    assert_eq!(on_disk, data);
+
+    // ...and read it back through the device.
+    header(&m, VIRTIO_BLK_T_IN, 10);
+    let c = run(&disk, &m, vec![r(HDR, 16), w(BUF, 1024), w(STATUS, 1)], 0);
+    assert_eq!(c, ok(1025));
+    assert_eq!(read(&m, BUF, 1024), data);
+
+    // The last sector exactly, and zero-length reads at the end, are fine.
+    header(&m, VIRTIO_BLK_T_IN, SECTORS - 1);
+    assert_eq!(
+        run(&disk, &m, vec![r(HDR, 16), w(BUF, 512), w(STATUS, 1)], 0),
+        ok(513)
+    );
+    header(&m, VIRTIO_BLK_T_IN, SECTORS);
+    assert_eq!(run(&disk, &m, vec![r(HDR, 16), w(STATUS, 1)], 0), ok(1));
+}
+
+#[test]
+fn flush_get_id_and_unsupported() {
+    let f = image();
+    let disk = open(&f, false);
+    let m = mem();
+
+    header(&m, VIRTIO_BLK_T_FLUSH, 0);
+    assert_eq!(run(&disk, &m, vec![r(HDR, 16), w(STATUS, 1)], ALL), ok(1));
+    assert_eq!(status(&m), VIRTIO_BLK_S_OK);
+
+    header(&m, VIRTIO_BLK_T_GET_ID, 0);
+    fill(&m, BUF, &[0xff; 32]);
+    assert_eq!(
+        run(&disk, &m, vec![r(HDR, 16), w(BUF, 20), w(STATUS, 1)], ALL),
+        ok(21)
+    );
+    let id = read(&m, BUF, 20);
+    let ino = std::os::unix::fs::MetadataExt::ino(&f.as_file().metadata().unwrap());
+    let name = format!("ember-{ino}");
+    assert_eq!(&id[..name.len()], name.as_bytes());
+    assert!(id[name.len()..].iter().all(|&b| b == 0));
+    assert_eq!(read(&m, BUF + 20, 1)[0], 0xff, "GET_ID wrote past 20 bytes");
+    assert_eq!(disk.id(), id[..]);
+
+    // A shorter id buffer gets a prefix.
+    assert_eq!(
+        run(&disk, &m, vec![r(HDR, 16), w(BUF, 4), w(STATUS, 1)], ALL),
+        ok(5)
+    );
+
+    for t in [2, 3, 5, 7, 9, 12, 14, u32::MAX] {
+        header(&m, t, 0);
+        assert_eq!(
+            run(&disk, &m, vec![r(HDR, 16), w(BUF, 512), w(STATUS, 1)], ALL),
+            UNSUPP,
+            "type {t}"
+        );
+        assert_eq!(status(&m), VIRTIO_BLK_S_UNSUPP);
+    }
+}
+
+#[test]
+fn read_only_disk_refuses_writes() {
+    let f = image();
+    let disk = open(&f, true);
+    let m = mem();
+    header(&m, VIRTIO_BLK_T_OUT, 0);
+    fill(&m, BUF, &[0x11; 512]);
+    assert_eq!(
+        run(&disk, &m, vec![r(HDR, 16), r(BUF, 512), w(STATUS, 1)], ALL),
+        IOERR
+    );
+    assert_eq!(status(&m), VIRTIO_BLK_S_IOERR);
+    let mut on_disk = vec![0u8; 512];
+    f.as_file().read_exact_at(&mut on_disk, 0).unwrap();
+    assert_eq!(on_disk, expected(0, 512));
+
+    // Discard / write zeroes are writes too (and not offered).
+    for t in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+        header(&m, t, 0);
+        fill(&m, BUF, &[0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            run(&disk, &m, vec![r(HDR, 16), r(BUF, 16), w(STATUS, 1)], ALL),
+            IOERR
+        );
+    }
+
+    // Reads and flushes still work.
+    header(&m, VIRTIO_BLK_T_IN, 1);
+    assert_eq!(
+        run(&disk, &m, vec![r(HDR, 16), w(BUF, 512), w(STATUS, 1)], ALL),
+        ok(513)
+    );
+    assert_eq!(read(&m, BUF, 512), expected(512, 512));
+    header(&m, VIRTIO_BLK_T_FLUSH, 0);
+    assert_eq!(run(&disk, &m, vec![r(HDR, 16), w(STATUS, 1)], ALL), ok(1));
+}
+
+#[test]
+fn malformed_requests_get_ioerr() {
+    let f = image();
+    let disk = open(&f, false);
+    let m = mem();
+
+    // Header too short, header write-only, header split over a writable descriptor.
+    header(&m, VIRTIO_BLK_T_IN, 0);
+    assert_eq!(run(&disk, &m, vec![r(HDR, 8), w(STATUS, 1)], ALL), IOERR);
+    assert_eq!(
+        run(&disk, &m, vec![w(HDR, 16), w(BUF, 512), w(STATUS, 1)], ALL),
+        IOERR
+    );
+    assert_eq!(
+        run(&disk, &m, vec![r(HDR, 8), w(HDR + 8, 8), w(STATUS, 1)], ALL),
+        IOERR
+    );
+
+    // Data not a multiple of 512, both directions.
+    assert_eq!(
+        run(&disk, &m, vec![r(HDR, 16), w(BUF, 511), w(STATUS, 1)], ALL),
+        IOERR
+    );
+    header(&m, VIRTIO_BLK_T_OUT, 0);
+    assert_eq!(
+        run(&disk, &m, vec![r(HDR, 16), r(BUF, 100), w(STATUS, 1)], ALL),
+        IOERR
+    );
+
+    // Past the end, and arithmetic that would overflow.
+    for (t, sector, len) in [
+        (VIRTIO_BLK_T_IN, SECTORS, 512),
+        (VIRTIO_BLK_T_IN, SECTORS - 1, 1024),
+        (VIRTIO_BLK_T_OUT, SECTORS, 512),
+        (VIRTIO_BLK_T_IN, u64::MAX, 512),
+        (VIRTIO_BLK_T_IN, u64::MAX / 512, 512),
+        (VIRTIO_BLK_T_IN, u64::MAX / 512 + 1, 0),
+        (VIRTIO_BLK_T_OUT, (u64::MAX - 511) / 512, 512),
+    ] {
+        header(&m, t, sector);
+        let data = if t == VIRTIO_BLK_T_IN {
+            w(BUF, len)
+        } else {
+            r(BUF, len)
+        };
+        let mut descs = vec![r(HDR, 16)];
+        if len > 0 {
+            descs.push(data);
+        }
+        descs.push(w(STATUS, 1));
+        assert_eq!(
+            run(&disk, &m, descs, ALL),
+            IOERR,
+            "type {t} sector {sector:#x} len {len}"
+        );
+    }
+
+    // Lengths near u32::MAX: out of guest memory, and their sum would overflow a u32.
+    header(&m, VIRTIO_BLK_T_IN, 0);
+    assert_eq!(
+        run(
+            &disk,
+            &m,
+            vec![
+                r(HDR, 16),
+                w(BUF, u32::MAX - 511),
+                w(BUF, u32::MAX),
+                w(STATUS, 1)
+            ],
+            ALL
+        ),
+        IOERR
+    );
+    header(&m, VIRTIO_BLK_T_OUT, 0);
+    assert_eq!(
+        run(
+            &disk,
+            &m,
+            vec![r(HDR, 16), r(BUF, 0xffff_fe00), w(STATUS, 1)],
+            ALL
+        ),
+        IOERR
+    );
+
+    // Out-of-bounds header, data, and data wrapping the address space.
+    header(&m, VIRTIO_BLK_T_IN, 0);
+    assert_eq!(
+        run(&disk, &m, vec![r(MEM_SIZE, 16), w(STATUS, 1)], ALL),
+        IOERR
+    );
+    assert_eq!(
+        run(
+            &disk,
+            &m,
+            vec![r(HDR, 16), w(MEM_SIZE - 256, 512), w(STATUS, 1)],
+            ALL
+        ),
+        IOERR
+    );
+    assert_eq!(
+        run(
+            &disk,
+            &m,
+            vec![r(HDR, 16), w(u64::MAX - 100, 512), w(STATUS, 1)],
+            ALL
+        ),
+        IOERR
+    );
+    header(&m, VIRTIO_BLK_T_OUT, 0);
+    assert_eq!(
+        run(
+            &disk,
+            &m,
+            vec![r(HDR, 16), r(u64::MAX - 100, 512), w(STATUS, 1)],
+            ALL
+        ),
+        IOERR
+    );
+    // The image is untouched by all of the above.
+    let mut on_disk = vec![0u8; (SECTORS * 512) as usize];
+    f.as_file().read_exact_at(&mut on_disk, 0).unwrap();
+    assert_eq!(on_disk, expected(0, on_disk.len()));
+
+    // The device still works afterwards.
+    header(&m, VIRTIO_BLK_T_IN, 2);
+    assert_eq!(
+        run(&disk, &m, vec![r(HDR, 16), w(BUF, 512), w(STATUS, 1)], ALL),
+        ok(513)
+    );
+}
+
+#[test]
+fn chains_without_a_status_byte_get_used_len_0() {
+    let f = image();
+    let disk = open(&f, false);
+    let m = mem();
+    let none = Completion {
+        used_len: 0,
+        status: None,
+    };
+    header(&m, VIRTIO_BLK_T_IN, 0);
+    // Empty chain, zero-length descriptors only, header only.
+    assert_eq!(run(&disk, &m, vec![], ALL), none);
+    assert_eq!(run(&disk, &m, vec![r(HDR, 0), w(STATUS, 0)], ALL), none);
+    assert_eq!(run(&disk, &m, vec![r(HDR, 16)], ALL), none);
+    // Read-only status descriptor (with and without writable data before it).
+    assert_eq!(run(&disk, &m, vec![r(HDR, 16), r(STATUS, 1)], ALL), none);
+    assert_eq!(
+        run(&disk, &m, vec![r(HDR, 16), w(BUF, 512), r(STATUS, 1)], ALL),
+        none
+    );
+    assert_eq!(status(&m), 0xee);
+    assert!(
+        read(&m, BUF, 512).iter().all(|&b| b == 0),
+        "data written without a status"
+    );
+    // Status byte outside guest memory, or at an address that would wrap.
+    assert_eq!(run(&disk, &m, vec![r(HDR, 16), w(MEM_SIZE, 1)], ALL), none);
+    assert_eq!(run(&disk, &m, vec![r(HDR, 16), w(u64::MAX, 2)], ALL), none);
+    assert_eq!(
+        run(&disk, &m, vec![r(HDR, 16), w(BUF, u32::MAX)], ALL),
+        none
+    );
+}
+
+#[test]
+fn discard_and_write_zeroes() {
+    let f = image();
+    let disk = open(&f, false);
+    let m = mem();
+    if !disk.supports_write_zeroes() {
+        eprintln!("!!! the temp file system supports no fallocate modes; discard test skipped");
+        return;
+    }
+    let seg = |sector: u64, n: u32, flags: u32| {
+        let mut s = [0u8; 16];
+        s[0..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&n.to_le_bytes());
+        s[12..16].copy_from_slice(&flags.to_le_bytes());
+        s
+    };
+    let zeroes_at = |sector: u64, n: usize| {
+        let mut v = vec![0xffu8; n * 512];
+        f.as_file().read_exact_at(&mut v, sector * 512).unwrap();
+        v.iter().all(|&b| b == 0)
+    };
+
+    // Two write-zeroes segments, one with unmap.
+    header(&m, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    fill(&m, BUF, &seg(4, 2, 0));
+    fill(
+        &m,
+        BUF + 16,
+        &seg(16, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP),
+    );
+    assert_eq!(
+        run(&disk, &m, vec![r(HDR, 16), r(BUF, 32), w(STATUS, 1)], ALL),
+        ok(1)
+    );
+    assert!(zeroes_at(4, 2) && zeroes_at(16, 8));
+    let mut around = vec![0u8; 512];
+    f.as_file().read_exact_at(&mut around, 6 * 512).unwrap();
+    assert_eq!(around, expected(6 * 512, 512));
+
+    // Not negotiated -> UNSUPP; unknown flags -> UNSUPP; bad ranges and counts -> IOERR.
+    assert_eq!(
+        run(&disk, &m, vec![r(HDR, 16), r(BUF, 16), w(STATUS, 1)], 0),
+        UNSUPP
+    );
+    fill(&m, BUF, &seg(0, 1, 2));
+    assert_eq!(
+        run(&disk, &m, vec![r(HDR, 16), r(BUF, 16), w(STATUS, 1)], ALL),
+        UNSUPP
+    );
+    for bad in [
+        seg(SECTORS, 1, 0),
+        seg(u64::MAX, 1, 0),
+        seg(0, MAX_DWZ_SECTORS + 1, 0),
+    ] {
+        fill(&m, BUF, &bad);
+        assert_eq!(
+            run(&disk, &m, vec![r(HDR, 16), r(BUF, 16), w(STATUS, 1)], ALL),
+            IOERR
+        );
+    }
+    assert_eq!(
+        run(&disk, &m, vec![r(HDR, 16), r(BUF, 15), w(STATUS, 1)], ALL),
+        IOERR
+    );
+    assert_eq!(run(&disk, &m, vec![r(HDR, 16), w(STATUS, 1)], ALL), IOERR);
+    let many = 16 * (MAX_DWZ_SEGMENTS + 1);
+    fill(&m, BUF, &vec![0u8; many as usize]);
+    assert_eq!(
+        run(&disk, &m, vec![r(HDR, 16), r(BUF, many), w(STATUS, 1)], ALL),
+        IOERR
+    );
+    // A bad segment after a good one: nothing is done.
+    fill(&m, BUF, &seg(30, 1, 0));
+    fill(&m, BUF + 16, &seg(SECTORS, 1, 0));
+    assert_eq!(
+        run(&disk, &m, vec![r(HDR, 16), r(BUF, 32), w(STATUS, 1)], ALL),
+        IOERR
+    );
+    assert!(!zeroes_at(30, 1));
+
+    if disk.supports_discard() {
+        header(&m, VIRTIO_BLK_T_DISCARD, 0);
+        fill(&m, BUF, &seg(32, 8, 0));
+        assert_eq!(
+            run(&disk, &m, vec![r(HDR, 16), r(BUF, 16), w(STATUS, 1)], ALL),
+            ok(1)
+        );
+        // Discard takes no flags at all, not even unmap.
+        fill(&m, BUF, &seg(32, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP));
+        assert_eq!(
+            run(&disk, &m, vec![r(HDR, 16), r(BUF, 16), w(STATUS, 1)], ALL),
+            UNSUPP
+        );
+        assert_eq!(
+            run(
+                &disk,
+                &m,
+                vec![r(HDR, 16), r(BUF, 16), w(STATUS, 1)],
+                VIRTIO_BLK_F_WRITE_ZEROES
+            ),
+            UNSUPP
+        );
+    }
+    // The file keeps its size.
+    assert_eq!(f.as_file().metadata().unwrap().len(), SECTORS * 512);
+}
+
+/// Chains through a real queue: indirect tables, loops, bad `next` indices, tables too
+/// long to keep.
+#[test]
+fn queue_chains_indirect_and_loops() {
+    let f = image();
+    let disk = open(&f, false);
+    let m = mem();
+    let d = Driver::new(&m, 0, 16);
+    let mut q = d.queue();
+    let mut bounce = vec![0u8; BOUNCE_SIZE];
+    let mut next = |q: &mut virtio_queue::Queue| {
+        let chain = q.pop_descriptor_chain(&m).unwrap();
+        process_request(&disk, &m, chain, ALL, &mut bounce)
+    };
+
+    // 1. An IN request through an indirect table at 0x50_0000.
+    header(&m, VIRTIO_BLK_T_IN, 5);
+    let table = 0x50_0000u64;
+    let ind = [
+        Descriptor::new(HDR, 16, NEXT, 1),
+        Descriptor::new(BUF, 512, WRITE | NEXT, 2),
+        Descriptor::new(STATUS, 1, WRITE, 0),
+    ];
+    for (i, desc) in ind.iter().enumerate() {
+        m.write_obj(*desc, vm_memory::GuestAddress(table + 16 * i as u64))
+            .unwrap();
+    }
+    d.store(0, &[Descriptor::new(table, 48, INDIRECT, 0)]);
+    d.publish(0);
+    assert_eq!(next(&mut q), ok(513));
+    assert_eq!(read(&m, BUF, 512), expected(5 * 512, 512));
+
+    // 2. A loop: header -> status -> header -> ... (virtio-queue stops after 16).
+    d.store(
+        1,
+        &[
+            Descriptor::new(HDR, 16, NEXT, 2),
+            Descriptor::new(STATUS, 1, WRITE | NEXT, 1),
+        ],
+    );
+    d.publish(1);
+    let c = next(&mut q);
+    assert!(c.used_len <= 1, "{c:?}");
+
+    // 3. A loop of writable descriptors only: no header, IOERR in the status.
+    d.store(3, &[Descriptor::new(STATUS, 1, WRITE | NEXT, 3)]);
+    d.publish(3);
+    assert_eq!(next(&mut q), IOERR);
+
+    // 4. `next` out of the table: the chain ends at the header, no status.
+    d.store(4, &[Descriptor::new(HDR, 16, NEXT, 999)]);
+    d.publish(4);
+    assert_eq!(next(&mut q).status, None);
+
+    // 5. An indirect table of 2000 writable descriptors: too long to keep, IOERR.
+    let big = 0x60_0000u64;
+    for i in 0..2000u64 {
+        let flags = if i == 1999 { WRITE } else { WRITE | NEXT };
+        let addr = if i == 1999 { STATUS } else { BUF };
+        m.write_obj(
+            Descriptor::new(addr, 512, flags, i as u16 + 1),
+            vm_memory::GuestAddress(big + 16 * i),
+        )
+        .unwrap();
+    }
+    m.write_obj(
+        Descriptor::new(HDR, 16, NEXT, 1),
+        vm_memory::GuestAddress(big),
+    )
+    .unwrap();
+    d.store(5, &[Descriptor::new(big, 2000 * 16, INDIRECT, 0)]);
+    d.publish(5);
+    header(&m, VIRTIO_BLK_T_IN, 0);
+    assert_eq!(next(&mut q), IOERR);
+
+    // 6. An indirect table with an indirect descriptor inside, and a misaligned table.
+    m.write_obj(
+        Descriptor::new(table, 48, INDIRECT, 0),
+        vm_memory::GuestAddress(0x70_0000),
+    )
+    .unwrap();
+    d.store(6, &[Descriptor::new(0x70_0000, 16, INDIRECT, 0)]);
+    d.publish(6);
+    assert_eq!(next(&mut q).status, None);
+    d.store(7, &[Descriptor::new(table, 47, INDIRECT, 0)]);
+    d.publish(7);
+    assert_eq!(next(&mut q).status, None);
+
+    // 7. Still working.
+    d.store(8, &[Descriptor::new(table, 48, INDIRECT, 0)]);
+    d.publish(8);
+    assert_eq!(next(&mut q), ok(513));
+}
+
+/// A pseudo-random storm of chains: whatever they hold, nothing panics and every chain
+/// completes with a length no larger than what it offers.
+#[test]
+fn random_chains_never_panic() {
+    let f = image();
+    let disk = open(&f, false);
+    let m = mem();
+    let mut rng = crate::testutil::XorShift::new(0x5eed_b10c);
+    let mut bounce = vec![0u8; 1024];
+    for _ in 0..3000 {
+        let n = (rng.next() % 6) as usize;
+        let mut descs = Vec::new();
+        let mut writable = 0u64;
+        for _ in 0..n {
+            let addr = match rng.next() % 4 {
+                0 => rng.next(),
+                1 => MEM_SIZE - (rng.next() % 1024),
+                _ => HDR + (rng.next() % 0x20_0000),
+            };
+            let len = match rng.next() % 4 {
+                0 => rng.next() as u32,
+                1 => 16,
+                _ => (rng.next() % 2048) as u32,
+            };
+            let flags = (rng.next() % 2) as u16 * WRITE;
+            if flags != 0 {
+                writable += u64::from(len);
+            }
+            descs.push(Descriptor::new(addr, len, flags, 0));
+        }
+        let t = [0u32, 1, 4, 8, 11, 13, 99][(rng.next() % 7) as usize];
+        header(&m, t, rng.next() % (SECTORS + 2));
+        let c = process_request(&disk, &m, descs, ALL, &mut bounce);
+        assert!(u64::from(c.used_len) <= writable);
+    }
+}
+
+#[test]
+fn worker_serves_requests_with_event_idx() {
+    let f = image();
+    let mut dev = Block::new(f.path(), BlockOptions::default()).unwrap();
+    let m = mem();
+    let mut d = Driver::new(&m, 0, 256);
+    let (aq, kick) = active_queue(0, &d);
+    let irq = RecordingInterrupt::new();
+
+    // Bad activations are refused.
+    let err = dev
+        .activate(Activation {
+            mem: m.clone(),
+            queues: vec![],
+            interrupt: irq.clone(),
+            features: 0,
+        })
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        ActivateError::QueueCount {
+            expected: 1,
+            got: 0
+        }
+    ));
+
+    dev.activate(Activation {
+        mem: m.clone(),
+        queues: vec![aq],
+        interrupt: irq.clone(),
+        features: dev.device_features(),
+    })
+    .unwrap();
+    // The OS name is set by the new thread itself, so give it a moment.
+    let named = |comm: &str| {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .any(|c| c.trim() == comm)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !named("ember-virtio-bl") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    assert!(
+        named("ember-virtio-bl"),
+        "no worker thread named ember-virtio-blk (comm is truncated to 15 bytes)"
+    );
+
+    header(&m, VIRTIO_BLK_T_IN, 7);
+    d.add(&[(HDR, 16, false), (BUF, 512, true), (STATUS, 1, true)]);
+    kick.write(1).unwrap();
+    assert!(d.wait_used(1), "the worker did not complete the request");
+    assert_eq!(d.used(0).1, 513);
+    assert_eq!(read(&m, BUF, 512), expected(7 * 512, 512));
+    assert_eq!(status(&m), VIRTIO_BLK_S_OK);
+    assert!(irq.wait_for(InterruptKind::Queue(0)));
+
+    // EVENT_IDX: used_event stays 0, so the second completion raises no interrupt.
+    d.add(&[(HDR, 16, false), (BUF, 512, true), (STATUS, 1, true)]);
+    kick.write(1).unwrap();
+    assert!(d.wait_used(2));
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(irq.kinds(), vec![InterruptKind::Queue(0)]);
+
+    // A malformed request completes with IOERR and the device keeps going.
+    d.add(&[(HDR, 8, false), (STATUS, 1, true)]);
+    kick.write(1).unwrap();
+    assert!(d.wait_used(3));
+    assert_eq!(status(&m), VIRTIO_BLK_S_IOERR);
+
+    let err = dev
+        .activate(Activation {
+            mem: m.clone(),
+            queues: vec![],
+            interrupt: irq.clone(),
+            features: 0,
+        })
+        .unwrap_err();
+    assert!(matches!(err, ActivateError::Other(_)));
+    dev.reset();
+    // After reset the worker is gone: a kick does nothing.
+    d.add(&[(HDR, 16, false), (BUF, 512, true), (STATUS, 1, true)]);
+    kick.write(1).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(d.used_idx(), 3);
+}

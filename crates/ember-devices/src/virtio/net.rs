@@ -1,0 +1,512 @@
+//! virtio-net (virtio 1.2, section 5.1) on a tap interface, or any [`NetBackend`].
+//!
+//! Queue 0 receives (rx), queue 1 transmits (tx). Every packet, in both directions,
+//! starts with the 12-byte `virtio_net_hdr_v1` (`flags`, `gso_type`, `hdr_len`,
+//! `gso_size`, `csum_start`, `csum_offset`, `num_buffers`); the tap, opened with
+//! `IFF_VNET_HDR` and a header size of 12, uses the same header, so frames pass through
+//! unchanged except that rx sets `num_buffers` to 1.
+//!
+//! **No offloads.** Offloads are on only when both sides agree, and Ember offers none:
+//! no `CSUM`, `GUEST_CSUM`, TSO, UFO or USO bits, and no `MRG_RXBUF`, so none is ever
+//! negotiated and the tap is configured with `TUNSETOFFLOAD(0)`. Headers are therefore
+//! all zeroes (with `num_buffers = 1` on rx); a tx packet asking for a checksum or for
+//! segmentation, and an rx frame from the backend that would need either, is dropped.
+//!
+//! tx: each chain's readable buffers (at most [`MAX_FRAME_LEN`] bytes) are gathered and
+//! written to the backend in one write; anything longer, shorter than the header or
+//! malformed is dropped (the chain completes with used length 0, as every tx chain does).
+//!
+//! rx: while the backend is readable and the driver has posted rx buffers, one frame is
+//! read into a bounce buffer and copied into the next buffer; a frame that does not fit
+//! that buffer is dropped and the buffer kept for the next frame. With no rx buffer left,
+//! the worker stops polling the backend until the driver notifies the rx queue, so
+//! nothing busy-loops.
+
+use std::fmt;
+use std::io;
+use std::os::fd::RawFd;
+
+use ember_virtio::{
+    device_type, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use log::warn;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemory;
+
+use super::chain::{walk, Cursor};
+use super::tap::Tap;
+use super::worker::{drain_queue, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
+use super::{read_config_bytes, QUEUE_MAX_SIZE};
+use crate::DeviceError;
+
+/// Feature bit: the device has a MAC address in its configuration space.
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+/// Feature bit: the configuration space has a link status.
+pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+/// Link status bit: the link is up.
+pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
+
+/// Bytes of `virtio_net_hdr_v1`.
+pub const VIRTIO_NET_HDR_LEN: usize = 12;
+/// Largest packet, header included: 12 + 64 KiB + a 14-byte Ethernet header.
+pub const MAX_FRAME_LEN: usize = VIRTIO_NET_HDR_LEN + 65536 + 14;
+/// Smallest rx buffer that can hold anything: header plus an Ethernet header.
+const MIN_RX_BUFFER: u64 = (VIRTIO_NET_HDR_LEN + 14) as u64;
+/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`.
+const HDR_F_NEEDS_CSUM: u8 = 1;
+/// Frames received per wake-up before the worker looks at other events.
+pub const RX_BUDGET: usize = 256;
+
+/// Index of the receive queue.
+pub const RX_QUEUE: usize = 0;
+/// Index of the transmit queue.
+pub const TX_QUEUE: usize = 1;
+
+/// Where packets go and come from: a tap ([`Tap`]) in production, anything in tests.
+///
+/// Frames include the 12-byte `virtio_net_hdr_v1`.
+pub trait NetBackend: Send {
+    /// Reads one frame into `buf`, returning its length; `WouldBlock` when none is
+    /// waiting. Must not block.
+    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+
+    /// Writes one frame, returning the bytes written.
+    fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize>;
+
+    /// A file descriptor that polls readable while [`NetBackend::read_frame`] has a frame
+    /// (the tap's own fd). `None`: the worker reads only when the rx queue is notified.
+    fn rx_fd(&self) -> Option<RawFd> {
+        None
+    }
+}
+
+impl NetBackend for Tap {
+    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        Tap::read_frame(self, buf)
+    }
+
+    fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize> {
+        Tap::write_frame(self, frame)
+    }
+
+    fn rx_fd(&self) -> Option<RawFd> {
+        Some(std::os::fd::AsRawFd::as_raw_fd(self))
+    }
+}
+
+/// Why a frame was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The chain is out of guest memory, misordered or too long.
+    Malformed,
+    /// Shorter than the 12-byte header.
+    TooShort,
+    /// Longer than [`MAX_FRAME_LEN`] (tx) or than the rx buffer.
+    TooLong,
+    /// The header asks for an offload (checksum or segmentation) that is not negotiated.
+    Offload,
+    /// The backend failed to take the frame.
+    Backend,
+}
+
+/// What [`process_tx_chain`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxOutcome {
+    /// The frame (this many bytes, header included) went to the backend.
+    Sent(usize),
+    /// The frame was dropped.
+    Dropped(DropReason),
+}
+
+/// Whether a header asks for an offload Ember never negotiates.
+fn wants_offload(hdr: &[u8]) -> bool {
+    hdr[0] & HDR_F_NEEDS_CSUM != 0 || hdr[1] != 0
+}
+
+/// Sends one tx chain: gathers its readable buffers into `bounce` (which must hold
+/// [`MAX_FRAME_LEN`] bytes; a shorter one lowers the limit) and writes them to
+/// `backend` in one write. The used length of a tx chain is always 0.
+pub fn process_tx_chain<M, I>(
+    mem: &M,
+    chain: I,
+    backend: &mut dyn NetBackend,
+    bounce: &mut [u8],
+) -> TxOutcome
+where
+    M: GuestMemory + ?Sized,
+    I: IntoIterator<Item = Descriptor>,
+{
+    let layout = walk(mem, chain);
+    if layout.too_long || layout.out_of_bounds {
+        return TxOutcome::Dropped(DropReason::Malformed);
+    }
+    let limit = MAX_FRAME_LEN.min(bounce.len()) as u64;
+    if layout.readable_len > limit {
+        return TxOutcome::Dropped(DropReason::TooLong);
+    }
+    if layout.readable_len < VIRTIO_NET_HDR_LEN as u64 {
+        return TxOutcome::Dropped(DropReason::TooShort);
+    }
+    // readable_len <= MAX_FRAME_LEN.
+    let len = layout.readable_len as usize;
+    if Cursor::new(&layout.readable)
+        .read(mem, &mut bounce[..len])
+        .is_err()
+    {
+        return TxOutcome::Dropped(DropReason::Malformed);
+    }
+    if wants_offload(&bounce[..VIRTIO_NET_HDR_LEN]) {
+        return TxOutcome::Dropped(DropReason::Offload);
+    }
+    match backend.write_frame(&bounce[..len]) {
+        Ok(_) => TxOutcome::Sent(len),
+        Err(e) => {
+            warn!("virtio-net: backend write of {len} bytes failed: {e}");
+            TxOutcome::Dropped(DropReason::Backend)
+        }
+    }
+}
+
+/// Why [`process_rx`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RxStop {
+    /// The driver has no rx buffer posted (notifications are enabled so it will say when
+    /// it adds some).
+    #[default]
+    NoBuffers,
+    /// The backend has no frame waiting.
+    BackendEmpty,
+    /// The budget ran out; more may be waiting.
+    Budget,
+    /// The backend returned an error.
+    BackendError,
+}
+
+/// What [`process_rx`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RxReport {
+    /// Frames copied into rx buffers.
+    pub delivered: usize,
+    /// Frames read from the backend and dropped (too short, too long, offload).
+    pub dropped: usize,
+    /// Malformed rx buffers returned to the driver with used length 0.
+    pub bad_buffers: usize,
+    /// Used entries added (delivered + bad buffers).
+    pub used: usize,
+    /// Why processing stopped.
+    pub stop: RxStop,
+}
+
+/// Moves frames from `backend` into the rx `queue`'s buffers until the backend is empty,
+/// the driver has no buffer, or `budget` iterations (each consuming a frame or a buffer)
+/// have run. `bounce` should hold [`MAX_FRAME_LEN`] bytes.
+pub fn process_rx<M: GuestMemory>(
+    mem: &M,
+    queue: &mut Queue,
+    backend: &mut dyn NetBackend,
+    bounce: &mut [u8],
+    budget: usize,
+) -> RxReport {
+    let mut report = RxReport::default();
+    for _ in 0..budget {
+        let chain = match queue.pop_descriptor_chain(mem) {
+            Some(chain) => chain,
+            None => {
+                // Ask to be notified when buffers arrive, then look once more (the driver
+                // may have added some in between).
+                let again = matches!(queue.enable_notification(mem), Ok(true));
+                match again.then(|| queue.pop_descriptor_chain(mem)).flatten() {
+                    Some(chain) => chain,
+                    None => {
+                        report.stop = RxStop::NoBuffers;
+                        return report;
+                    }
+                }
+            }
+        };
+        let head = chain.head_index();
+        let layout = walk(mem, chain);
+        if !layout.is_sound() || layout.writable_len < MIN_RX_BUFFER {
+            add_used(queue, mem, head, 0);
+            report.bad_buffers += 1;
+            report.used += 1;
+            continue;
+        }
+        let n = match backend.read_frame(bounce) {
+            Ok(0) => {
+                queue.go_to_previous_position();
+                report.stop = RxStop::BackendEmpty;
+                return report;
+            }
+            Ok(n) => n,
+            Err(e) => {
+                queue.go_to_previous_position();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => {
+                        report.stop = RxStop::BackendEmpty;
+                        return report;
+                    }
+                    io::ErrorKind::Interrupted => continue,
+                    _ => {
+                        warn!("virtio-net: backend read failed: {e}");
+                        report.stop = RxStop::BackendError;
+                        return report;
+                    }
+                }
+            }
+        };
+        let fits = n <= bounce.len() && n as u64 <= layout.writable_len;
+        if !fits || n < VIRTIO_NET_HDR_LEN || wants_offload(&bounce[..VIRTIO_NET_HDR_LEN]) {
+            // Drop the frame; the buffer stays for the next one.
+            queue.go_to_previous_position();
+            report.dropped += 1;
+            continue;
+        }
+        let frame = &mut bounce[..n];
+        frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+        let used = match Cursor::new(&layout.writable).write(mem, frame) {
+            Ok(()) => {
+                report.delivered += 1;
+                n as u32
+            }
+            Err(_) => {
+                report.bad_buffers += 1;
+                0
+            }
+        };
+        add_used(queue, mem, head, used);
+        report.used += 1;
+    }
+    report.stop = RxStop::Budget;
+    report
+}
+
+fn add_used<M: GuestMemory>(queue: &mut Queue, mem: &M, head: u16, len: u32) {
+    if let Err(e) = queue.add_used(mem, head, len) {
+        warn!("virtio-net: cannot add used entry for head {head}: {e}");
+    }
+}
+
+/// A virtio-net device.
+///
+/// Two queues (rx, tx) of up to [`QUEUE_MAX_SIZE`] entries. Features offered:
+/// `VERSION_1`, `RING_EVENT_IDX`, `RING_INDIRECT_DESC`, `MAC`, `STATUS`, and no offloads.
+/// Configuration space: `mac` at 0 (6 bytes), `status` (u16, link up) at 6.
+pub struct Net {
+    backend: Option<Box<dyn NetBackend>>,
+    mac: [u8; 6],
+    config: [u8; 8],
+    worker: Option<Worker<NetHandler>>,
+}
+
+impl fmt::Debug for Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Net")
+            .field("mac", &format_mac(&self.mac))
+            .field("has_backend", &self.backend.is_some())
+            .field("worker", &self.worker)
+            .finish()
+    }
+}
+
+fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A random locally administered unicast MAC address, `02:xx:xx:xx:xx:xx`.
+pub fn random_mac() -> [u8; 6] {
+    let mut mac = [0x02, 0, 0, 0, 0, 0];
+    if super::rng::fill_random(&mut mac[1..]).is_err() {
+        // No getrandom: fall back to something that differs between processes and runs.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let seed = (u64::from(std::process::id()) << 32) ^ u64::from(nanos);
+        mac[1..].copy_from_slice(&seed.to_le_bytes()[..5]);
+    }
+    mac
+}
+
+impl Net {
+    /// Opens tap interface `tap_name` (see [`Tap::open`]); `mac` defaults to
+    /// [`random_mac`].
+    pub fn new(tap_name: &str, mac: Option<[u8; 6]>) -> Result<Net, DeviceError> {
+        let tap = Tap::open(tap_name)?;
+        Ok(Net::with_backend(Box::new(tap), mac))
+    }
+
+    /// A device on any backend; `mac` defaults to [`random_mac`].
+    pub fn with_backend(backend: Box<dyn NetBackend>, mac: Option<[u8; 6]>) -> Net {
+        let mac = mac.unwrap_or_else(random_mac);
+        let mut config = [0u8; 8];
+        config[..6].copy_from_slice(&mac);
+        config[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        Net {
+            backend: Some(backend),
+            mac,
+            config,
+            worker: None,
+        }
+    }
+
+    /// The MAC address in the configuration space.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        device_type::NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_MAX_SIZE, QUEUE_MAX_SIZE]
+    }
+
+    fn device_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_NET_F_MAC
+            | VIRTIO_NET_F_STATUS
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // The MAC is read-only in virtio 1.x (no VIRTIO_NET_F_CTRL_MAC_ADDR either).
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::Other("virtio-net is already active".into()));
+        }
+        if activation.queues.len() != 2 {
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: activation.queues.len(),
+            });
+        }
+        let Some(backend) = self.backend.take() else {
+            return Err(ActivateError::Other(
+                "virtio-net lost its backend (its worker panicked)".into(),
+            ));
+        };
+        let handler = NetHandler {
+            backend,
+            rx_bounce: vec![0; MAX_FRAME_LEN],
+            tx_bounce: vec![0; MAX_FRAME_LEN],
+            watching: true,
+            last_stop: RxStop::BackendEmpty,
+        };
+        match Worker::spawn("net", handler, activation) {
+            Ok(worker) => {
+                self.worker = Some(worker);
+                Ok(())
+            }
+            Err((e, handler)) => {
+                self.backend = Some(handler.backend);
+                Err(ActivateError::Start(e))
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            if let Some(handler) = worker.stop() {
+                self.backend = Some(handler.backend);
+            }
+        }
+    }
+}
+
+struct NetHandler {
+    backend: Box<dyn NetBackend>,
+    rx_bounce: Vec<u8>,
+    tx_bounce: Vec<u8>,
+    /// Whether the worker polls the backend fd.
+    watching: bool,
+    last_stop: RxStop,
+}
+
+impl NetHandler {
+    fn rx(&mut self, ctx: &mut WorkerContext) {
+        let Some(q) = ctx.queues.get_mut(RX_QUEUE) else {
+            return;
+        };
+        let report = process_rx(
+            &ctx.mem,
+            &mut q.queue,
+            &mut *self.backend,
+            &mut self.rx_bounce,
+            RX_BUDGET,
+        );
+        self.last_stop = report.stop;
+        if report.used > 0 {
+            ctx.signal_used(RX_QUEUE);
+        }
+        let watch = !matches!(report.stop, RxStop::NoBuffers | RxStop::BackendError);
+        if watch != self.watching {
+            ctx.watch_backend(0, watch);
+            self.watching = watch;
+        }
+        if report.stop == RxStop::Budget && self.backend.rx_fd().is_none() {
+            ctx.kick(RX_QUEUE);
+        }
+    }
+
+    fn tx(&mut self, ctx: &mut WorkerContext) {
+        let Some(q) = ctx.queues.get_mut(TX_QUEUE) else {
+            return;
+        };
+        let mem = &ctx.mem;
+        let backend = &mut *self.backend;
+        let bounce = &mut self.tx_bounce;
+        let drained = drain_queue(mem, &mut q.queue, QUEUE_BUDGET, |chain| {
+            process_tx_chain(mem, chain, backend, bounce);
+            0
+        });
+        if drained.handled > 0 {
+            ctx.signal_used(TX_QUEUE);
+        }
+        if drained.more {
+            ctx.kick(TX_QUEUE);
+        }
+    }
+}
+
+impl QueueHandler for NetHandler {
+    fn backend_fds(&self) -> Vec<RawFd> {
+        self.backend.rx_fd().into_iter().collect()
+    }
+
+    fn queue_notified(&mut self, ctx: &mut WorkerContext, queue: usize) {
+        match queue {
+            RX_QUEUE => self.rx(ctx),
+            TX_QUEUE => {
+                self.tx(ctx);
+                // A backend error paused rx; try again now that something happened.
+                if self.last_stop == RxStop::BackendError {
+                    self.rx(ctx);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn backend_ready(&mut self, ctx: &mut WorkerContext, _index: usize) {
+        self.rx(ctx);
+    }
+}
+
+#[cfg(test)]
+mod tests;
