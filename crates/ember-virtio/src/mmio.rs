@@ -552,6 +552,17 @@ impl MmioTransport {
     }
 
     fn write_queue_register(&self, regs: &mut Registers, offset: u64, value: u32) -> bool {
+        // Disabling a queue is allowed at any time: drivers write QueueReady 0 when they
+        // tear a queue down and then wait to read 0 back (Linux's vm_del_vq,
+        // virtio-drivers' queue_unset). A running device keeps serving the queue until
+        // the next reset; only setting a queue up is restricted to before DRIVER_OK.
+        if offset == reg::QUEUE_READY && value == 0 {
+            if let Some(queue) = selected_mut(regs) {
+                queue.ready = false;
+                return true;
+            }
+            return false;
+        }
         if !regs.queue_setup_allowed() {
             return false;
         }

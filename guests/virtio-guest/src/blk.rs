@@ -120,7 +120,13 @@ impl Disk {
 fn printable(bytes: &[u8]) -> String {
     bytes
         .iter()
-        .map(|&b| if (0x20..0x7f).contains(&b) { b as char } else { '.' })
+        .map(|&b| {
+            if (0x20..0x7f).contains(&b) {
+                b as char
+            } else {
+                '.'
+            }
+        })
         .collect()
 }
 
@@ -268,14 +274,6 @@ pub fn bench(devices: &[VirtioMmioDevice], mib: u64, verify: bool) -> Result<(),
         sector += BENCH_CHUNK_SECTORS;
     }
     println!("virtio-guest: bench read done {bytes}");
-    if verify {
-        if mismatches > 0 {
-            return Err(format!(
-                "bench read: {mismatches} sectors do not hold their number; first: {first_mismatch}"
-            ));
-        }
-        println!("virtio-guest: bench read verified {sectors} sectors");
-    }
 
     let mut sector = 0;
     while sector < sectors {
@@ -289,5 +287,14 @@ pub fn bench(devices: &[VirtioMmioDevice], mib: u64, verify: bool) -> Result<(),
     println!("virtio-guest: bench write done {bytes}");
     disk.blk.flush().map_err(|e| format!("bench flush: {e}"))?;
     println!("virtio-guest: bench flush done");
+    // Reported after the timed phases, so that they are back to back.
+    if verify {
+        if mismatches > 0 {
+            return Err(format!(
+                "bench read: {mismatches} sectors do not hold their number; first: {first_mismatch}"
+            ));
+        }
+        println!("virtio-guest: bench read verified {sectors} sectors");
+    }
     Ok(())
 }

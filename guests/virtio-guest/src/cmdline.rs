@@ -114,6 +114,6 @@ pub fn virtio_mmio_devices(cmdline: &str) -> Vec<VirtioMmioDevice> {
 pub fn param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     cmdline
         .split_ascii_whitespace()
-        .filter_map(|word| word.strip_prefix(key)?.strip_prefix('='))
-        .last()
+        .rev()
+        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
 }

@@ -134,7 +134,9 @@ fn run_scenario(scenario: &str, cmdline: &str, devices: &[cmdline::VirtioMmioDev
     let bounced = virtio::bounced();
     match result {
         Ok(()) => {
-            println!("virtio-guest: {scenario} passed ({bounced} buffers bounced into the DMA region)");
+            println!(
+                "virtio-guest: {scenario} passed ({bounced} buffers bounced into the DMA region)"
+            );
             rt::exit(0)
         }
         Err(why) => {

@@ -154,8 +154,8 @@ pub fn net(devices: &[VirtioMmioDevice]) -> Result<(), String> {
             .ok_or_else(|| format!("receive: used token {token} was never posted"))?;
         let buf = &mut *rx[slot].1;
         // SAFETY: the same buffer as receive_begin got for this token.
-        let (hdr, len) = unsafe { net.receive_complete(token, buf) }
-            .map_err(|e| format!("receive: {e}"))?;
+        let (hdr, len) =
+            unsafe { net.receive_complete(token, buf) }.map_err(|e| format!("receive: {e}"))?;
         let frame = &buf[hdr..hdr + len];
         if let Some(peer_mac) = arp_reply_from_peer(frame, mac) {
             // virtio_net_hdr_v1: flags, gso_type, ..., num_buffers (u16 at 10).

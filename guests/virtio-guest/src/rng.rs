@@ -37,7 +37,9 @@ pub fn rng(devices: &[VirtioMmioDevice]) -> Result<(), String> {
             .map_err(|e| format!("{name} request: {e}"))?;
         println!("virtio-guest: rng {name} request: {n} bytes: {}", hex(buf));
         if n != REQUEST {
-            return Err(format!("{name} request returned {n} bytes, asked {REQUEST}"));
+            return Err(format!(
+                "{name} request returned {n} bytes, asked {REQUEST}"
+            ));
         }
         if buf.iter().all(|&b| b == 0) {
             return Err(format!("{name} request returned all zeroes"));

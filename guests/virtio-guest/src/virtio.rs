@@ -43,7 +43,10 @@ fn dma_base() -> usize {
 
 /// Whether `addr..addr + len` lies inside the DMA region.
 pub fn in_dma_region(addr: usize, len: usize) -> bool {
-    addr >= dma_base() && addr.checked_add(len).is_some_and(|end| end <= dma_base() + DMA_SIZE)
+    addr >= dma_base()
+        && addr
+            .checked_add(len)
+            .is_some_and(|end| end <= dma_base() + DMA_SIZE)
 }
 
 /// A first-fit allocator of [`BOUNCE_GRANULE`]-byte granules at the end of [`DMA`]. The
@@ -217,11 +220,13 @@ pub fn check_dma() -> PhysAddr {
     paddr
 }
 
-/// Polling iterations per second, roughly: one iteration is a check (a memory read of a
-/// used ring index) and a `pause`. Measured on the nested-KVM machines (see
-/// `ember.test=calibrate`); `pause` is slower on newer CPUs, so the real figure varies
-/// several-fold between hosts. Budgets built on it are generous.
-pub const POLLS_PER_SECOND: u64 = 20_000_000;
+/// Polling iterations per second, an upper estimate: one iteration is a check (a memory
+/// read of a used ring index) and a `pause`. Measured with `ember.test=calibrate` on the
+/// nested-KVM machines (AMD EPYC): about 20 M/s with the host's 2 cores oversubscribed,
+/// more when idle. `pause` costs anywhere from ~10 to ~140 cycles depending on the CPU,
+/// so budgets built on this last at least their nominal time on such hosts, and longer
+/// on a loaded or slower one.
+pub const POLLS_PER_SECOND: u64 = 50_000_000;
 
 /// Calls `check` until it returns `Some`, at most `budget` times with a `pause` between
 /// calls; returns the value and the number of iterations it took.

@@ -704,12 +704,12 @@ fn queue_registers_only_between_features_ok_and_driver_ok() {
     // QueueSel is a selector: always writable.
     assert_eq!(h.regs().queue_sel, 0);
 
-    // After DRIVER_OK.
+    // After DRIVER_OK (disabling a queue is allowed: see
+    // queue_ready_can_be_cleared_after_driver_ok).
     let h = harness();
     h.activate_all(VIRTIO_F_VERSION_1);
     h.w(reg::QUEUE_SEL, 0);
     let before = h.regs();
-    h.w(reg::QUEUE_READY, 0);
     h.w(reg::QUEUE_NUM, 8);
     h.w(reg::QUEUE_DESC_LOW, 0x5000);
     h.w(reg::QUEUE_DEVICE_HIGH, 1);
@@ -998,4 +998,25 @@ fn works_on_a_bus() {
         .unwrap();
     bus.read(0xd000_0000 + reg::STATUS, &mut data).unwrap();
     assert_eq!(u32::from_le_bytes(data), ACKNOWLEDGE);
+}
+
+#[test]
+fn queue_ready_can_be_cleared_after_driver_ok() {
+    // Regression: drivers tear queues down by writing QueueReady 0 and waiting to read
+    // 0 back (Linux's vm_del_vq, virtio-drivers' queue_unset); refusing the write after
+    // DRIVER_OK made virtio-drivers spin forever.
+    let h = harness();
+    h.activate_all(VIRTIO_F_VERSION_1);
+    h.w(reg::QUEUE_SEL, 1);
+    assert_eq!(h.r(reg::QUEUE_READY), 1);
+    h.w(reg::QUEUE_READY, 0);
+    assert_eq!(h.r(reg::QUEUE_READY), 0);
+    // Setting it up again still needs a reset first.
+    h.w(reg::QUEUE_READY, 1);
+    assert_eq!(h.r(reg::QUEUE_READY), 0);
+    h.w(reg::QUEUE_NUM, 8);
+    assert_eq!(h.activations(), 1);
+    // Queue 0 is untouched.
+    h.w(reg::QUEUE_SEL, 0);
+    assert_eq!(h.r(reg::QUEUE_READY), 1);
 }
