@@ -1,29 +1,58 @@
 //! The exit-rate benchmark's command line.
 
+use std::path::PathBuf;
+
 /// Default number of writes per run, for each workload.
-pub const DEFAULT_ITERATIONS: u32 = 200_000;
+pub const DEFAULT_ITERATIONS: u32 = 500_000;
 /// Default number of runs per side.
-pub const DEFAULT_REPEAT: usize = 3;
+pub const DEFAULT_REPEAT: usize = 5;
+/// Default number of timed start-up runs per VMM.
+pub const DEFAULT_STARTUP_RUNS: usize = 21;
 
 /// The usage text.
 pub const USAGE: &str = "\
-usage: exit-rate [--iterations N] [--repeat R]
+usage: exit-rate [--iterations N] [--repeat R] [--startup-runs S]
+                 [--ember PATH] [--no-static] [--qemu PATH | --no-qemu]
 
-Runs a guest that makes N PIO writes, then one that makes N MMIO writes, each through a
-bare KVM_RUN loop (the floor) and through Ember's Vcpu::run, R times each, interleaved,
-and prints the medians as a Markdown table.
+1. Exit round trip. A guest that makes N port writes, then one that makes N MMIO
+   writes (32-bit code with a PVH note: the same image everywhere), run R times each,
+   interleaved, by: a bare KVM_RUN loop (the floor); Ember's Vcpu::run with exit timing
+   off and on; the `ember` binary; QEMU -M microvm. Whole processes are measured as
+   (t(N) - t(0)) / N.
+2. Start-up and footprint. A guest whose first I/O is the boot-done write, run S times
+   by `ember` and by QEMU: time to that exit and memory at exit.
+Prints Markdown tables on stdout and progress on stderr.
 
-  --iterations N   writes per run, 1..=4294967295 (default 200000)
-  --repeat R       runs per side and workload, at least 1 (default 3)
-  -h, --help       this text";
+  --iterations N    writes per run, 1..=4294967295 (default 500000)
+  --repeat R        runs per way of running and workload, at least 1 (default 5)
+  --startup-runs S  start-up runs per VMM, at least 1 (default 21)
+  --ember PATH      an `ember` binary to run; repeat to compare builds (e.g. a
+                    static-pie one). Default: the one next to this binary, built
+                    first with `cargo build --release -p ember-vmm` when run by cargo
+  --no-static       when run by cargo without --ember, do not also build and measure
+                    a static-pie `ember` (RUSTFLAGS=-C target-feature=+crt-static,
+                    --target x86_64-unknown-linux-gnu, in <target-dir>/static-pie)
+  --qemu PATH       QEMU (default: qemu-system-x86_64 in PATH)
+  --no-qemu         leave QEMU out
+  -h, --help        this text";
 
 /// What the command line asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Options {
     /// Writes per run.
     pub iterations: u32,
     /// Runs per side and workload.
     pub repeat: usize,
+    /// Start-up runs per VMM.
+    pub startup_runs: usize,
+    /// The `ember` binaries given, if any.
+    pub ember: Vec<PathBuf>,
+    /// QEMU, if given.
+    pub qemu: Option<PathBuf>,
+    /// Whether to leave QEMU out.
+    pub no_qemu: bool,
+    /// Whether to leave the static-pie `ember` build out.
+    pub no_static: bool,
 }
 
 impl Default for Options {
@@ -31,12 +60,17 @@ impl Default for Options {
         Options {
             iterations: DEFAULT_ITERATIONS,
             repeat: DEFAULT_REPEAT,
+            startup_runs: DEFAULT_STARTUP_RUNS,
+            ember: Vec::new(),
+            qemu: None,
+            no_qemu: false,
+            no_static: false,
         }
     }
 }
 
 /// The parsed command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// Run the benchmark.
     Run(Options),
@@ -76,6 +110,25 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
                     return Err("--repeat must be at least 1".into());
                 }
             }
+            "--startup-runs" => {
+                options.startup_runs = number(&flag, inline.or_else(|| args.next()))?;
+                if options.startup_runs == 0 {
+                    return Err("--startup-runs must be at least 1".into());
+                }
+            }
+            "--ember" | "--qemu" => {
+                let path = inline
+                    .or_else(|| args.next())
+                    .filter(|p| !p.is_empty())
+                    .ok_or_else(|| format!("{flag} needs a path"))?;
+                if flag == "--ember" {
+                    options.ember.push(path.into());
+                } else {
+                    options.qemu = Some(path.into());
+                }
+            }
+            "--no-qemu" => options.no_qemu = true,
+            "--no-static" => options.no_static = true,
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
@@ -97,14 +150,36 @@ mod tests {
             p(&["--iterations", "1000", "--repeat=5"]),
             Ok(Command::Run(Options {
                 iterations: 1000,
-                repeat: 5
+                repeat: 5,
+                ..Options::default()
             }))
         );
         assert_eq!(
             p(&["--iterations=1_000_000"]),
             Ok(Command::Run(Options {
                 iterations: 1_000_000,
-                repeat: DEFAULT_REPEAT
+                ..Options::default()
+            }))
+        );
+        assert_eq!(
+            p(&[
+                "--startup-runs",
+                "4",
+                "--ember=/x/ember",
+                "--qemu",
+                "/q",
+                "--no-qemu",
+                "--ember",
+                "/y/ember",
+                "--no-static"
+            ]),
+            Ok(Command::Run(Options {
+                startup_runs: 4,
+                ember: vec!["/x/ember".into(), "/y/ember".into()],
+                qemu: Some("/q".into()),
+                no_qemu: true,
+                no_static: true,
+                ..Options::default()
             }))
         );
         assert_eq!(p(&["--repeat", "1", "-h"]), Ok(Command::Help));
@@ -118,5 +193,8 @@ mod tests {
         assert!(p(&["--repeat", "-1"]).is_err());
         assert!(p(&["--repeat", "0"]).is_err());
         assert!(p(&["--frobnicate"]).unwrap_err().contains("unknown"));
+        assert!(p(&["--startup-runs", "0"]).is_err());
+        assert!(p(&["--ember"]).unwrap_err().contains("needs a path"));
+        assert!(p(&["--qemu="]).unwrap_err().contains("needs a path"));
     }
 }

@@ -25,6 +25,10 @@ pub enum Error {
     Guest(GuestError),
     /// Writing the guest code into guest memory failed.
     GuestMemory(ember_memory::vm_memory::GuestMemoryError),
+    /// Ember's ELF loader rejected the guest image.
+    Load(ember_boot::BootError),
+    /// The guest image has no PVH entry note.
+    NoPvhEntry,
     /// The trivial device could not be put on the bus.
     Bus(BusError),
     /// KVM accepted only `set` of the `total` boot MSRs.
@@ -54,6 +58,15 @@ pub enum Error {
     },
     /// `getrusage` failed.
     Rusage(std::io::Error),
+    /// Starting, waiting for or inspecting a VMM process failed.
+    Process {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A VMM process did not behave as expected (exit status, output).
+    Vmm(String),
 }
 
 impl fmt::Display for Error {
@@ -64,6 +77,8 @@ impl fmt::Display for Error {
             Error::Memory(e) => write!(f, "guest memory: {e}"),
             Error::Guest(e) => write!(f, "{e}"),
             Error::GuestMemory(e) => write!(f, "cannot load the guest code: {e}"),
+            Error::Load(e) => write!(f, "cannot load the guest image: {e}"),
+            Error::NoPvhEntry => write!(f, "the guest image has no PVH entry note"),
             Error::Bus(e) => write!(f, "cannot insert the benchmark device: {e}"),
             Error::MsrsRejected { set, total } => {
                 write!(f, "KVM_SET_MSRS set only {set} of {total} boot MSRs")
@@ -81,6 +96,8 @@ impl fmt::Display for Error {
                 "{side}: {counter} counted {seen} exits, the guest makes {expected}"
             ),
             Error::Rusage(e) => write!(f, "getrusage failed: {e}"),
+            Error::Process { what, source } => write!(f, "{what}: {source}"),
+            Error::Vmm(message) => f.write_str(message),
         }
     }
 }
@@ -93,11 +110,15 @@ impl std::error::Error for Error {
             Error::Memory(e) => Some(e),
             Error::Guest(e) => Some(e),
             Error::GuestMemory(e) => Some(e),
+            Error::Load(e) => Some(e),
             Error::Bus(e) => Some(e),
             Error::Rusage(e) => Some(e),
-            Error::MsrsRejected { .. } | Error::UnexpectedExit { .. } | Error::ExitCount { .. } => {
-                None
-            }
+            Error::Process { source, .. } => Some(source),
+            Error::MsrsRejected { .. }
+            | Error::UnexpectedExit { .. }
+            | Error::ExitCount { .. }
+            | Error::NoPvhEntry
+            | Error::Vmm(_) => None,
         }
     }
 }
@@ -129,5 +150,11 @@ impl From<BusError> for Error {
 impl From<ember_memory::vm_memory::GuestMemoryError> for Error {
     fn from(e: ember_memory::vm_memory::GuestMemoryError) -> Self {
         Error::GuestMemory(e)
+    }
+}
+
+impl From<ember_boot::BootError> for Error {
+    fn from(e: ember_boot::BootError) -> Self {
+        Error::Load(e)
     }
 }

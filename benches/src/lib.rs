@@ -3,14 +3,16 @@
 //! * `benches/bus_dispatch.rs` (criterion): lookup and dispatch of one access on an
 //!   [`ember_bus::Bus`] with 1, 8 and 64 devices, and the unclaimed-address path.
 //! * `src/bin/exit_rate.rs` (`cargo run --release -p ember-benches --bin exit-rate`): a
-//!   whole VM whose guest loops on `out dx, al` or an MMIO store, run once through a bare
-//!   `KVM_RUN` loop (the floor) and once through [`ember_vcpu::Vcpu::run`], with wall
-//!   and CPU time per exit side by side.
+//!   guest that loops on `out dx, al` or an MMIO store (one PVH ELF image, see
+//!   [`guest`]) run by a bare `KVM_RUN` loop (the floor), by [`ember_vcpu::Vcpu::run`]
+//!   with exit timing off and on, by the `ember` binary and by QEMU `-M microvm`, with
+//!   wall and CPU time per exit side by side; then start-up time and memory footprint
+//!   of `ember` and QEMU on a guest whose first I/O is the boot-done write.
 //!
 //! This library holds what both share and what is worth unit-testing: the trivial
-//! device ([`device`]), the guests ([`guest`]), the VM set-up ([`vm`]), the two run
-//! loops ([`measure`]), the summary and Markdown table ([`report`]) and the command
-//! line ([`args`]).
+//! device ([`device`]), the guests ([`guest`]), the VM set-up ([`vm`]), the in-process
+//! run loops ([`measure`]), whole VMM processes ([`process`]), the summaries and
+//! Markdown tables ([`report`]) and the command line ([`args`]).
 
 #![deny(missing_docs)]
 
@@ -19,6 +21,7 @@ pub mod device;
 mod error;
 pub mod guest;
 pub mod measure;
+pub mod process;
 pub mod report;
 pub mod vm;
 

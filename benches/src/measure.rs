@@ -1,9 +1,11 @@
-//! The two run loops being compared, timed the same way.
+//! The in-process run loops being compared, timed the same way: the floor, and Ember's
+//! run loop with exit timing off and on.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ember_bus::{Bus, BusKind};
+use ember_vcpu::clock::ExitClock;
 use ember_vcpu::{ExitKind, VcpuOutcome};
 use kvm_ioctls::VcpuExit;
 
@@ -17,17 +19,38 @@ use crate::Error;
 pub enum Side {
     /// A bare loop around `VcpuFd::run()` that only counts exits: what any VMM adds to.
     Floor,
+    /// The same, timing each exit with Ember's exit clock exactly as Ember's exit
+    /// timing does: what a bare loop spends between `KVM_RUN` calls, measured the
+    /// same way.
+    FloorTimed,
     /// [`ember_vcpu::Vcpu::run`] dispatching to an [`ember_bus::Bus`] with one
     /// [`Register`] at the workload's address.
     Ember,
+    /// The same with exit timing on ([`ember_vcpu::Vcpu::enable_exit_timing`]).
+    EmberTimed,
 }
 
 impl Side {
-    /// `floor` or `ember`.
+    /// Every side, in the order they run and are reported.
+    pub const ALL: [Side; 4] = [Side::Floor, Side::FloorTimed, Side::Ember, Side::EmberTimed];
+
+    /// `floor`, `ember` or `ember-timed`.
     pub fn name(self) -> &'static str {
         match self {
             Side::Floor => "floor",
+            Side::FloorTimed => "floor-timed",
             Side::Ember => "ember",
+            Side::EmberTimed => "ember-timed",
+        }
+    }
+
+    /// What the side is, for tables.
+    pub fn description(self) -> &'static str {
+        match self {
+            Side::Floor => "floor: bare KVM_RUN loop",
+            Side::FloorTimed => "floor, exits timed like Ember's",
+            Side::Ember => "Ember Vcpu::run, exit timing off",
+            Side::EmberTimed => "Ember Vcpu::run, exit timing on",
         }
     }
 }
@@ -68,15 +91,18 @@ pub fn thread_cpu_times() -> Result<CpuTimes, Error> {
 }
 
 /// One timed run of a guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sample {
-    /// PIO or MMIO write exits handled (counted by the floor loop, or by the device
-    /// on Ember's side); the final `hlt` exit is not included.
+    /// PIO or MMIO write exits of the loop (counted by the floor loop, or by the device
+    /// on Ember's side); the final debug-exit write and `hlt` exits are not included.
     pub exits: u64,
     /// Wall-clock time of the run loop.
     pub wall: Duration,
     /// CPU time of the vCPU thread during the run loop.
     pub cpu: CpuTimes,
+    /// With exit timing on: the mean time in the VMM per loop exit, from `KVM_RUN`
+    /// returning to the next `KVM_RUN` call, in nanoseconds.
+    pub vmm_ns: Option<f64>,
 }
 
 /// Times `run`, which drives the vCPU until the guest halts, on this thread.
@@ -110,25 +136,45 @@ fn check_count(side: Side, counter: &'static str, expected: u32, seen: u64) -> R
 /// exactly `iterations` write exits.
 pub fn run(side: Side, workload: Workload, iterations: u32) -> Result<Sample, Error> {
     match side {
-        Side::Floor => run_floor(workload, iterations),
-        Side::Ember => run_ember(workload, iterations),
+        Side::Floor => run_floor(workload, iterations, false),
+        Side::FloorTimed => run_floor(workload, iterations, true),
+        Side::Ember => run_ember(workload, iterations, false),
+        Side::EmberTimed => run_ember(workload, iterations, true),
     }
 }
 
 /// The floor: a bare `KVM_RUN` loop that counts PIO/MMIO write exits and does nothing
-/// else.
-pub fn run_floor(workload: Workload, iterations: u32) -> Result<Sample, Error> {
-    let vm = BenchVm::new(&workload.code(iterations)?)?;
+/// else. The guest's last write (to the debug-exit port) is counted and taken off.
+/// With `timing`, each write exit is timed from `KVM_RUN` returning to the next
+/// `KVM_RUN` call with [`ExitClock`], as [`ember_vcpu::Vcpu::enable_exit_timing`] does.
+pub fn run_floor(workload: Workload, iterations: u32, timing: bool) -> Result<Sample, Error> {
+    let side = if timing {
+        Side::FloorTimed
+    } else {
+        Side::Floor
+    };
+    let vm = BenchVm::new(&workload.image(iterations)?)?;
     let mut fd = vm.raw_vcpu()?;
-    let (exits, wall, cpu) = timed(|| {
+    let clock = timing.then(ExitClock::get);
+    let ((exits, timed_ns), wall, cpu) = timed(|| {
         let mut exits = 0u64;
+        let mut timed_ns = 0u64;
+        let mut returned = None;
         loop {
-            match fd.run() {
-                Ok(VcpuExit::IoOut(..)) | Ok(VcpuExit::MmioWrite(..)) => exits += 1,
-                Ok(VcpuExit::Hlt) => return Ok(exits),
+            if let (Some(clock), Some(at)) = (clock, returned.take()) {
+                timed_ns += clock.nanos(at, clock.now());
+            }
+            let exit = fd.run();
+            let at = clock.map(ExitClock::now);
+            match exit {
+                Ok(VcpuExit::IoOut(..)) | Ok(VcpuExit::MmioWrite(..)) => {
+                    exits += 1;
+                    returned = at;
+                }
+                Ok(VcpuExit::Hlt) => return Ok((exits, timed_ns)),
                 Ok(other) => {
                     return Err(Error::UnexpectedExit {
-                        side: Side::Floor.name(),
+                        side: side.name(),
                         exit: format!("{other:?}"),
                     })
                 }
@@ -141,14 +187,25 @@ pub fn run_floor(workload: Workload, iterations: u32) -> Result<Sample, Error> {
             }
         }
     })?;
-    check_count(Side::Floor, "the floor loop", iterations, exits)?;
-    Ok(Sample { exits, wall, cpu })
+    check_count(side, "the floor loop", iterations, exits.saturating_sub(1))?;
+    Ok(Sample {
+        exits: exits.saturating_sub(1),
+        wall,
+        cpu,
+        vmm_ns: (timing && exits > 0).then(|| timed_ns as f64 / exits as f64),
+    })
 }
 
 /// Ember: [`ember_vcpu::Vcpu::run`] with a [`Register`] at the workload's address on
-/// the PIO or MMIO bus.
-pub fn run_ember(workload: Workload, iterations: u32) -> Result<Sample, Error> {
-    let vm = BenchVm::new(&workload.code(iterations)?)?;
+/// the PIO or MMIO bus, with exit timing on if `timing`. The debug-exit write at the end
+/// finds no device (it is dropped and counted by the bus).
+pub fn run_ember(workload: Workload, iterations: u32, timing: bool) -> Result<Sample, Error> {
+    let side = if timing {
+        Side::EmberTimed
+    } else {
+        Side::Ember
+    };
+    let vm = BenchVm::new(&workload.image(iterations)?)?;
     let pio = Arc::new(Bus::new(BusKind::Pio));
     let mmio = Arc::new(Bus::new(BusKind::Mmio));
     let device = Arc::new(Register::default());
@@ -158,18 +215,37 @@ pub fn run_ember(workload: Workload, iterations: u32) -> Result<Sample, Error> {
     };
     bus.insert(workload.address(), REGISTER_LEN, device.clone())?;
     let mut vcpu = vm.ember_vcpu(pio, mmio)?;
+    if timing {
+        vcpu.enable_exit_timing();
+    }
     let stats = vcpu.stats();
     let (outcome, wall, cpu) = timed(|| Ok(vcpu.run()?))?;
     if outcome != VcpuOutcome::Halted {
         return Err(Error::UnexpectedExit {
-            side: Side::Ember.name(),
+            side: side.name(),
             exit: format!("{outcome:?}"),
         });
     }
     let exits = device.writes();
-    check_count(Side::Ember, "the device", iterations, exits)?;
-    check_count(Side::Ember, "ExitStats", iterations, stats.get(kind))?;
-    Ok(Sample { exits, wall, cpu })
+    check_count(side, "the device", iterations, exits)?;
+    // The loop's writes, and the debug-exit write (a port write) after them.
+    let io_out = stats.get(ExitKind::IoOut);
+    let loop_exits = match workload {
+        Workload::Pio => io_out.saturating_sub(1),
+        Workload::Mmio => stats.get(ExitKind::MmioWrite),
+    };
+    check_count(side, "ExitStats", iterations, loop_exits)?;
+    let vmm_ns = if timing {
+        stats.latency(kind).mean_ns()
+    } else {
+        None
+    };
+    Ok(Sample {
+        exits,
+        wall,
+        cpu,
+        vmm_ns,
+    })
 }
 
 #[cfg(test)]
@@ -195,11 +271,18 @@ mod tests {
             return;
         }
         for workload in Workload::ALL {
-            for side in [Side::Floor, Side::Ember] {
+            for side in Side::ALL {
                 let sample = run(side, workload, 1000)
                     .unwrap_or_else(|e| panic!("{} {}: {e}", side.name(), workload.name()));
                 assert_eq!(sample.exits, 1000, "{} {}", side.name(), workload.name());
                 assert!(sample.wall > Duration::ZERO);
+                assert_eq!(
+                    sample.vmm_ns.is_some(),
+                    matches!(side, Side::EmberTimed | Side::FloorTimed),
+                    "{} {}",
+                    side.name(),
+                    workload.name()
+                );
             }
         }
     }
@@ -209,7 +292,7 @@ mod tests {
         if !kvm_available("zero_iterations_is_just_the_halt") {
             return;
         }
-        assert_eq!(run_floor(Workload::Pio, 0).unwrap().exits, 0);
-        assert_eq!(run_ember(Workload::Mmio, 0).unwrap().exits, 0);
+        assert_eq!(run_floor(Workload::Pio, 0, false).unwrap().exits, 0);
+        assert_eq!(run_ember(Workload::Mmio, 0, false).unwrap().exits, 0);
     }
 }

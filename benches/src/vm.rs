@@ -1,8 +1,10 @@
 //! One VM set-up for both run loops, so that they differ only in how exits are handled.
 //!
-//! A VM with 64 MiB of RAM (ember-memory), Ember's boot GDT and page tables, the guest
-//! code at [`CODE_ADDR`], no in-kernel irqchip (so `hlt` reaches userspace), and one
-//! vCPU in 64-bit mode at CPL0 with Ember's CPUID, boot MSRs and FPU state. The vCPU
+//! A VM with 64 MiB of RAM (ember-memory), Ember's boot GDT, the guest's PVH ELF image
+//! loaded by Ember's loader (`ember_boot::load_elf`), no in-kernel irqchip (so `hlt`
+//! reaches userspace), and one vCPU entered at the image's PVH entry point in 32-bit
+//! protected mode at CPL0 ([`regs::setup_pvh_entry`], as `ember` enters a PVH kernel),
+//! with Ember's CPUID, boot MSRs and FPU state. The vCPU
 //! comes either raw ([`BenchVm::raw_vcpu`], for the floor) or wrapped in an
 //! [`ember_vcpu::Vcpu`] ([`BenchVm::ember_vcpu`]); both are configured by the same code
 //! through the vCPU file descriptor.
@@ -10,13 +12,12 @@
 use std::sync::Arc;
 
 use ember_bus::Bus;
-use ember_memory::vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use ember_memory::vm_memory::{GuestAddress, GuestMemoryMmap};
 use ember_memory::{create_guest_memory, register_memory_slots, HugePages, MemoryLayout, MIB};
-use ember_vcpu::{cpuid, msrs, regs, BootRegs, Vcpu};
+use ember_vcpu::{cpuid, msrs, regs, Vcpu};
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
-use crate::guest::CODE_ADDR;
 use crate::Error;
 
 /// Guest RAM size.
@@ -28,11 +29,13 @@ pub struct BenchVm {
     vm: VmFd,
     mem: GuestMemoryMmap,
     supported_cpuid: CpuId,
+    entry: GuestAddress,
 }
 
 impl BenchVm {
-    /// Creates the VM and loads `code` at [`CODE_ADDR`].
-    pub fn new(code: &[u8]) -> Result<Self, Error> {
+    /// Creates the VM and loads `image`, an ELF with a PVH note (see
+    /// [`crate::guest::pvh_elf`]).
+    pub fn new(image: &[u8]) -> Result<Self, Error> {
         let kvm = Kvm::new().map_err(|source| Error::Kvm {
             op: "open /dev/kvm",
             source,
@@ -46,7 +49,8 @@ impl BenchVm {
         let mem = create_guest_memory(&layout, HugePages::None)?;
         register_memory_slots(&vm, &mem, 0)?;
         regs::write_boot_tables(&mem)?;
-        mem.write_slice(code, GuestAddress(CODE_ADDR))?;
+        let load = ember_boot::load_elf(&mem, image, GuestAddress(ember_boot::HIMEM_START))?;
+        let entry = load.pvh_entry.ok_or(Error::NoPvhEntry)?;
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|source| Error::Kvm {
@@ -57,6 +61,7 @@ impl BenchVm {
             vm,
             mem,
             supported_cpuid,
+            entry,
         })
     }
 
@@ -77,8 +82,9 @@ impl BenchVm {
         Ok(vcpu)
     }
 
-    /// CPUID, boot MSRs, FPU and 64-bit entry at [`CODE_ADDR`]: what `Vcpu`'s own
-    /// `set_cpuid(.., 1)`, `set_boot_msrs`, `set_fpu` and `set_long_mode_entry` do.
+    /// CPUID, boot MSRs, FPU and the PVH entry: what `Vcpu`'s own `set_cpuid(.., 1)`,
+    /// `set_boot_msrs`, `set_fpu` and `set_pvh_entry` do (the guest reads no start
+    /// info, so `EBX` is 0).
     fn configure(&self, fd: &VcpuFd) -> Result<(), Error> {
         fd.set_cpuid2(&cpuid::vcpu_cpuid(&self.supported_cpuid, 0, 1))
             .map_err(|source| Error::Kvm {
@@ -95,15 +101,7 @@ impl BenchVm {
             return Err(Error::MsrsRejected { set, total });
         }
         regs::setup_fpu(fd)?;
-        regs::setup_long_mode(
-            fd,
-            &BootRegs {
-                entry: GuestAddress(CODE_ADDR),
-                stack: GuestAddress(regs::BOOT_STACK_POINTER),
-                rsi: 0,
-                rdi: 0,
-            },
-        )?;
+        regs::setup_pvh_entry(fd, self.entry, GuestAddress(0))?;
         Ok(())
     }
 }

@@ -11,8 +11,8 @@
 /// keeps it behind its own `Mutex` or atomics.
 pub trait BusDevice: Send + Sync {
     /// Handles a guest read of `data.len()` bytes at `offset` from the device's base.
-    /// `data` arrives filled with all ones; a device leaves bytes it does not model as
-    /// they are.
+    /// `data` arrives filled with all ones (the bus and its handles guarantee it, at the
+    /// cost of one store); a device leaves bytes it does not model as they are.
     fn read(&self, offset: u64, data: &mut [u8]);
 
     /// Handles a guest write of `data` at `offset` from the device's base.

@@ -11,7 +11,10 @@
 //!   [`VcpuOutcome`]; entry failures and emulation failures as a [`VcpuError`] that says
 //!   where the guest was (for an emulation failure, RIP and the instruction bytes).
 //! * **Stopping** ([`RunningVcpu::stop`]) from any thread, race-free (see [`kick`]).
-//! * **Counting** exits per reason ([`ExitStats`]).
+//! * **Counting** exits per reason ([`ExitStats`]) and, opt-in
+//!   ([`Vcpu::enable_exit_timing`]), timing them: a log2 histogram per exit reason of the
+//!   time from `KVM_RUN` returning to the next `KVM_RUN` call ([`ExitProfile`], printable
+//!   as a table, mergeable across vCPUs).
 //!
 //! A VM with one vCPU that writes a byte to port 0x80 and halts:
 //!
@@ -58,6 +61,7 @@
 
 #![deny(missing_docs)]
 
+pub mod clock;
 pub mod cpuid;
 mod error;
 pub mod kick;
@@ -70,5 +74,8 @@ pub mod vm;
 
 pub use error::{InstructionBytes, VcpuError};
 pub use regs::BootRegs;
-pub use stats::{ExitKind, ExitStats};
+pub use stats::{
+    format_ns, latency_bucket, latency_bucket_bound_ns, latency_bucket_label, ExitKind,
+    ExitProfile, ExitStats, LatencyHistogram, LATENCY_BUCKETS,
+};
 pub use vcpu::{RunningVcpu, SystemEvent, Vcpu, VcpuOutcome};

@@ -324,9 +324,12 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
         .create_vm()
         .map_err(|e| BuildError::Kvm("KVM_CREATE_VM", e))?;
     ember_vcpu::vm::setup_vm(&vm)?;
-    ember_devices::create_irqchip_and_pit(&vm)?;
 
-    // Memory.
+    // Memory, before the irqchip and the PIT. Each of these calls waits in the kernel
+    // for SRCU grace periods (workqueue round trips), which dominate start-up on a busy
+    // host, and they wait less this way round: on the nested development host (load
+    // 3.6, 20 interleaved runs of each order) the three calls took 5.7 ms (median; mean
+    // 5.4) with the memory slot first, 9.6 ms (mean 11.8) with it last.
     let memory = create_guest_memory(&layout, HugePages::None)?;
     register_memory_slots(&vm, &memory, 0)?;
     log::info!(
@@ -334,6 +337,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
         layout.ram_size(),
         layout.ram_regions()
     );
+    ember_devices::create_irqchip_and_pit(&vm)?;
 
     // Legacy devices.
     let pio = Arc::new(Bus::new(BusKind::Pio));
@@ -455,7 +459,10 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
     template.apply(&mut supported);
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for index in 0..config.vcpus {
-        let vcpu = Vcpu::new(&vm, index, pio.clone(), mmio.clone(), memory.clone())?;
+        let mut vcpu = Vcpu::new(&vm, index, pio.clone(), mmio.clone(), memory.clone())?;
+        if config.exit_stats {
+            vcpu.enable_exit_timing();
+        }
         vcpu.set_cpuid(&supported, config.vcpus)?;
         vcpu.set_boot_msrs()?;
         vcpu.set_fpu()?;

@@ -68,6 +68,13 @@ pub struct Cli {
     #[arg(long)]
     pub rng: bool,
 
+    /// When the VM ends, print to stderr how many exits of each reason there were and,
+    /// per reason, a histogram of the time the VMM spent on each (from KVM_RUN
+    /// returning to the next KVM_RUN). Turns exit timing on (one pair of clock reads
+    /// per exit).
+    #[arg(long)]
+    pub exit_stats: bool,
+
     /// Log more (repeat for debug output). Logs go to stderr.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -91,6 +98,7 @@ impl Cli {
             disks: self.disk.clone(),
             nets: self.net.clone(),
             rng: self.rng,
+            exit_stats: self.exit_stats,
         }
     }
 }
@@ -271,6 +279,12 @@ mod tests {
         assert_eq!((config.vcpus, config.memory_bytes), (1, 256 << 20));
         assert_eq!(config.serial, SerialConfig::Stdio);
         assert_eq!(config.cpu_template, CpuTemplateChoice::Auto);
+        assert!(!config.exit_stats);
+        assert!(
+            Cli::parse_from(["ember", "--exit-stats"])
+                .vm_config()
+                .exit_stats
+        );
     }
 
     #[test]

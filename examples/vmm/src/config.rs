@@ -85,6 +85,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// Whether to add a virtio-rng device.
     pub rng: bool,
+    /// Whether to time exits and print the exit profile when the VM ends.
+    pub exit_stats: bool,
 }
 
 /// The command line a Linux guest gets when none is given: console on COM1, and reboot

@@ -40,13 +40,18 @@ fn main() -> ExitCode {
             None
         }
     };
+    let mut profile = ember_vcpu::ExitProfile::default();
     let result = builder::build_vm(&config, start)
         .map_err(|e| e.to_string())
         .and_then(|vm| {
             let boot_done = vm.boot_done.clone();
-            let report = run::run_vm(vm, signals).map_err(|e| e.to_string())?;
+            let report = run::run_vm(vm, signals, &mut profile).map_err(|e| e.to_string())?;
             Ok((report, boot_done))
         });
+    if config.exit_stats && profile.vcpus > 0 {
+        // The table's first line reads `ember: exit profile: ...`.
+        eprint!("ember: {profile}");
+    }
     match result {
         Ok((report, boot_done)) => {
             // The boot-done device logs this itself at info level.

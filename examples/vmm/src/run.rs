@@ -8,7 +8,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use ember_devices::{ExitRequest, Serial};
-use ember_vcpu::{ExitKind, RunningVcpu, SystemEvent, VcpuError, VcpuOutcome};
+use ember_vcpu::{ExitKind, ExitProfile, RunningVcpu, SystemEvent, VcpuError, VcpuOutcome};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -182,14 +182,26 @@ impl MutEventSubscriber for StdinToSerial {
 }
 
 /// Runs `vm` until a device ends it, a vCPU stops, or a vCPU fails; then stops every
-/// vCPU and reports how it ended.
-pub fn run_vm(mut vm: Vm, signals: Option<std::fs::File>) -> Result<RunReport, RunError> {
+/// vCPU and reports how it ended. Once the vCPUs have run, `profile` holds their exit
+/// counts (and latency histograms, if exit timing was on) merged, whether the VM ended
+/// well or not.
+pub fn run_vm(
+    mut vm: Vm,
+    signals: Option<std::fs::File>,
+    profile: &mut ExitProfile,
+) -> Result<RunReport, RunError> {
     let loop_err = |e: &dyn std::fmt::Display| RunError::EventLoop(e.to_string());
     let vcpu_done = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| loop_err(&e))?;
     let mut running: Vec<RunningVcpu> = Vec::with_capacity(vm.vcpus.len());
-    for vcpu in vm.vcpus.drain(..) {
+    for (i, vcpu) in vm.vcpus.drain(..).enumerate() {
         let done = vcpu_done.try_clone().map_err(|e| loop_err(&e))?;
-        match vcpu.spawn(Some(done)) {
+        // The boot vCPU's thread starts on this CPU (see `LocalStart`).
+        let local = if i == 0 { LocalStart::begin() } else { None };
+        let spawned = vcpu.spawn(Some(done));
+        if let Some(local) = local {
+            local.end(spawned.as_ref().ok());
+        }
+        match spawned {
             Ok(r) => running.push(r),
             Err(e) => {
                 stop_all(&running);
@@ -227,21 +239,21 @@ pub fn run_vm(mut vm: Vm, signals: Option<std::fs::File>) -> Result<RunReport, R
     }
 
     stop_all(&running);
-    let mut exits = vec![0u64; ExitKind::ALL.len()];
+    let mut merged = ExitProfile::default();
     let mut outcomes = Vec::with_capacity(running.len());
     for r in running {
-        for (i, kind) in ExitKind::ALL.iter().enumerate() {
-            exits[i] += r.stats().get(*kind);
-        }
         let index = r.index();
+        let stats = r.shared_stats();
         outcomes.push((index, r.join()));
+        // After the join, the counters are final.
+        merged.merge(&stats.profile());
     }
     let exits = ExitKind::ALL
         .iter()
-        .copied()
-        .zip(exits)
+        .map(|&k| (k, merged.count(k)))
         .filter(|&(_, n)| n > 0)
         .collect();
+    *profile = merged;
     let (pio, mmio) = (vm.pio.stats(), vm.mmio.stats());
     let unclaimed = format!(
         "PIO {} reads, {} writes; MMIO {} reads, {} writes; {} bad widths",
@@ -318,5 +330,68 @@ pub fn run_vm(mut vm: Vm, signals: Option<std::fs::File>) -> Result<RunReport, R
 fn stop_all(running: &[RunningVcpu]) {
     for r in running {
         r.stop();
+    }
+}
+
+/// Starts a thread on the CPU this thread runs on, rather than on another, idle one.
+///
+/// A new thread normally goes to the idlest CPU, and waking an idle CPU can take
+/// milliseconds where the host is itself a virtual machine (the wake-up is an IPI to a
+/// halted vCPU of the host's own hypervisor): on the nested development host the boot
+/// vCPU's thread made its first system call 0.1 to 6 ms after `clone`. Started here
+/// instead, it runs as soon as this thread blocks in the event loop, a moment later:
+/// the median time to the guest's first instruction fell from 7.3 to 3.2 ms, and from
+/// 5.4 to 3.3 ms, in two sets of 30 interleaved runs (host load 4). So the spawning
+/// thread's affinity is narrowed to its
+/// current CPU while it spawns (the new thread inherits that), then both are given the
+/// full set back, which leaves the queued thread where it is until the scheduler next
+/// balances.
+struct LocalStart {
+    all: libc::cpu_set_t,
+}
+
+impl LocalStart {
+    /// Narrows this thread's affinity to its current CPU; `None` (and nothing changed)
+    /// if that cannot be done.
+    fn begin() -> Option<LocalStart> {
+        // SAFETY: zero is a valid cpu_set_t; the calls read or write only the sets
+        // given, with their real sizes, and change this thread's affinity.
+        unsafe {
+            let mut all: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, std::mem::size_of_val(&all), &mut all) != 0 {
+                return None;
+            }
+            let cpu = usize::try_from(libc::sched_getcpu()).ok()?;
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut one);
+            if libc::sched_setaffinity(0, std::mem::size_of_val(&one), &one) != 0 {
+                return None;
+            }
+            Some(LocalStart { all })
+        }
+    }
+
+    /// Gives this thread, and `spawned` if given, the original affinity back.
+    fn end(self, spawned: Option<&RunningVcpu>) {
+        let size = std::mem::size_of_val(&self.all);
+        // SAFETY: the sets are valid for `size` bytes; the pthread handle is live (the
+        // thread has not been joined).
+        unsafe {
+            if let Some(vcpu) = spawned {
+                let rc = libc::pthread_setaffinity_np(vcpu.as_pthread_t(), size, &self.all);
+                if rc != 0 {
+                    log::warn!(
+                        "vCPU {}: cannot widen its CPU affinity: error {rc}",
+                        vcpu.index()
+                    );
+                }
+            }
+            if libc::sched_setaffinity(0, size, &self.all) != 0 {
+                log::warn!(
+                    "cannot restore the VMM thread's CPU affinity: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
     }
 }

@@ -1,0 +1,450 @@
+//! Device paths behind an exit, in process (no KVM, no threads):
+//!
+//! * `serial`: one byte out of the 16550 (`ember_devices::Serial`, output to a sink): a
+//!   1-byte PIO write to THR at COM1 through a `BusHandle` (and through `Bus::write`),
+//!   with the THR-empty interrupt off (`thr`), and on (`thr_irq`: each byte also writes
+//!   the interrupt eventfd, and the guest acknowledges with an IIR read).
+//! * `virtio_blk`: one 4 KiB request on a mock split queue (virtio-queue's
+//!   `MockSplitQueue` in a `GuestMemoryMmap`), backed by a file on tmpfs (`/dev/shm`),
+//!   as the device's worker handles a notification carrying one request:
+//!   `disable_notification`, pop the chain, `block::process_request`, `add_used`,
+//!   `enable_notification`, `needs_notification`. `FLUSH` is negotiated, so writes are
+//!   not followed by `fdatasync`. The driver's side (writing the header, publishing
+//!   the chain) is done outside the timed part. `read_4k_kick` adds the notification
+//!   itself: a write to the queue's notify eventfd (what KVM's ioeventfd or the
+//!   transport's QueueNotify does) and the worker's read of it (epoll not included).
+//!
+//! At the end, a table of the medians (and MiB/s for virtio-blk) of this run.
+//!
+//! The clock is criterion's wall clock, or with `EMBER_BENCH_CLOCK=cpu` the thread's CPU
+//! time (`CLOCK_THREAD_CPUTIME_ID`; the kernel's time in `pread`/`pwrite` counts),
+//! which leaves out the time other processes take on a shared machine.
+//!
+//! `cargo bench -p ember-benches --bench virtio_paths`
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::hint::black_box;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use criterion::measurement::{Measurement, ValueFormatter, WallTime};
+use criterion::{BatchSize, BenchmarkGroup, Criterion, Throughput};
+use ember_bus::{Bus, BusKind};
+use ember_devices::virtio::block::{
+    process_request, BOUNCE_SIZE, SECTOR_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use ember_devices::virtio::{BlockOptions, Disk};
+use ember_devices::{IrqLine, Serial, SerialOutput, COM1_PORT, SERIAL_PORT_SIZE};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Short runs: each benchmark takes under 2 s.
+fn short<M: Measurement>(group: &mut BenchmarkGroup<'_, M>) {
+    group
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_millis(1500))
+        .sample_size(50)
+        .nresamples(10_000);
+}
+
+// ---------------------------------------------------------------------------------------
+// Serial
+
+const COM1: u64 = COM1_PORT as u64;
+const THR: u64 = COM1;
+const IER: u64 = COM1 + 1;
+const IIR: u64 = COM1 + 2;
+/// IER bit: THR-empty interrupt.
+const IER_THRE: u8 = 0x02;
+
+fn serial_bus(irq_on: bool) -> (Bus, Arc<Serial>, IrqLine) {
+    let irq = IrqLine::new().expect("eventfd");
+    let irq_view = irq.try_clone().expect("eventfd clone");
+    let serial = Arc::new(Serial::new(SerialOutput::Sink, irq).expect("serial"));
+    let bus = Bus::new(BusKind::Pio);
+    bus.insert(COM1, SERIAL_PORT_SIZE, serial.clone())
+        .expect("COM1");
+    if irq_on {
+        bus.write(IER, &[IER_THRE]).expect("IER");
+    }
+    (bus, serial, irq_view)
+}
+
+fn serial<M: Measurement>(c: &mut Criterion<M>) {
+    let mut group = c.benchmark_group("serial");
+    short(&mut group);
+    group.throughput(Throughput::Bytes(1));
+
+    let (bus, serial, irq) = serial_bus(false);
+    let mut handle = bus.handle();
+    group.bench_function("thr_handle", |b| {
+        b.iter(|| handle.write(black_box(THR), black_box(b"x")));
+    });
+    group.bench_function("thr_bus", |b| {
+        b.iter(|| bus.write(black_box(THR), black_box(b"x")));
+    });
+    assert_eq!(serial.stats().bytes_lost, 0);
+    assert!(irq.event_fd().read().is_err(), "IER is 0: no interrupt");
+
+    // Interrupt-driven output: each byte raises THR-empty (an eventfd write) and the
+    // guest's handler acknowledges it by reading IIR (a second exit), as Linux's 8250
+    // driver does.
+    let (bus, serial, irq) = serial_bus(true);
+    let mut handle = bus.handle();
+    group.bench_function("thr_irq_handle", |b| {
+        b.iter(|| {
+            handle.write(black_box(THR), black_box(b"x"))?;
+            let mut iir = [0u8];
+            handle.read(black_box(IIR), &mut iir).map(|()| iir)
+        });
+    });
+    let stats = serial.stats();
+    assert_eq!(stats.bytes_lost, 0);
+    let interrupts = irq.event_fd().read().unwrap_or(0);
+    assert!(
+        interrupts + 1 >= stats.bytes_out,
+        "{interrupts} interrupts for {} bytes",
+        stats.bytes_out
+    );
+    group.finish();
+}
+
+// ---------------------------------------------------------------------------------------
+// virtio-blk
+
+const NEXT: u16 = 1;
+const WRITE: u16 = 2;
+/// Queue size; chains of 3 descriptors use slots `3i..3i + 3`.
+const QUEUE_SIZE: u16 = 256;
+/// Distinct chains (each with its own buffers) cycled through.
+const CHAINS: u16 = 64;
+const BLOCK: u32 = 4096;
+const MEM_SIZE: usize = 16 << 20;
+/// The used ring (see [`Blk::new`]); the descriptor table and avail ring are below.
+const USED: u64 = 0x4000;
+const HEADERS: u64 = 0x10_0000;
+const STATUSES: u64 = 0x11_0000;
+const DATA: u64 = 0x20_0000;
+/// Size of the disk image: requests walk through it 4 KiB at a time.
+const DISK_SIZE: u64 = 16 << 20;
+
+/// A disk image on tmpfs, removed on drop.
+struct Image(PathBuf);
+
+impl Image {
+    fn create() -> Image {
+        let dir = Path::new("/dev/shm");
+        let dir = if dir.is_dir() {
+            dir.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        let path = dir.join(format!("ember-bench-blk-{}.img", std::process::id()));
+        let file = File::create(&path).expect("create the disk image");
+        let data: Vec<u8> = (0..DISK_SIZE).map(|i| (i / 4096) as u8 ^ i as u8).collect();
+        file.write_all_at(&data, 0).expect("fill the disk image");
+        Image(path)
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The driver and the device around one queue.
+struct Blk<'m> {
+    mem: &'m GuestMemoryMmap,
+    vq: MockSplitQueue<'m, GuestMemoryMmap>,
+    queue: Queue,
+    disk: Disk,
+    bounce: Vec<u8>,
+    req_type: u32,
+    /// Requests published so far (chain `published % CHAINS` is next).
+    published: u64,
+}
+
+impl<'m> Blk<'m> {
+    fn new(mem: &'m GuestMemoryMmap, disk: Disk, req_type: u32) -> Self {
+        let vq = MockSplitQueue::create(mem, GuestAddress(0), QUEUE_SIZE);
+        let data_flags = if req_type == VIRTIO_BLK_T_IN {
+            WRITE
+        } else {
+            0
+        };
+        for i in 0..CHAINS {
+            let slot = 3 * i;
+            let descs = [
+                Descriptor::new(HEADERS + 16 * u64::from(i), 16, NEXT, slot + 1),
+                Descriptor::new(
+                    DATA + u64::from(BLOCK) * u64::from(i),
+                    BLOCK,
+                    data_flags | NEXT,
+                    slot + 2,
+                ),
+                Descriptor::new(STATUSES + u64::from(i), 1, WRITE, 0),
+            ];
+            for (k, d) in descs.into_iter().enumerate() {
+                vq.desc_table()
+                    .store(slot + k as u16, RawDescriptor::from(d))
+                    .expect("descriptor");
+            }
+        }
+        let mut queue: Queue = vq.create_queue().expect("queue");
+        // MockSplitQueue puts the used ring `len` bytes (not `2 * len + 6`) after the
+        // start of the avail ring's entries, so it overlaps the avail ring from entry
+        // `len / 2 - 2` on (virtio-queue 0.18's `SplitQueueRing::end`); put it past it.
+        assert!(vq.avail_addr().0 + 6 + 2 * u64::from(QUEUE_SIZE) <= USED);
+        queue.set_used_ring_address(Some(USED as u32), Some(0));
+        // A fresh ring: flags and idx 0 (an earlier `Blk` in the same memory used it).
+        mem.write_slice(&[0u8; 4], GuestAddress(USED))
+            .expect("used ring");
+        // The negotiated RING_EVENT_IDX, as the worker sets it.
+        queue.set_event_idx(true);
+        Blk {
+            mem,
+            vq,
+            queue,
+            disk,
+            bounce: vec![0; BOUNCE_SIZE],
+            req_type,
+            published: 0,
+        }
+    }
+
+    /// Driver side: writes the next chain's header and status, makes it available.
+    fn publish(&mut self) {
+        let chain = (self.published % u64::from(CHAINS)) as u16;
+        let sector = (self.published * u64::from(BLOCK) % DISK_SIZE) / SECTOR_SIZE;
+        let mut header = [0u8; 16];
+        header[0..4].copy_from_slice(&self.req_type.to_le_bytes());
+        header[8..16].copy_from_slice(&sector.to_le_bytes());
+        let mem = self.mem;
+        mem.write_slice(&header, GuestAddress(HEADERS + 16 * u64::from(chain)))
+            .expect("header");
+        mem.write_obj(0xeeu8, GuestAddress(STATUSES + u64::from(chain)))
+            .expect("status");
+        let avail = self.vq.avail();
+        let idx = avail.idx().load();
+        avail
+            .ring()
+            .ref_at(usize::from(idx % QUEUE_SIZE))
+            .expect("avail slot")
+            .store(3 * chain);
+        avail.idx().store(idx.wrapping_add(1));
+        self.published += 1;
+    }
+
+    /// Device side: handles a notification carrying one request.
+    #[inline(never)]
+    fn handle_notification(&mut self) {
+        let mem = self.mem;
+        self.queue.disable_notification(mem).expect("disable");
+        let chain = self.queue.pop_descriptor_chain(mem).expect("a chain");
+        let head = chain.head_index();
+        let done = process_request(&self.disk, mem, chain, VIRTIO_BLK_F_FLUSH, &mut self.bounce);
+        self.queue
+            .add_used(mem, head, done.used_len)
+            .expect("add_used");
+        let more = self.queue.enable_notification(mem).expect("enable");
+        debug_assert!(!more);
+        black_box(self.queue.needs_notification(mem).expect("needs"));
+    }
+
+    /// Checks that the last `CHAINS` requests completed with `VIRTIO_BLK_S_OK`, that
+    /// every published request was used, and (reads) that the data is the disk's.
+    fn check(&self) {
+        let used_idx: u16 = self.mem.read_obj(GuestAddress(USED + 2)).expect("used idx");
+        assert_eq!(used_idx, self.published as u16);
+        for i in 0..CHAINS.min(self.published as u16) {
+            let status: u8 = self
+                .mem
+                .read_obj(GuestAddress(STATUSES + u64::from(i)))
+                .expect("status");
+            assert_eq!(status, VIRTIO_BLK_S_OK, "chain {i}");
+        }
+        if self.req_type == VIRTIO_BLK_T_IN && self.published > 0 {
+            let last = self.published - 1;
+            let chain = last % u64::from(CHAINS);
+            let offset = last * u64::from(BLOCK) % DISK_SIZE;
+            let mut got = vec![0u8; BLOCK as usize];
+            self.mem
+                .read_slice(&mut got, GuestAddress(DATA + u64::from(BLOCK) * chain))
+                .expect("data");
+            let want: Vec<u8> = (offset..offset + u64::from(BLOCK))
+                .map(|i| (i / 4096) as u8 ^ i as u8)
+                .collect();
+            assert!(got == want, "read data differs from the disk");
+        }
+    }
+}
+
+fn virtio_blk<M: Measurement>(c: &mut Criterion<M>) {
+    let image = Image::create();
+    let open = || Disk::open(&image.0, BlockOptions { read_only: false }).expect("disk");
+    let mut group = c.benchmark_group("virtio_blk");
+    short(&mut group);
+    group.throughput(Throughput::Bytes(u64::from(BLOCK)));
+
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("memory");
+    // Batches of `CHAINS`: the driver publishes them (untimed), then the device handles
+    // them one notification each (timed).
+    let batch = BatchSize::NumIterations(u64::from(CHAINS));
+    let bench = |group: &mut BenchmarkGroup<'_, M>, name: &str, req_type: u32, kick: bool| {
+        let blk = RefCell::new(Blk::new(&mem, open(), req_type));
+        let notify = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || blk.borrow_mut().publish(),
+                |()| {
+                    if kick {
+                        notify.write(1).expect("notify");
+                        black_box(notify.read().expect("drain"));
+                    }
+                    blk.borrow_mut().handle_notification();
+                },
+                batch,
+            )
+        });
+        blk.borrow().check();
+    };
+    // Reads first: they check the data against the image, which the writes change.
+    bench(&mut group, "read_4k", VIRTIO_BLK_T_IN, false);
+    bench(&mut group, "read_4k_kick", VIRTIO_BLK_T_IN, true);
+    bench(&mut group, "write_4k", VIRTIO_BLK_T_OUT, false);
+    group.finish();
+}
+
+// ---------------------------------------------------------------------------------------
+// Clock, output directory, summary (the same helpers are in `bus_dispatch.rs`).
+
+/// Thread CPU time (`CLOCK_THREAD_CPUTIME_ID`), as a criterion measurement.
+struct CpuTime;
+
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux has.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+impl Measurement for CpuTime {
+    type Intermediate = Duration;
+    type Value = Duration;
+
+    fn start(&self) -> Duration {
+        thread_cpu_time()
+    }
+    fn end(&self, start: Duration) -> Duration {
+        thread_cpu_time().saturating_sub(start)
+    }
+    fn add(&self, a: &Duration, b: &Duration) -> Duration {
+        *a + *b
+    }
+    fn zero(&self) -> Duration {
+        Duration::ZERO
+    }
+    fn to_f64(&self, value: &Duration) -> f64 {
+        value.as_nanos() as f64
+    }
+    fn formatter(&self) -> &dyn ValueFormatter {
+        WallTime.formatter()
+    }
+}
+
+/// Where criterion writes its results: `$CRITERION_HOME`, else
+/// `$CARGO_TARGET_DIR/criterion`, else the workspace's `target/criterion`. Set
+/// explicitly, so that the summary reads the same place.
+fn criterion_dir() -> PathBuf {
+    if let Some(home) = std::env::var_os("CRITERION_HOME") {
+        return home.into();
+    }
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => Path::new(&dir).join("criterion"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/criterion"),
+    }
+}
+
+/// The median, in ns, of benchmark `group/id` if this run (started at `since`)
+/// measured it.
+fn median_ns(group: &str, id: &str, since: SystemTime) -> Option<f64> {
+    let path = criterion_dir()
+        .join(group)
+        .join(id)
+        .join("new/estimates.json");
+    let modified = std::fs::metadata(&path).ok()?.modified().ok()?;
+    if modified < since {
+        return None;
+    }
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+    json["median"]["point_estimate"].as_f64()
+}
+
+/// Runs every group with measurement `m`, no plots; command-line flags still apply.
+fn run<M: Measurement + 'static>(m: M) {
+    let mut c = Criterion::default()
+        .with_measurement(m)
+        .without_plots()
+        .output_directory(&criterion_dir())
+        .configure_from_args();
+    serial(&mut c);
+    virtio_blk(&mut c);
+    c.final_summary();
+}
+
+fn summary(clock: &str, since: SystemTime) {
+    println!("\nSummary ({clock} clock): medians of this run");
+    println!("{:<28} {:>12} {:>12}", "benchmark", "median", "throughput");
+    let rows = [
+        ("serial", "thr_handle", 1.0),
+        ("serial", "thr_bus", 1.0),
+        ("serial", "thr_irq_handle", 1.0),
+        ("virtio_blk", "read_4k", f64::from(BLOCK)),
+        ("virtio_blk", "write_4k", f64::from(BLOCK)),
+        ("virtio_blk", "read_4k_kick", f64::from(BLOCK)),
+    ];
+    for (group, id, bytes) in rows {
+        let Some(ns) = median_ns(group, id, since) else {
+            println!("{:<28} {:>12} {:>12}", format!("{group}/{id}"), "-", "-");
+            continue;
+        };
+        let throughput = if bytes > 1.0 {
+            format!("{:.0} MiB/s", bytes / ns * 1e9 / f64::from(1 << 20))
+        } else {
+            format!("{:.1} MB/s", bytes / ns * 1e3)
+        };
+        println!(
+            "{:<28} {:>9.1} ns {:>12}",
+            format!("{group}/{id}"),
+            ns,
+            throughput
+        );
+    }
+    println!("(target: virtio-blk >= 2048 MiB/s per core device-side)");
+}
+
+fn main() {
+    let since = SystemTime::now();
+    let clock = std::env::var("EMBER_BENCH_CLOCK").unwrap_or_default();
+    let clock = if clock == "cpu" {
+        run(CpuTime);
+        "thread CPU time"
+    } else {
+        run(WallTime);
+        "wall"
+    };
+    summary(clock, since);
+}

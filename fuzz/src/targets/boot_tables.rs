@@ -1,0 +1,130 @@
+//! The firmware tables a VMM writes from its configuration: ACPI
+//! ([`ember_boot::setup_acpi`], any CPU count and any list of devices for the DSDT)
+//! and the MP table ([`ember_boot::setup_mptable`]), into guest memories that may be
+//! too small for them.
+//!
+//! Checked: failures write nothing; written ACPI tables have valid checksums (the RSDP
+//! and every table the XSDT lists, including the DSDT).
+
+use ember_boot::{setup_acpi, setup_mptable, AcpiConfig, AcpiDevice};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::common::{any_page_written, tracked_memory, TrackedMemory};
+use crate::{decode, input_struct};
+
+input_struct! {
+    /// CPUs, `memory % 4` (16 MiB, or ending below the ACPI area, inside the MP table
+    /// area, inside the DSDT), the devices.
+    pub struct TablesInput {
+        pub num_cpus: u8,
+        pub memory: u8,
+        pub devices: Vec<Device>,
+    }
+}
+
+input_struct! {
+    /// `kind % 4`: 0-1 a virtio-mmio window below 4 GiB-ish, 2 COM1, 3 a window at
+    /// any address with any length and GSI.
+    pub struct Device {
+        pub kind: u8,
+        pub addr: u64,
+        pub len: u64,
+        pub gsi: u32,
+    }
+}
+
+fn memory(kind: u8) -> TrackedMemory {
+    let len = match kind % 4 {
+        0 => 16 << 20,
+        1 => 0xe_0000,
+        2 => 0x9_fc00 + 0x100,
+        _ => 0xe_1000 + 0x80,
+    };
+    tracked_memory(&[(0, len)])
+}
+
+fn checksum_ok(mem: &TrackedMemory, addr: u64, len: usize) -> bool {
+    let mut buf = vec![0u8; len];
+    mem.read_slice(&mut buf, GuestAddress(addr))
+        .expect("table in memory");
+    buf.iter().fold(0u8, |a, &b| a.wrapping_add(b)) == 0
+}
+
+fn read_u32(mem: &TrackedMemory, addr: u64) -> u32 {
+    mem.read_obj(GuestAddress(addr)).expect("in memory")
+}
+
+fn read_u64(mem: &TrackedMemory, addr: u64) -> u64 {
+    mem.read_obj(GuestAddress(addr)).expect("in memory")
+}
+
+/// The harness.
+pub fn run(data: &[u8]) {
+    let Some(input) = decode::<TablesInput>(data) else {
+        return;
+    };
+    let mem = memory(input.memory);
+    if let Err(e) = setup_mptable(&mem, input.num_cpus) {
+        assert!(
+            !any_page_written(&mem),
+            "failed MP table ({e}) wrote memory"
+        );
+    }
+
+    let devices: Vec<AcpiDevice> = input
+        .devices
+        .iter()
+        .take(0x1001)
+        .map(|d| match d.kind % 4 {
+            0 | 1 => AcpiDevice::VirtioMmio {
+                addr: 0xd000_0000 + (d.addr % 0x1000) * 0x1000,
+                len: d.len % 0x2000,
+                gsi: d.gsi % 32,
+            },
+            2 => AcpiDevice::Com1,
+            _ => AcpiDevice::VirtioMmio {
+                addr: d.addr,
+                len: d.len,
+                gsi: d.gsi,
+            },
+        })
+        .collect();
+    let config = AcpiConfig {
+        num_cpus: input.num_cpus,
+        devices: &devices,
+    };
+    let mem = memory(input.memory);
+    match setup_acpi(&mem, &config) {
+        Ok(rsdp) => {
+            let mut sig = [0u8; 8];
+            mem.read_slice(&mut sig, rsdp).expect("RSDP");
+            assert_eq!(&sig, b"RSD PTR ");
+            assert!(checksum_ok(&mem, rsdp.0, 20), "RSDP checksum");
+            assert!(checksum_ok(&mem, rsdp.0, 36), "RSDP extended checksum");
+            let xsdt = read_u64(&mem, rsdp.0 + 24);
+            let xsdt_len = read_u32(&mem, xsdt + 4) as usize;
+            assert!(checksum_ok(&mem, xsdt, xsdt_len), "XSDT checksum");
+            for i in 0..(xsdt_len - 36) / 8 {
+                let table = read_u64(&mem, xsdt + 36 + 8 * i as u64);
+                let len = read_u32(&mem, table + 4) as usize;
+                assert!(
+                    checksum_ok(&mem, table, len),
+                    "checksum of table at {table:#x}"
+                );
+                let mut sig = [0u8; 4];
+                mem.read_slice(&mut sig, GuestAddress(table))
+                    .expect("table");
+                if &sig == b"FACP" {
+                    // The FADT points at the DSDT (X_DSDT at 140).
+                    let dsdt = read_u64(&mem, table + 140);
+                    let len = read_u32(&mem, dsdt + 4) as usize;
+                    assert!(checksum_ok(&mem, dsdt, len), "DSDT checksum");
+                }
+            }
+        }
+        Err(e) => assert!(
+            !any_page_written(&mem),
+            "failed ACPI set-up ({e}) wrote memory"
+        ),
+    }
+}
