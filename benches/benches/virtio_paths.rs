@@ -22,6 +22,8 @@
 //!
 //! `cargo bench -p ember-benches --bench virtio_paths`
 
+mod common;
+use common::{criterion_dir, median_ns, CpuTime};
 use std::cell::RefCell;
 use std::fs::File;
 use std::hint::black_box;
@@ -30,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use criterion::measurement::{Measurement, ValueFormatter, WallTime};
+use criterion::measurement::{Measurement, WallTime};
 use criterion::{BatchSize, BenchmarkGroup, Criterion, Throughput};
 use ember_bus::{Bus, BusKind};
 use ember_devices::virtio::block::{
@@ -325,73 +327,7 @@ fn virtio_blk<M: Measurement>(c: &mut Criterion<M>) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Clock, output directory, summary (the same helpers are in `bus_dispatch.rs`).
-
-/// Thread CPU time (`CLOCK_THREAD_CPUTIME_ID`), as a criterion measurement.
-struct CpuTime;
-
-fn thread_cpu_time() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux has.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
-
-impl Measurement for CpuTime {
-    type Intermediate = Duration;
-    type Value = Duration;
-
-    fn start(&self) -> Duration {
-        thread_cpu_time()
-    }
-    fn end(&self, start: Duration) -> Duration {
-        thread_cpu_time().saturating_sub(start)
-    }
-    fn add(&self, a: &Duration, b: &Duration) -> Duration {
-        *a + *b
-    }
-    fn zero(&self) -> Duration {
-        Duration::ZERO
-    }
-    fn to_f64(&self, value: &Duration) -> f64 {
-        value.as_nanos() as f64
-    }
-    fn formatter(&self) -> &dyn ValueFormatter {
-        WallTime.formatter()
-    }
-}
-
-/// Where criterion writes its results: `$CRITERION_HOME`, else
-/// `$CARGO_TARGET_DIR/criterion`, else the workspace's `target/criterion`. Set
-/// explicitly, so that the summary reads the same place.
-fn criterion_dir() -> PathBuf {
-    if let Some(home) = std::env::var_os("CRITERION_HOME") {
-        return home.into();
-    }
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) => Path::new(&dir).join("criterion"),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/criterion"),
-    }
-}
-
-/// The median, in ns, of benchmark `group/id` if this run (started at `since`)
-/// measured it.
-fn median_ns(group: &str, id: &str, since: SystemTime) -> Option<f64> {
-    let path = criterion_dir()
-        .join(group)
-        .join(id)
-        .join("new/estimates.json");
-    let modified = std::fs::metadata(&path).ok()?.modified().ok()?;
-    if modified < since {
-        return None;
-    }
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
-    json["median"]["point_estimate"].as_f64()
-}
+// Run and summary; the clock and result helpers are in `common/mod.rs`.
 
 /// Runs every group with measurement `m`, no plots; command-line flags still apply.
 fn run<M: Measurement + 'static>(m: M) {
