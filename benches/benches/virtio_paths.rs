@@ -36,7 +36,7 @@ use criterion::measurement::{Measurement, WallTime};
 use criterion::{BatchSize, BenchmarkGroup, Criterion, Throughput};
 use ember_bus::{Bus, BusKind};
 use ember_devices::virtio::block::{
-    process_request, BOUNCE_SIZE, SECTOR_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_OK,
+    process_request, RequestBuffers, SECTOR_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use ember_devices::virtio::{BlockOptions, Disk};
@@ -169,7 +169,7 @@ struct Blk<'m> {
     vq: MockSplitQueue<'m, GuestMemoryMmap>,
     queue: Queue,
     disk: Disk,
-    bounce: Vec<u8>,
+    buffers: RequestBuffers,
     req_type: u32,
     /// Requests published so far (chain `published % CHAINS` is next).
     published: u64,
@@ -217,7 +217,7 @@ impl<'m> Blk<'m> {
             vq,
             queue,
             disk,
-            bounce: vec![0; BOUNCE_SIZE],
+            buffers: RequestBuffers::new(),
             req_type,
             published: 0,
         }
@@ -253,7 +253,13 @@ impl<'m> Blk<'m> {
         self.queue.disable_notification(mem).expect("disable");
         let chain = self.queue.pop_descriptor_chain(mem).expect("a chain");
         let head = chain.head_index();
-        let done = process_request(&self.disk, mem, chain, VIRTIO_BLK_F_FLUSH, &mut self.bounce);
+        let done = process_request(
+            &self.disk,
+            mem,
+            chain,
+            VIRTIO_BLK_F_FLUSH,
+            &mut self.buffers,
+        );
         self.queue
             .add_used(mem, head, done.used_len)
             .expect("add_used");

@@ -26,8 +26,6 @@ pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 pub const BOOT_DONE_PORT: u16 = 0xf5;
 /// The boot-done magic (`ember_devices::BOOT_DONE_MAGIC`).
 pub const BOOT_DONE_MAGIC: u8 = 123;
-/// `XEN_ELFNOTE_PHYS32_ENTRY`: the ELF note type that gives the 32-bit PVH entry.
-pub const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 
 /// What the guest does in its loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,16 +127,9 @@ pub fn startup_image() -> Result<Vec<u8>, GuestError> {
     Ok(pvh_elf(CODE_ADDR, &startup_code()?))
 }
 
-const EHDR_SIZE: usize = 64;
-const PHDR_SIZE: usize = 56;
-const NOTE_OFFSET: usize = 0x100;
-const CODE_OFFSET: usize = 0x1000;
-
-/// Wraps 32-bit `code` in an x86-64 `ET_EXEC` ELF, like a `vmlinux`: one RWX
-/// `PT_LOAD` segment at physical and virtual address `load_addr`, and a `PT_NOTE`
-/// segment with the Xen `XEN_ELFNOTE_PHYS32_ENTRY` note whose 8-byte descriptor (as
-/// Linux's, which QEMU reads as a pointer-sized value) is `load_addr`. `e_entry` is
-/// `load_addr` as well.
+/// Wraps 32-bit `code` in an x86-64 `ET_EXEC` ELF, like a `vmlinux`, with a PVH entry
+/// note: [`ember_guests::elf::pvh_elf`] with no bss. `e_entry` and the PVH entry are both
+/// `load_addr`.
 ///
 /// ```
 /// let image = ember_benches::guest::pvh_elf(0x10_0000, &[0xf4]);
@@ -146,47 +137,7 @@ const CODE_OFFSET: usize = 0x1000;
 /// assert_eq!(image[0x1000], 0xf4);
 /// ```
 pub fn pvh_elf(load_addr: u64, code: &[u8]) -> Vec<u8> {
-    let mut image = vec![0u8; CODE_OFFSET];
-    let mut put = |off: usize, bytes: &[u8]| image[off..off + bytes.len()].copy_from_slice(bytes);
-    // e_ident: magic, 64-bit, little-endian, version 1, System V ABI.
-    put(0, b"\x7fELF\x02\x01\x01\x00");
-    put(16, &2u16.to_le_bytes()); // e_type: ET_EXEC
-    put(18, &62u16.to_le_bytes()); // e_machine: EM_X86_64
-    put(20, &1u32.to_le_bytes()); // e_version
-    put(24, &load_addr.to_le_bytes()); // e_entry
-    put(32, &(EHDR_SIZE as u64).to_le_bytes()); // e_phoff
-    put(52, &(EHDR_SIZE as u16).to_le_bytes()); // e_ehsize
-    put(54, &(PHDR_SIZE as u16).to_le_bytes()); // e_phentsize
-    put(56, &2u16.to_le_bytes()); // e_phnum
-
-    let ph = EHDR_SIZE;
-    put(ph, &1u32.to_le_bytes()); // p_type: PT_LOAD
-    put(ph + 4, &7u32.to_le_bytes()); // p_flags: RWX
-    put(ph + 8, &(CODE_OFFSET as u64).to_le_bytes()); // p_offset
-    put(ph + 16, &load_addr.to_le_bytes()); // p_vaddr
-    put(ph + 24, &load_addr.to_le_bytes()); // p_paddr
-    put(ph + 32, &(code.len() as u64).to_le_bytes()); // p_filesz
-    put(ph + 40, &(code.len() as u64).to_le_bytes()); // p_memsz
-    put(ph + 48, &0x1000u64.to_le_bytes()); // p_align
-
-    let mut note = Vec::with_capacity(24);
-    note.extend_from_slice(&4u32.to_le_bytes()); // n_namesz ("Xen\0")
-    note.extend_from_slice(&8u32.to_le_bytes()); // n_descsz
-    note.extend_from_slice(&XEN_ELFNOTE_PHYS32_ENTRY.to_le_bytes()); // n_type
-    note.extend_from_slice(b"Xen\0");
-    note.extend_from_slice(&load_addr.to_le_bytes());
-
-    let ph = EHDR_SIZE + PHDR_SIZE;
-    put(ph, &4u32.to_le_bytes()); // p_type: PT_NOTE
-    put(ph + 4, &4u32.to_le_bytes()); // p_flags: R
-    put(ph + 8, &(NOTE_OFFSET as u64).to_le_bytes()); // p_offset
-    put(ph + 32, &(note.len() as u64).to_le_bytes()); // p_filesz
-    put(ph + 40, &(note.len() as u64).to_le_bytes()); // p_memsz
-    put(ph + 48, &4u64.to_le_bytes()); // p_align
-    put(NOTE_OFFSET, &note);
-
-    image.extend_from_slice(code);
-    image
+    ember_guests::elf::pvh_elf(load_addr, code, 0)
 }
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
 //! virtio-blk request handling ([`ember_devices::virtio::block::process_request`]),
 //! structure-aware: random request types and sectors (near the end of the disk and far
 //! past it), discard / write-zeroes segments, chains of random lengths and flags
-//! (headers in write-only descriptors, status in read-only ones), any bounce buffer
-//! size, read-only and writable disks, given directly or popped from a queue.
+//! (headers in write-only descriptors, status in read-only ones), any number of
+//! guest buffers per `preadv`/`pwritev`, read-only and writable disks, given directly or popped from a queue.
 //!
 //! Checked: a completion with a status has a valid status byte, stored in the last
 //! byte of the chain's last non-empty descriptor, which is device-writable, and its used
@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use ember_devices::virtio::block::{
-    process_request, Completion, BOUNCE_SIZE, SECTOR_SIZE, VIRTIO_BLK_F_DISCARD,
+    process_request, Completion, RequestBuffers, MAX_IOVECS, SECTOR_SIZE, VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
@@ -32,10 +32,11 @@ pub const DISK_SECTORS: u64 = 128;
 
 input_struct! {
     /// Disk and negotiation (`config` bits: 0 read-only disk, 1 `FLUSH`, 2 `DISCARD`,
-    /// 3 `WRITE_ZEROES`), bounce buffer size selector, queue size selector, requests.
+    /// 3 `WRITE_ZEROES`), selector of guest buffers per system call, queue size
+    /// selector, requests.
     pub struct BlkInput {
         pub config: u8,
-        pub bounce: u8,
+        pub iov_batch: u8,
         pub size_sel: u8,
         pub requests: Vec<BlkRequest>,
     }
@@ -287,8 +288,8 @@ pub fn run(data: &[u8]) {
             features |= feature;
         }
     }
-    let bounce_len = [0, 1, 7, 512, 4096, BOUNCE_SIZE][usize::from(input.bounce % 6)];
-    let mut bounce = vec![0u8; bounce_len];
+    let batch = [1, 2, 3, 16, MAX_IOVECS][usize::from(input.iov_batch % 5)];
+    let mut buffers = RequestBuffers::with_iovec_batch(batch);
 
     let mem = virtio_memory();
     let mut ring = Ring::new(Ring::size_from(input.size_sel), 0);
@@ -306,7 +307,7 @@ pub fn run(data: &[u8]) {
                     &mem,
                     recording(descs, &mut seen),
                     features,
-                    &mut bounce,
+                    &mut buffers,
                 );
                 check(&mem, c, &seen);
                 check_data(&mem, disk, c, &seen, &mut shadow);
@@ -322,7 +323,7 @@ pub fn run(data: &[u8]) {
                     &mem,
                     recording(chain, &mut seen),
                     features,
-                    &mut bounce,
+                    &mut buffers,
                 );
                 check(&mem, c, &seen);
                 check_data(&mem, disk, c, &seen, &mut shadow);

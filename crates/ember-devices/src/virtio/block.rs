@@ -25,9 +25,11 @@ use ember_virtio::{
 };
 use log::warn;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use vm_memory::bitmap::Bitmap as _;
+use vm_memory::volatile_memory::PtrGuardMut;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::chain::{walk, ChainLayout, Cursor, Segment};
+use super::chain::{region_slice, walk_into, ChainLayout, CopyError, Cursor};
 use super::worker::{drain_queue, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
 use super::{read_config_bytes, QUEUE_MAX_SIZE};
 use crate::DeviceError;
@@ -89,8 +91,8 @@ pub const SEG_MAX: u32 = QUEUE_MAX_SIZE as u32 - 2;
 /// Size of the configuration space exposed (through `write_zeroes_may_unmap` and its
 /// padding).
 pub const CONFIG_SIZE: usize = 60;
-/// Bytes copied between the file and guest memory at a time.
-pub const BOUNCE_SIZE: usize = 128 * 1024;
+/// Bytes of zeroes written at a time when `WRITE_ZEROES` falls back to writing.
+const ZEROES_CHUNK: u64 = 128 * 1024;
 
 /// How [`Block::new`] opens the image.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -202,13 +204,7 @@ impl Disk {
         )
     }
 
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        unmap: bool,
-        bounce: &mut [u8],
-    ) -> io::Result<()> {
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         if unmap && self.punch_hole && self.punch(offset, len).is_ok() {
             return Ok(());
         }
@@ -226,12 +222,13 @@ impl Disk {
         if self.punch_hole && self.punch(offset, len).is_ok() {
             return Ok(());
         }
-        // The probe was wrong (or the file moved): write the zeroes.
-        bounce.fill(0);
+        // The probe was wrong (or the file moved): write the zeroes. Rare, so the
+        // buffer is allocated here rather than kept per device.
+        let zeroes = vec![0u8; len.min(ZEROES_CHUNK) as usize];
         let mut done = 0u64;
         while done < len {
-            let n = (len - done).min(bounce.len() as u64) as usize;
-            self.file.write_all_at(&bounce[..n], offset + done)?;
+            let n = (len - done).min(zeroes.len() as u64) as usize;
+            self.file.write_all_at(&zeroes[..n], offset + done)?;
             done += n as u64;
         }
         Ok(())
@@ -305,40 +302,245 @@ impl Completion {
     };
 }
 
-/// Handles one request chain against `disk`: parses and validates it, does the I/O
-/// through `bounce` (any non-empty size; [`BOUNCE_SIZE`] in the device), and writes the
+/// At most this many buffers go to one `preadv(2)`/`pwritev(2)` (Linux's `UIO_MAXIOV`).
+pub const MAX_IOVECS: usize = 1024;
+
+/// Working memory for [`process_request`], kept by the caller (one per queue) so that
+/// handling a request does not allocate: the chain's layout and the `iovec`s of its
+/// data.
+///
+/// ```
+/// use ember_devices::virtio::block::RequestBuffers;
+///
+/// let mut buffers = RequestBuffers::new();
+/// # let _ = &mut buffers;
+/// ```
+#[derive(Debug)]
+pub struct RequestBuffers {
+    layout: ChainLayout,
+    io: IoVecs,
+    batch: usize,
+}
+
+impl Default for RequestBuffers {
+    fn default() -> Self {
+        RequestBuffers::new()
+    }
+}
+
+impl RequestBuffers {
+    /// Buffers handing up to [`MAX_IOVECS`] guest buffers to each system call.
+    pub fn new() -> Self {
+        RequestBuffers::with_iovec_batch(MAX_IOVECS)
+    }
+
+    /// Buffers handing at most `batch` (clamped to `1..=MAX_IOVECS`) guest buffers to
+    /// each `preadv(2)`/`pwritev(2)`, so a request's data takes more system calls. Only
+    /// tests and fuzzing want fewer than [`MAX_IOVECS`].
+    pub fn with_iovec_batch(batch: usize) -> Self {
+        RequestBuffers {
+            layout: ChainLayout::default(),
+            io: IoVecs::default(),
+            batch: batch.clamp(1, MAX_IOVECS),
+        }
+    }
+}
+
+/// `iovec`s pointing into guest memory, with the guards that keep those pointers valid.
+/// Empty except inside one [`transfer`] call.
+#[derive(Default)]
+struct IoVecs {
+    iov: Vec<libc::iovec>,
+    guards: Vec<PtrGuardMut>,
+}
+
+impl std::fmt::Debug for IoVecs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoVecs")
+            .field("capacity", &self.iov.capacity())
+            .finish()
+    }
+}
+
+// SAFETY: the raw pointers (in `iovec` and `PtrGuardMut`) are only stored while one
+// `transfer` call on one thread uses them; `transfer` empties both vectors before it
+// returns, so a value moved to another thread holds no pointers, only capacity.
+unsafe impl Send for IoVecs {}
+
+impl IoVecs {
+    fn clear(&mut self) {
+        self.iov.clear();
+        self.guards.clear();
+    }
+}
+
+/// Which way [`transfer`] moves data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// `IN`: disk to guest memory (`preadv`).
+    FileToGuest,
+    /// `OUT`: guest memory to disk (`pwritev`).
+    GuestToFile,
+}
+
+/// Moves `len` bytes between the file at `offset` and the stream at `cursor`, straight
+/// between guest memory and the file (no bounce buffer): the guest buffers are resolved
+/// to host memory once each and handed to the kernel `batch` at a time. On failure
+/// returns the number of bytes known to have been moved.
+#[allow(clippy::too_many_arguments)]
+fn transfer<M: GuestMemoryBackend + ?Sized>(
+    file: &File,
+    offset: u64,
+    mem: &M,
+    cursor: &mut Cursor<'_>,
+    len: u64,
+    direction: Direction,
+    io: &mut IoVecs,
+    batch: usize,
+) -> Result<(), u64> {
+    let Ok(len_usize) = usize::try_from(len) else {
+        return Err(0);
+    };
+    let dirty_from = cursor.clone();
+    let mut done = 0u64;
+    io.clear();
+    let walked = cursor.slices(mem, len_usize, |slice| {
+        let guard = slice.ptr_guard_mut();
+        io.iov.push(libc::iovec {
+            iov_base: guard.as_ptr().cast(),
+            iov_len: slice.len(),
+        });
+        io.guards.push(guard);
+        if io.iov.len() >= batch {
+            done += vectored_io(file, direction, &mut io.iov, offset + done)
+                .map_err(|_| CopyError::Memory)?;
+            io.clear();
+        }
+        Ok(())
+    });
+    let result = walked.map_err(|_| ()).and_then(|()| {
+        if io.iov.is_empty() {
+            return Ok(());
+        }
+        done += vectored_io(file, direction, &mut io.iov, offset + done).map_err(|_| ())?;
+        Ok(())
+    });
+    io.clear();
+    if direction == Direction::FileToGuest && done > 0 {
+        // Writes through host pointers bypass vm-memory's dirty tracking: mark what the
+        // kernel wrote, now that it is written.
+        let mut marker = dirty_from;
+        let _ = marker.slices(mem, done as usize, |slice| {
+            slice.bitmap().mark_dirty(0, slice.len());
+            Ok(())
+        });
+    }
+    result.map_err(|()| done)
+}
+
+/// One `preadv`/`pwritev` of all of `iov` at `offset`, repeated over short transfers.
+/// Consumes `iov` (its entries are advanced past what was moved). Returns the bytes moved.
+fn vectored_io(
+    file: &File,
+    direction: Direction,
+    iov: &mut [libc::iovec],
+    offset: u64,
+) -> io::Result<u64> {
+    let mut moved = 0u64;
+    // The first iovec not yet fully moved.
+    let mut first = 0usize;
+    while let Some(rest) = iov.get(first..).filter(|r| !r.is_empty()) {
+        let pos = offset
+            .checked_add(moved)
+            .and_then(|p| libc::off64_t::try_from(p).ok())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // `rest.len()` is at most MAX_IOVECS (1024), which fits a c_int.
+        let count = rest.len() as libc::c_int;
+        let fd = file.as_raw_fd();
+        // One buffer (the usual 4 KiB request) takes plain pread/pwrite: the kernel's
+        // vectored entry copies and checks the iovec array first, ~100 ns more here.
+        let n = match (direction, rest) {
+            // SAFETY: the iovec points into guest memory that `transfer`'s guards keep
+            // mapped for the call, with its length inside that mapping; the kernel
+            // writes at most `iov_len` bytes there.
+            (Direction::FileToGuest, [one]) => unsafe {
+                libc::pread64(fd, one.iov_base, one.iov_len, pos)
+            },
+            // SAFETY: as above; pwrite only reads the buffer.
+            (Direction::GuestToFile, [one]) => unsafe {
+                libc::pwrite64(fd, one.iov_base, one.iov_len, pos)
+            },
+            // SAFETY: every iovec points into guest memory that `transfer`'s guards keep
+            // mapped for the call, with its length inside that mapping; the kernel
+            // writes at most the iovecs' total length.
+            (Direction::FileToGuest, _) => unsafe { libc::preadv64(fd, rest.as_ptr(), count, pos) },
+            // SAFETY: as above; pwritev only reads the buffers.
+            (Direction::GuestToFile, _) => unsafe {
+                libc::pwritev64(fd, rest.as_ptr(), count, pos)
+            },
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            // End of file on a read (the image shrank under us) or a device that takes
+            // no more: a short transfer is an error for a block request.
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        // 0 < n <= the iovecs' total length, so it fits both u64 and usize.
+        moved += n as u64;
+        let mut left = n as usize;
+        while let Some(v) = iov.get_mut(first) {
+            if left < v.iov_len {
+                // SAFETY: `left < iov_len`, so the advanced pointer stays inside the
+                // same guest buffer.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(left) }.cast();
+                v.iov_len -= left;
+                break;
+            }
+            left -= v.iov_len;
+            first += 1;
+        }
+    }
+    Ok(moved)
+}
+
+/// Handles one request chain against `disk`: parses and validates it, moves the data
+/// straight between the file and guest memory (`preadv(2)`/`pwritev(2)`), and writes the
 /// status byte. `features` are the negotiated features (`DISCARD`, `WRITE_ZEROES` and
-/// `FLUSH` matter). Never panics, whatever the chain holds.
+/// `FLUSH` matter); `buffers` is reused working memory. Never panics, whatever the chain
+/// holds.
 pub fn process_request<M, I>(
     disk: &Disk,
     mem: &M,
     chain: I,
     features: u64,
-    bounce: &mut [u8],
+    buffers: &mut RequestBuffers,
 ) -> Completion
 where
-    M: GuestMemory + ?Sized,
+    M: GuestMemoryBackend + ?Sized,
     I: IntoIterator<Item = Descriptor>,
 {
-    let layout = walk(mem, chain);
+    let RequestBuffers { layout, io, batch } = buffers;
+    walk_into(layout, mem, chain);
     let Some(status_seg) = layout.last_writable else {
         return Completion::NO_STATUS;
     };
-    let Some(status_addr) = status_seg
+    // The status byte's host slice, resolved once (and so known writable) up front.
+    let Some(status_slice) = status_seg
         .addr
         .0
         .checked_add(u64::from(status_seg.len) - 1)
-        .map(GuestAddress)
-        .filter(|&a| mem.check_range(a, 1, Permissions::Write))
+        .and_then(|a| region_slice(mem, GuestAddress(a), 1))
     else {
         return Completion::NO_STATUS;
     };
-    let (status, written) = if bounce.is_empty() {
-        (VIRTIO_BLK_S_IOERR, 0)
-    } else {
-        execute(disk, mem, &layout, features, bounce)
-    };
-    if mem.write_obj(status, status_addr).is_err() {
+    let (status, written) = execute(disk, mem, layout, features, io, *batch);
+    if status_slice.write_obj(status, 0).is_err() {
         return Completion::NO_STATUS;
     }
     Completion {
@@ -349,19 +551,29 @@ where
 
 /// Runs a request whose status byte is known to be writable; returns the status and the
 /// data bytes written to the chain.
-fn execute<M: GuestMemory + ?Sized>(
+fn execute<M: GuestMemoryBackend + ?Sized>(
     disk: &Disk,
     mem: &M,
     layout: &ChainLayout,
     features: u64,
-    bounce: &mut [u8],
+    io: &mut IoVecs,
+    batch: usize,
 ) -> (u8, u64) {
     if !layout.is_sound() || layout.readable_len < HEADER_LEN {
         return (VIRTIO_BLK_S_IOERR, 0);
     }
     let mut reader = Cursor::new(&layout.readable);
     let mut header = [0u8; HEADER_LEN as usize];
-    if reader.read(mem, &mut header).is_err() {
+    let mut filled = 0;
+    let read = reader.slices(mem, header.len(), |slice| {
+        let to = header
+            .get_mut(filled..filled + slice.len())
+            .ok_or(CopyError::Short)?;
+        slice.copy_to(to);
+        filled += slice.len();
+        Ok(())
+    });
+    if read.is_err() {
         return (VIRTIO_BLK_S_IOERR, 0);
     }
     let req_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
@@ -369,7 +581,9 @@ fn execute<M: GuestMemory + ?Sized>(
         header[8], header[9], header[10], header[11], header[12], header[13], header[14],
         header[15],
     ]);
-    // Sound chain: the status segment is the last writable one, so this is >= 1.
+    // Sound chain: the status segment is the last writable one, so this is >= 1. The
+    // data the device writes is the writable stream's first `in_len` bytes, which stops
+    // short of the status byte.
     let in_len = layout.writable_len.saturating_sub(1);
     let out_len = layout.readable_len - HEADER_LEN;
     let writethrough = features & VIRTIO_BLK_F_FLUSH == 0;
@@ -382,22 +596,20 @@ fn execute<M: GuestMemory + ?Sized>(
             let Some(offset) = disk.range(sector, in_len) else {
                 return (VIRTIO_BLK_S_IOERR, 0);
             };
-            let data = data_in_segments(layout);
-            let mut writer = Cursor::new(&data);
-            let mut done = 0u64;
-            while done < in_len {
-                let n = (in_len - done).min(bounce.len() as u64) as usize;
-                if disk
-                    .file
-                    .read_exact_at(&mut bounce[..n], offset + done)
-                    .is_err()
-                    || writer.write(mem, &bounce[..n]).is_err()
-                {
-                    return (VIRTIO_BLK_S_IOERR, done);
-                }
-                done += n as u64;
+            let mut writer = Cursor::new(&layout.writable);
+            match transfer(
+                &disk.file,
+                offset,
+                mem,
+                &mut writer,
+                in_len,
+                Direction::FileToGuest,
+                io,
+                batch,
+            ) {
+                Ok(()) => (VIRTIO_BLK_S_OK, in_len),
+                Err(done) => (VIRTIO_BLK_S_IOERR, done),
             }
-            (VIRTIO_BLK_S_OK, done)
         }
         VIRTIO_BLK_T_OUT => {
             if disk.read_only || out_len % SECTOR_SIZE != 0 {
@@ -406,15 +618,19 @@ fn execute<M: GuestMemory + ?Sized>(
             let Some(offset) = disk.range(sector, out_len) else {
                 return (VIRTIO_BLK_S_IOERR, 0);
             };
-            let mut done = 0u64;
-            while done < out_len {
-                let n = (out_len - done).min(bounce.len() as u64) as usize;
-                if reader.read(mem, &mut bounce[..n]).is_err()
-                    || disk.file.write_all_at(&bounce[..n], offset + done).is_err()
-                {
-                    return (VIRTIO_BLK_S_IOERR, 0);
-                }
-                done += n as u64;
+            if transfer(
+                &disk.file,
+                offset,
+                mem,
+                &mut reader,
+                out_len,
+                Direction::GuestToFile,
+                io,
+                batch,
+            )
+            .is_err()
+            {
+                return (VIRTIO_BLK_S_IOERR, 0);
             }
             if writethrough && disk.file.sync_data().is_err() {
                 return (VIRTIO_BLK_S_IOERR, 0);
@@ -430,8 +646,7 @@ fn execute<M: GuestMemory + ?Sized>(
         },
         VIRTIO_BLK_T_GET_ID => {
             let n = in_len.min(VIRTIO_BLK_ID_BYTES as u64) as usize;
-            let data = data_in_segments(layout);
-            match Cursor::new(&data).write(mem, &disk.id[..n]) {
+            match Cursor::new(&layout.writable).write(mem, &disk.id[..n]) {
                 Ok(()) => (VIRTIO_BLK_S_OK, n as u64),
                 Err(_) => (VIRTIO_BLK_S_IOERR, 0),
             }
@@ -455,7 +670,7 @@ fn execute<M: GuestMemory + ?Sized>(
             if features & needed == 0 || !supported {
                 return (VIRTIO_BLK_S_UNSUPP, 0);
             }
-            let status = discard_or_write_zeroes(disk, mem, &mut reader, out_len, discard, bounce);
+            let status = discard_or_write_zeroes(disk, mem, &mut reader, out_len, discard);
             if status == VIRTIO_BLK_S_OK && writethrough && disk.file.sync_data().is_err() {
                 return (VIRTIO_BLK_S_IOERR, 0);
             }
@@ -465,26 +680,12 @@ fn execute<M: GuestMemory + ?Sized>(
     }
 }
 
-/// The writable segments minus the final (status) byte.
-fn data_in_segments(layout: &ChainLayout) -> Vec<Segment> {
-    let mut data = layout.writable.clone();
-    if let Some(last) = data.last_mut() {
-        if last.len > 1 {
-            last.len -= 1;
-        } else {
-            data.pop();
-        }
-    }
-    data
-}
-
-fn discard_or_write_zeroes<M: GuestMemory + ?Sized>(
+fn discard_or_write_zeroes<M: GuestMemoryBackend + ?Sized>(
     disk: &Disk,
     mem: &M,
     reader: &mut Cursor<'_>,
     payload_len: u64,
     discard: bool,
-    bounce: &mut [u8],
 ) -> u8 {
     const BUF_LEN: usize = (MAX_DWZ_SEGMENTS as u64 * DWZ_SEGMENT_LEN) as usize;
     if payload_len == 0
@@ -530,7 +731,7 @@ fn discard_or_write_zeroes<M: GuestMemory + ?Sized>(
         let result = if discard {
             disk.punch(offset, len)
         } else {
-            disk.write_zeroes(offset, len, unmap, bounce)
+            disk.write_zeroes(offset, len, unmap)
         };
         if let Err(e) = result {
             // A discard is only a hint; a file system that stopped punching holes does not
@@ -653,7 +854,7 @@ impl VirtioDevice for Block {
         let handler = BlockHandler {
             disk: Arc::clone(&self.disk),
             features: activation.features,
-            bounce: vec![0; BOUNCE_SIZE],
+            buffers: RequestBuffers::new(),
         };
         let worker =
             Worker::spawn("blk", handler, activation).map_err(|(e, _)| ActivateError::Start(e))?;
@@ -671,7 +872,7 @@ impl VirtioDevice for Block {
 struct BlockHandler {
     disk: Arc<Disk>,
     features: u64,
-    bounce: Vec<u8>,
+    buffers: RequestBuffers,
 }
 
 impl QueueHandler for BlockHandler {
@@ -681,7 +882,7 @@ impl QueueHandler for BlockHandler {
         };
         let mem = &ctx.mem;
         let drained = drain_queue(mem, &mut q.queue, QUEUE_BUDGET, |chain| {
-            process_request(&self.disk, mem, chain, self.features, &mut self.bounce).used_len
+            process_request(&self.disk, mem, chain, self.features, &mut self.buffers).used_len
         });
         if drained.handled > 0 {
             ctx.signal_used(queue);

@@ -10,7 +10,11 @@
 //! therefore shows up here as a chain of at most queue-size descriptors.
 
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use vm_memory::bitmap::MS;
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion,
+    MemoryRegionAddress, Permissions, VolatileSlice,
+};
 
 /// At most this many non-empty descriptors of a chain are kept. Longer chains are marked
 /// malformed (too long). 1024 is four times the largest queue Ember offers (256), so
@@ -54,6 +58,19 @@ impl ChainLayout {
     pub fn is_sound(&self) -> bool {
         !self.misordered && !self.too_long && !self.out_of_bounds
     }
+
+    /// Empties the layout, keeping the segment vectors' capacity so a device that reuses
+    /// one layout per queue does not allocate per request.
+    pub fn clear(&mut self) {
+        self.readable.clear();
+        self.writable.clear();
+        self.readable_len = 0;
+        self.writable_len = 0;
+        self.last_writable = None;
+        self.misordered = false;
+        self.too_long = false;
+        self.out_of_bounds = false;
+    }
 }
 
 /// Walks a chain (any iterator of descriptors, normally a
@@ -64,6 +81,17 @@ where
     I: IntoIterator<Item = Descriptor>,
 {
     let mut layout = ChainLayout::default();
+    walk_into(&mut layout, mem, chain);
+    layout
+}
+
+/// [`walk`] into an existing layout (cleared first), reusing its allocations.
+pub fn walk_into<M, I>(layout: &mut ChainLayout, mem: &M, chain: I)
+where
+    M: GuestMemory + ?Sized,
+    I: IntoIterator<Item = Descriptor>,
+{
+    layout.clear();
     let mut kept = 0usize;
     let mut seen_writable = false;
     for desc in chain {
@@ -94,7 +122,9 @@ where
             Permissions::Read
         };
         // `len` is a u32, so it fits a usize on every supported target.
-        if !mem.check_range(seg.addr, seg.len as usize, access) {
+        if !in_one_region(mem, seg.addr, seg.len as usize)
+            && !mem.check_range(seg.addr, seg.len as usize, access)
+        {
             layout.out_of_bounds = true;
         }
         if desc.is_write_only() {
@@ -105,7 +135,27 @@ where
             layout.readable.push(seg);
         }
     }
-    layout
+}
+
+/// The host slice of `[addr, addr + len)` when the range lies inside one region: one
+/// binary search, where vm-memory's general range iterator costs several times that.
+/// `None` when it does not (it may still be valid across adjacent regions).
+pub fn region_slice<M: GuestMemoryBackend + ?Sized>(
+    mem: &M,
+    addr: GuestAddress,
+    len: usize,
+) -> Option<VolatileSlice<'_, MS<'_, M>>> {
+    let region = mem.find_region(addr)?;
+    // `find_region` returned the region containing `addr`, so this cannot underflow.
+    let offset = addr.unchecked_offset_from(region.start_addr());
+    region.get_slice(MemoryRegionAddress(offset), len).ok()
+}
+
+/// Whether `[addr, addr + len)` lies inside one region of a plain (IOMMU-less) guest
+/// memory, the common case [`walk`] checks first.
+fn in_one_region<M: GuestMemory + ?Sized>(mem: &M, addr: GuestAddress, len: usize) -> bool {
+    mem.physical_memory()
+        .is_some_and(|phys| region_slice(phys, addr, len).is_some())
 }
 
 /// Why a copy through a [`Cursor`] stopped.
@@ -175,6 +225,27 @@ impl<'a> Cursor<'a> {
         self.for_each_piece(total, |addr, n, at| {
             mem.read_slice(&mut buf[at..at + n], addr)
                 .map_err(|_| CopyError::Memory)
+        })
+    }
+
+    /// Calls `f` with each host slice of guest memory backing the next `total` bytes of
+    /// the stream, in order, then moves past them. Errors with [`CopyError::Memory`] when
+    /// part of the range is not guest memory, and [`CopyError::Short`] when the segments
+    /// end first; `f` may have seen a prefix of the range by then.
+    pub fn slices<M, F>(&mut self, mem: &M, total: usize, mut f: F) -> Result<(), CopyError>
+    where
+        M: GuestMemoryBackend + ?Sized,
+        F: FnMut(VolatileSlice<'_, MS<'_, M>>) -> Result<(), CopyError>,
+    {
+        self.for_each_piece(total, |addr, n, _| {
+            if let Some(slice) = region_slice(mem, addr, n) {
+                return f(slice);
+            }
+            // Across regions (or not guest memory at all): vm-memory splits it.
+            for slice in GuestMemoryBackend::get_slices(mem, addr, n) {
+                f(slice.map_err(|_| CopyError::Memory)?)?;
+            }
+            Ok(())
         })
     }
 

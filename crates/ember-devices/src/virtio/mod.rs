@@ -8,8 +8,9 @@
 //!
 //! Everything a descriptor chain says is guest-controlled and checked: lengths are summed
 //! with overflow checks, every buffer is checked against guest memory before use, host
-//! allocations are bounded (at most [`MAX_CHAIN_SEGMENTS`] segments per chain, fixed
-//! bounce buffers), chain walks are bounded by virtio-queue, and each wake-up handles at
+//! allocations are bounded (at most [`MAX_CHAIN_SEGMENTS`] segments per chain, reused
+//! per queue; net's fixed bounce buffers; block moves data between the disk and guest
+//! memory directly, with `preadv(2)`/`pwritev(2)`), chain walks are bounded by virtio-queue, and each wake-up handles at
 //! most a queue's worth of chains before looking at other events. A malformed request
 //! completes with an error status when it has a writable status byte, and otherwise
 //! with used length 0; the device keeps working either way.
