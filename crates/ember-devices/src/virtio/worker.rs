@@ -1,8 +1,9 @@
 //! The worker thread every virtio device runs once activated.
 //!
 //! One thread per device waits with epoll on each queue's notify eventfd, on the
-//! backend's file descriptors (the tap) and on a stop eventfd. A queue notification is
-//! drained and handed to the device's [`QueueHandler`], which pops chains, handles them
+//! backend's file descriptors (the tap) and on a stop eventfd. Notify eventfds are
+//! edge-triggered and never read (see `set_up_epoll`): a queue notification costs the
+//! worker one `epoll_wait` and is handed to the device's [`QueueHandler`], which pops chains, handles them
 //! with plain functions and adds used entries; [`WorkerContext::signal_used`] then raises
 //! the queue's interrupt when `needs_notification` (which honours `EVENT_IDX`) says so.
 //!
