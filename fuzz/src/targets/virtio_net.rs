@@ -11,7 +11,8 @@ use std::collections::VecDeque;
 use std::io;
 
 use ember_devices::virtio::net::{
-    process_rx, process_tx_chain, NetBackend, TxOutcome, MAX_FRAME_LEN, VIRTIO_NET_HDR_LEN,
+    process_rx, process_tx_chain, FrameBuffer, NetBackend, TxOutcome, MAX_FRAME_LEN,
+    VIRTIO_NET_HDR_LEN,
 };
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -143,8 +144,9 @@ pub fn run(data: &[u8]) {
         return;
     };
     let bounce_len = [MAX_FRAME_LEN, 0, 11, 12, 100, 1514][usize::from(input.bounce % 6)];
-    let mut rx_bounce = vec![0u8; bounce_len];
-    let mut tx_bounce = vec![0u8; [MAX_FRAME_LEN, 64][usize::from(input.bounce / 6 % 2)]];
+    let mut rx_buffer = FrameBuffer::with_len(bounce_len);
+    let mut tx_buffer =
+        FrameBuffer::with_len([MAX_FRAME_LEN, 64][usize::from(input.bounce / 6 % 2)]);
     let mut backend = Scripted {
         events: VecDeque::new(),
         sent: Vec::new(),
@@ -170,7 +172,7 @@ pub fn run(data: &[u8]) {
             0 => {
                 let mut content = op.hdr.to_vec();
                 content.extend((0..op.frame_len).map(|i| i as u8));
-                let limit = MAX_FRAME_LEN.min(tx_bounce.len());
+                let limit = MAX_FRAME_LEN.min(tx_buffer.len());
                 match place_chain(&mem, &mut tx_ring, &op.chain, &content) {
                     Placed::Direct(descs) => {
                         let mut seen = Seen::default();
@@ -178,7 +180,7 @@ pub fn run(data: &[u8]) {
                             &mem,
                             recording(descs, &mut seen),
                             &mut backend,
-                            &mut tx_bounce,
+                            &mut tx_buffer,
                         );
                         check_tx(&mem, out, &seen, &backend, limit);
                     }
@@ -192,7 +194,7 @@ pub fn run(data: &[u8]) {
                             &mem,
                             recording(chain, &mut seen),
                             &mut backend,
-                            &mut tx_bounce,
+                            &mut tx_buffer,
                         );
                         check_tx(&mem, out, &seen, &backend, limit);
                         let _ = txq.add_used(&mem, head, 0);
@@ -214,7 +216,7 @@ pub fn run(data: &[u8]) {
                 backend.events = op.events.iter().take(64).cloned().collect();
                 let used_before = rx_ring.used_idx(&mem);
                 let budget = usize::from(op.budget % 32) + 1;
-                let report = process_rx(&mem, &mut rxq, &mut backend, &mut rx_bounce, budget);
+                let report = process_rx(&mem, &mut rxq, &mut backend, &mut rx_buffer, budget);
                 assert_eq!(
                     report.used,
                     report.delivered + report.bad_buffers,
@@ -233,7 +235,7 @@ pub fn run(data: &[u8]) {
                     let at = rx_ring.used + 4 + 8 * u64::from(slot);
                     let len: u32 = mem.read_obj(GuestAddress(at + 4)).unwrap_or(0);
                     assert!(
-                        len as usize <= MAX_FRAME_LEN.min(rx_bounce.len()),
+                        len as usize <= MAX_FRAME_LEN.min(rx_buffer.len()),
                         "rx used length {len}"
                     );
                 }

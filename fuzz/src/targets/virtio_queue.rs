@@ -10,7 +10,7 @@
 
 use std::io;
 
-use ember_devices::virtio::net::{process_rx, NetBackend, MAX_FRAME_LEN};
+use ember_devices::virtio::net::{process_rx, FrameBuffer, NetBackend};
 use ember_devices::virtio::rng;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -166,7 +166,7 @@ pub fn run(data: &[u8]) {
         // Not a valid queue: the transport refuses it before a device sees it.
         return;
     };
-    let mut bounce = vec![0u8; MAX_FRAME_LEN];
+    let mut buffer = FrameBuffer::new();
     for op in input.ops.iter().take(64) {
         match op.kind % 12 {
             0 => {
@@ -243,7 +243,7 @@ pub fn run(data: &[u8]) {
                     len: (op.value % 2000) as usize,
                 };
                 let budget = usize::from(op.index >> 8) % 64 + 1;
-                let report = process_rx(&mem, &mut queue, &mut backend, &mut bounce, budget);
+                let report = process_rx(&mem, &mut queue, &mut backend, &mut buffer, budget);
                 assert_eq!(report.used, report.delivered + report.bad_buffers);
                 assert!(report.used <= budget);
             }

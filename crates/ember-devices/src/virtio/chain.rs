@@ -1,7 +1,7 @@
 //! Bounded, validating walks over guest descriptor chains, and copies to and from the
 //! byte streams they describe.
 //!
-//! Everything here is guest-controlled input. [`walk`] never trusts a length: it sums in
+//! Everything here is guest-controlled input. [`walk_into`] never trusts a length: it sums in
 //! `u64`, stores at most [`MAX_CHAIN_SEGMENTS`] segments (so a chain's memory footprint
 //! on the host is bounded whatever the guest writes), and checks every segment against
 //! guest memory once, up front. The walk itself terminates because virtio-queue's
@@ -74,18 +74,8 @@ impl ChainLayout {
 }
 
 /// Walks a chain (any iterator of descriptors, normally a
-/// [`virtio_queue::DescriptorChain`]), validating each segment against `mem`.
-pub fn walk<M, I>(mem: &M, chain: I) -> ChainLayout
-where
-    M: GuestMemory + ?Sized,
-    I: IntoIterator<Item = Descriptor>,
-{
-    let mut layout = ChainLayout::default();
-    walk_into(&mut layout, mem, chain);
-    layout
-}
-
-/// [`walk`] into an existing layout (cleared first), reusing its allocations.
+/// [`virtio_queue::DescriptorChain`]) into `layout` (cleared first, its allocations
+/// reused), validating each segment against `mem`.
 pub fn walk_into<M, I>(layout: &mut ChainLayout, mem: &M, chain: I)
 where
     M: GuestMemory + ?Sized,
@@ -152,7 +142,7 @@ pub fn region_slice<M: GuestMemoryBackend + ?Sized>(
 }
 
 /// Whether `[addr, addr + len)` lies inside one region of a plain (IOMMU-less) guest
-/// memory, the common case [`walk`] checks first.
+/// memory, the common case [`walk_into`] checks first.
 fn in_one_region<M: GuestMemory + ?Sized>(mem: &M, addr: GuestAddress, len: usize) -> bool {
     mem.physical_memory()
         .is_some_and(|phys| region_slice(phys, addr, len).is_some())
@@ -265,6 +255,12 @@ mod tests {
     use vm_memory::GuestMemoryMmap;
 
     const W: u16 = 2; // VRING_DESC_F_WRITE
+
+    fn walk(mem: &GuestMemoryMmap, chain: Vec<Descriptor>) -> ChainLayout {
+        let mut layout = ChainLayout::default();
+        walk_into(&mut layout, mem, chain);
+        layout
+    }
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()

@@ -35,7 +35,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemory;
 
-use super::chain::{walk, Cursor};
+use super::chain::{walk_into, ChainLayout, Cursor};
 use super::tap::Tap;
 use super::worker::{drain_queue, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
 use super::{read_config_bytes, QUEUE_MAX_SIZE};
@@ -125,20 +125,70 @@ fn wants_offload(hdr: &[u8]) -> bool {
     hdr[0] & HDR_F_NEEDS_CSUM != 0 || hdr[1] != 0
 }
 
-/// Sends one tx chain: gathers its readable buffers into `bounce` (which must hold
+/// Working memory for [`process_tx_chain`] and [`process_rx`], kept per queue so that a
+/// frame does not allocate: the frame's bounce buffer and the chain's layout.
+///
+/// ```
+/// use ember_devices::virtio::net::{FrameBuffer, MAX_FRAME_LEN};
+///
+/// assert_eq!(FrameBuffer::new().len(), MAX_FRAME_LEN);
+/// ```
+#[derive(Debug)]
+pub struct FrameBuffer {
+    frame: Vec<u8>,
+    layout: ChainLayout,
+}
+
+impl Default for FrameBuffer {
+    fn default() -> Self {
+        FrameBuffer::new()
+    }
+}
+
+impl FrameBuffer {
+    /// A buffer for frames of up to [`MAX_FRAME_LEN`] bytes.
+    pub fn new() -> Self {
+        FrameBuffer::with_len(MAX_FRAME_LEN)
+    }
+
+    /// A buffer of `len` bytes: a shorter one than [`MAX_FRAME_LEN`] lowers the frame
+    /// limit (tests and fuzzing use that).
+    pub fn with_len(len: usize) -> Self {
+        FrameBuffer {
+            frame: vec![0; len],
+            layout: ChainLayout::default(),
+        }
+    }
+
+    /// The buffer's length in bytes.
+    pub fn len(&self) -> usize {
+        self.frame.len()
+    }
+
+    /// Whether the buffer has no room at all (then every frame is dropped).
+    pub fn is_empty(&self) -> bool {
+        self.frame.is_empty()
+    }
+}
+
+/// Sends one tx chain: gathers its readable buffers into `buffer` (which must hold
 /// [`MAX_FRAME_LEN`] bytes; a shorter one lowers the limit) and writes them to
 /// `backend` in one write. The used length of a tx chain is always 0.
 pub fn process_tx_chain<M, I>(
     mem: &M,
     chain: I,
     backend: &mut dyn NetBackend,
-    bounce: &mut [u8],
+    buffer: &mut FrameBuffer,
 ) -> TxOutcome
 where
     M: GuestMemory + ?Sized,
     I: IntoIterator<Item = Descriptor>,
 {
-    let layout = walk(mem, chain);
+    let FrameBuffer {
+        frame: bounce,
+        layout,
+    } = buffer;
+    walk_into(layout, mem, chain);
     if layout.too_long || layout.out_of_bounds {
         return TxOutcome::Dropped(DropReason::Malformed);
     }
@@ -201,14 +251,18 @@ pub struct RxReport {
 
 /// Moves frames from `backend` into the rx `queue`'s buffers until the backend is empty,
 /// the driver has no buffer, or `budget` iterations (each consuming a frame or a buffer)
-/// have run. `bounce` should hold [`MAX_FRAME_LEN`] bytes.
+/// have run. `buffer` should hold [`MAX_FRAME_LEN`] bytes ([`FrameBuffer::new`]).
 pub fn process_rx<M: GuestMemory>(
     mem: &M,
     queue: &mut Queue,
     backend: &mut dyn NetBackend,
-    bounce: &mut [u8],
+    buffer: &mut FrameBuffer,
     budget: usize,
 ) -> RxReport {
+    let FrameBuffer {
+        frame: bounce,
+        layout,
+    } = buffer;
     let mut report = RxReport::default();
     for _ in 0..budget {
         let chain = match queue.pop_descriptor_chain(mem) {
@@ -227,7 +281,7 @@ pub fn process_rx<M: GuestMemory>(
             }
         };
         let head = chain.head_index();
-        let layout = walk(mem, chain);
+        walk_into(layout, mem, chain);
         if !layout.is_sound() || layout.writable_len < MIN_RX_BUFFER {
             add_used(queue, mem, head, 0);
             report.bad_buffers += 1;
@@ -403,8 +457,8 @@ impl VirtioDevice for Net {
         };
         let handler = NetHandler {
             backend,
-            rx_bounce: vec![0; MAX_FRAME_LEN],
-            tx_bounce: vec![0; MAX_FRAME_LEN],
+            rx_buffer: FrameBuffer::new(),
+            tx_buffer: FrameBuffer::new(),
             watching: true,
             last_stop: RxStop::BackendEmpty,
         };
@@ -431,8 +485,8 @@ impl VirtioDevice for Net {
 
 struct NetHandler {
     backend: Box<dyn NetBackend>,
-    rx_bounce: Vec<u8>,
-    tx_bounce: Vec<u8>,
+    rx_buffer: FrameBuffer,
+    tx_buffer: FrameBuffer,
     /// Whether the worker polls the backend fd.
     watching: bool,
     last_stop: RxStop,
@@ -447,7 +501,7 @@ impl NetHandler {
             &ctx.mem,
             &mut q.queue,
             &mut *self.backend,
-            &mut self.rx_bounce,
+            &mut self.rx_buffer,
             RX_BUDGET,
         );
         self.last_stop = report.stop;
@@ -470,9 +524,9 @@ impl NetHandler {
         };
         let mem = &ctx.mem;
         let backend = &mut *self.backend;
-        let bounce = &mut self.tx_bounce;
+        let buffer = &mut self.tx_buffer;
         let drained = drain_queue(mem, &mut q.queue, QUEUE_BUDGET, |chain| {
-            process_tx_chain(mem, chain, backend, bounce);
+            process_tx_chain(mem, chain, backend, buffer);
             0
         });
         if drained.handled > 0 {

@@ -57,8 +57,7 @@ fn w(addr: u64, len: u32) -> Descriptor {
 }
 
 fn tx(m: &GuestMemoryMmap, descs: Vec<Descriptor>, backend: &mut Fake) -> TxOutcome {
-    let mut bounce = vec![0u8; MAX_FRAME_LEN];
-    process_tx_chain(m, descs, backend, &mut bounce)
+    process_tx_chain(m, descs, backend, &mut FrameBuffer::new())
 }
 
 #[test]
@@ -188,7 +187,7 @@ struct Rx<'a> {
     d: Driver<'a>,
     q: Queue,
     be: Fake,
-    bounce: Vec<u8>,
+    buffer: FrameBuffer,
 }
 
 impl<'a> Rx<'a> {
@@ -200,12 +199,12 @@ impl<'a> Rx<'a> {
             d,
             q,
             be: Fake::default(),
-            bounce: vec![0; MAX_FRAME_LEN],
+            buffer: FrameBuffer::new(),
         }
     }
 
     fn run(&mut self) -> RxReport {
-        process_rx(self.m, &mut self.q, &mut self.be, &mut self.bounce, 64)
+        process_rx(self.m, &mut self.q, &mut self.be, &mut self.buffer, 64)
     }
 
     fn push(&self, f: Vec<u8>) {
@@ -321,8 +320,7 @@ fn rx_budget_bounds_work() {
     }
     d.store(0, &[w(DATA, 1526)]);
     d.publish(0);
-    let mut bounce = vec![0; MAX_FRAME_LEN];
-    let rep = process_rx(&m, &mut q, &mut be, &mut bounce, 10);
+    let rep = process_rx(&m, &mut q, &mut be, &mut FrameBuffer::new(), 10);
     assert_eq!((rep.dropped, rep.stop), (10, RxStop::Budget));
     assert_eq!(be.rx.lock().unwrap().len(), 90);
 }
