@@ -23,7 +23,7 @@
 //! `cargo bench -p ember-benches --bench bus_dispatch`
 
 mod common;
-use common::{criterion_dir, median_ns, CpuTime};
+use common::{median_ns, new_criterion, CpuTime};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -372,11 +372,7 @@ fn unclaimed<M: Measurement>(c: &mut Criterion<M>) {
 
 /// Runs every group with measurement `m`, no plots; command-line flags still apply.
 fn run<M: Measurement + 'static>(m: M) {
-    let mut c = Criterion::default()
-        .with_measurement(m)
-        .without_plots()
-        .output_directory(&criterion_dir())
-        .configure_from_args();
+    let mut c = new_criterion(m);
     pio_write(&mut c);
     mmio_read(&mut c);
     random(&mut c);

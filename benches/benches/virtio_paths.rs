@@ -27,7 +27,7 @@
 //! `cargo bench -p ember-benches --bench virtio_paths`
 
 mod common;
-use common::{criterion_dir, median_ns, CpuTime};
+use common::{median_ns, new_criterion, CpuTime};
 use std::cell::RefCell;
 use std::fs::File;
 use std::hint::black_box;
@@ -435,11 +435,7 @@ fn virtio_blk<M: Measurement>(c: &mut Criterion<M>) {
 
 /// Runs every group with measurement `m`, no plots; command-line flags still apply.
 fn run<M: Measurement + 'static>(m: M) {
-    let mut c = Criterion::default()
-        .with_measurement(m)
-        .without_plots()
-        .output_directory(&criterion_dir())
-        .configure_from_args();
+    let mut c = new_criterion(m);
     serial(&mut c);
     virtio_blk(&mut c);
     c.final_summary();

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
+use criterion::Criterion;
 
 /// Thread CPU time (`CLOCK_THREAD_CPUTIME_ID`), as a criterion measurement.
 pub struct CpuTime;
@@ -55,6 +56,16 @@ pub fn criterion_dir() -> PathBuf {
         Some(dir) => Path::new(&dir).join("criterion"),
         None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/criterion"),
     }
+}
+
+/// Criterion as the benches run it: measurement `m`, no plots, results in
+/// [`criterion_dir`], command-line flags applied.
+pub fn new_criterion<M: Measurement + 'static>(m: M) -> Criterion<M> {
+    Criterion::default()
+        .with_measurement(m)
+        .without_plots()
+        .output_directory(&criterion_dir())
+        .configure_from_args()
 }
 
 /// The median, in ns, of benchmark `group/id` if this run (started at `since`)
