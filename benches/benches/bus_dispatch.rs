@@ -23,7 +23,7 @@
 //! `cargo bench -p ember-benches --bench bus_dispatch`
 
 mod common;
-use common::{median_ns, new_criterion, CpuTime};
+use common::{median_ns, run_groups, CpuTime};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -381,14 +381,12 @@ fn unclaimed<M: Measurement>(c: &mut Criterion<M>) {
 // ---------------------------------------------------------------------------------------
 // Run and summary; the clock and result helpers are in `common/mod.rs`.
 
-/// Runs every group with measurement `m`, no plots; command-line flags still apply.
-fn run<M: Measurement + 'static>(m: M) {
-    let mut c = new_criterion(m);
-    pio_write(&mut c);
-    mmio_read(&mut c);
-    random(&mut c);
-    unclaimed(&mut c);
-    c.final_summary();
+/// Every group of this file.
+fn groups<M: Measurement + 'static>(c: &mut Criterion<M>) {
+    pio_write(c);
+    mmio_read(c);
+    random(c);
+    unclaimed(c);
 }
 
 fn summary(clock: &str, since: SystemTime) {
@@ -454,13 +452,6 @@ fn summary(clock: &str, since: SystemTime) {
 
 fn main() {
     let since = SystemTime::now();
-    let clock = std::env::var("EMBER_BENCH_CLOCK").unwrap_or_default();
-    let clock = if clock == "cpu" {
-        run(CpuTime);
-        "thread CPU time"
-    } else {
-        run(WallTime);
-        "wall"
-    };
+    let clock = run_groups(groups::<CpuTime>, groups::<WallTime>);
     summary(clock, since);
 }

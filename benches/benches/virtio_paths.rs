@@ -27,7 +27,7 @@
 //! `cargo bench -p ember-benches --bench virtio_paths`
 
 mod common;
-use common::{median_ns, new_criterion, CpuTime};
+use common::{median_ns, run_groups, CpuTime};
 use std::cell::RefCell;
 use std::fs::File;
 use std::hint::black_box;
@@ -433,12 +433,10 @@ fn virtio_blk<M: Measurement>(c: &mut Criterion<M>) {
 // ---------------------------------------------------------------------------------------
 // Run and summary; the clock and result helpers are in `common/mod.rs`.
 
-/// Runs every group with measurement `m`, no plots; command-line flags still apply.
-fn run<M: Measurement + 'static>(m: M) {
-    let mut c = new_criterion(m);
-    serial(&mut c);
-    virtio_blk(&mut c);
-    c.final_summary();
+/// Every group of this file.
+fn groups<M: Measurement + 'static>(c: &mut Criterion<M>) {
+    serial(c);
+    virtio_blk(c);
 }
 
 fn summary(clock: &str, since: SystemTime) {
@@ -510,13 +508,6 @@ fn summary(clock: &str, since: SystemTime) {
 
 fn main() {
     let since = SystemTime::now();
-    let clock = std::env::var("EMBER_BENCH_CLOCK").unwrap_or_default();
-    let clock = if clock == "cpu" {
-        run(CpuTime);
-        "thread CPU time"
-    } else {
-        run(WallTime);
-        "wall"
-    };
+    let clock = run_groups(groups::<CpuTime>, groups::<WallTime>);
     summary(clock, since);
 }

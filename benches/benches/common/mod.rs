@@ -58,14 +58,30 @@ pub fn criterion_dir() -> PathBuf {
     }
 }
 
-/// Criterion as the benches run it: measurement `m`, no plots, results in
-/// [`criterion_dir`], command-line flags applied.
-pub fn new_criterion<M: Measurement + 'static>(m: M) -> Criterion<M> {
-    Criterion::default()
-        .with_measurement(m)
-        .without_plots()
-        .output_directory(&criterion_dir())
-        .configure_from_args()
+/// Runs a bench file's groups with the clock `EMBER_BENCH_CLOCK` selects (`cpu`: thread
+/// CPU time; otherwise criterion's wall clock), no plots, results in [`criterion_dir`],
+/// command-line flags applied. `cpu` and `wall` are the same generic function of the
+/// file, instantiated for each measurement. Returns the clock's name for the summary.
+pub fn run_groups(
+    cpu: fn(&mut Criterion<CpuTime>),
+    wall: fn(&mut Criterion<WallTime>),
+) -> &'static str {
+    fn run<M: Measurement + 'static>(m: M, groups: fn(&mut Criterion<M>)) {
+        let mut c = Criterion::default()
+            .with_measurement(m)
+            .without_plots()
+            .output_directory(&criterion_dir())
+            .configure_from_args();
+        groups(&mut c);
+        c.final_summary();
+    }
+    if std::env::var("EMBER_BENCH_CLOCK").is_ok_and(|clock| clock == "cpu") {
+        run(CpuTime, cpu);
+        "thread CPU time"
+    } else {
+        run(WallTime, wall);
+        "wall"
+    }
 }
 
 /// The median, in ns, of benchmark `group/id` if this run (started at `since`)
