@@ -21,6 +21,11 @@ const ECX_AVX: u32 = 1 << 28;
 /// guest kernel-mode code instruction by instruction.
 const NESTED_PVM_MODULE: &str = "/sys/module/kvm_pvm";
 
+/// The `clearcpuid=` list of [`CpuTemplate::NestedCompat`] (see its table): 20 names,
+/// about as many as Linux applies from one list.
+const NESTED_CLEARCPUID: &str = "clearcpuid=popcnt,smap,smep,pku,fsgsbase,invpcid,pcid,rdpid,\
+umip,rdseed,rdrand,clflushopt,clwb,sse4_1,sse4_2,ssse3,aes,pclmulqdq,avx,avx2";
+
 /// Level types of leaves 0xB/0x1F.
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
@@ -66,10 +71,22 @@ pub fn vendor(cpuid: &CpuId) -> CpuVendor {
 pub enum CpuTemplate {
     /// KVM's supported CPUID as it is: right on hardware KVM.
     Host,
-    /// For hosts whose KVM emulates guest kernel code (nested PVM): hides CMPXCHG16B,
-    /// which the emulator cannot run, so Linux's SLUB takes its fallback path. XSAVE and
-    /// AVX are cleared too, but such hosts do not always honour that, so kernels also
-    /// need `noxsave` ([`CpuTemplate::kernel_params`]).
+    /// For hosts whose KVM emulates guest kernel code (nested PVM), where some
+    /// instructions cannot run in guest kernel mode. Each measure, and the failure that
+    /// showed it is needed (Debian's 6.1 cloud kernel under `ember`, an emulation
+    /// failure on the instruction named):
+    ///
+    /// | measure | why |
+    /// |---|---|
+    /// | CPUID: CMPXCHG16B hidden (honoured by this host) | `cmpxchg16b` in SLUB's fast path; hidden, SLUB takes its fallback |
+    /// | CPUID: XSAVE and AVX cleared (not honoured by this host), kernel parameter `noxsave` | the `xsave`/`xrstor` family |
+    /// | `clearcpuid=popcnt` | `popcnt` (`f3 48 0f b8`); clearing POPCNT in CPUID did not stop the kernel from using it, the parameter did |
+    /// | `clearcpuid=smap` | `clac` in the user-access helpers |
+    /// | `clearcpuid=` smep, pku, fsgsbase, invpcid, pcid, rdpid, umip, rdseed, rdrand, clflushopt, clwb, sse4_1, sse4_2, ssse3, aes, pclmulqdq, avx, avx2 | features whose instructions the emulator lacks or very likely lacks (SSE4/AVX/AES-NI were seen to fail as a class: `xorps` failed at CPL0); with this list, the run that went furthest brought both vCPUs up. Not each one was seen failing alone |
+    /// | [instruction fallback](crate::fallback) on | `int3` (Linux's alternatives self-test, run-time text patching) and `fwait` (x87 is baseline, cannot be hidden) |
+    ///
+    /// Linux applies about 20 names from one `clearcpuid=` list, which is why the list
+    /// stops at 20.
     NestedCompat,
 }
 
@@ -113,11 +130,30 @@ impl CpuTemplate {
     }
 
     /// Kernel parameters a Linux guest needs with this template.
+    ///
+    /// ```
+    /// use ember_vcpu::cpuid::CpuTemplate;
+    /// assert!(CpuTemplate::Host.kernel_params().is_empty());
+    /// assert!(CpuTemplate::NestedCompat.kernel_params().contains(&"noxsave"));
+    /// ```
     pub fn kernel_params(self) -> &'static [&'static str] {
         match self {
             CpuTemplate::Host => &[],
-            CpuTemplate::NestedCompat => &["noxsave"],
+            CpuTemplate::NestedCompat => &["noxsave", NESTED_CLEARCPUID],
         }
+    }
+
+    /// Whether the run loop should complete the instructions this host's KVM cannot
+    /// emulate ([`Vcpu::set_instruction_fallback`](crate::Vcpu::set_instruction_fallback)):
+    /// on for [`CpuTemplate::NestedCompat`], off on hardware KVM, which runs them.
+    ///
+    /// ```
+    /// use ember_vcpu::cpuid::CpuTemplate;
+    /// assert!(CpuTemplate::NestedCompat.instruction_fallback());
+    /// assert!(!CpuTemplate::Host.instruction_fallback());
+    /// ```
+    pub fn instruction_fallback(self) -> bool {
+        self == CpuTemplate::NestedCompat
     }
 
     /// Applies the template to a CPUID list (KVM's supported list, before
@@ -355,7 +391,19 @@ mod tests {
             assert_eq!(CpuTemplate::from_name(t.name()), Some(t));
         }
         assert_eq!(CpuTemplate::from_name("t2"), None);
-        assert_eq!(CpuTemplate::NestedCompat.kernel_params(), &["noxsave"]);
+        let params = CpuTemplate::NestedCompat.kernel_params();
+        assert_eq!(params[0], "noxsave");
+        let list = params[1].strip_prefix("clearcpuid=").unwrap();
+        let names: Vec<&str> = list.split(',').collect();
+        assert_eq!(
+            names.len(),
+            20,
+            "Linux applies about 20 names from one list"
+        );
+        for needed in ["popcnt", "smap"] {
+            assert!(names.contains(&needed), "{needed}");
+        }
+        assert!(names.iter().all(|n| !n.is_empty() && !n.contains(' ')));
         let (_, why) = CpuTemplate::detect();
         assert!(!why.is_empty());
     }

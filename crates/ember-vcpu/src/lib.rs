@@ -10,6 +10,10 @@
 //!   allocation; halts, triple faults and system events end the loop as a
 //!   [`VcpuOutcome`]; entry failures and emulation failures as a [`VcpuError`] that says
 //!   where the guest was (for an emulation failure, RIP and the instruction bytes).
+//! * **Instruction fallback** ([`fallback`], [`Vcpu::set_instruction_fallback`]): on
+//!   hosts whose KVM cannot emulate some guest kernel instructions (`int3` and `fwait`
+//!   on nested PVM), the run loop completes them itself with their architectural
+//!   effect, and counts each.
 //! * **Stopping** ([`RunningVcpu::stop`]) from any thread, race-free (see [`kick`]).
 //! * **Counting** exits per reason ([`ExitStats`]) and, opt-in
 //!   ([`Vcpu::enable_exit_timing`]), timing them: a log2 histogram per exit reason of the
@@ -64,6 +68,7 @@
 pub mod clock;
 pub mod cpuid;
 mod error;
+pub mod fallback;
 pub mod kick;
 pub mod lapic;
 pub mod msrs;

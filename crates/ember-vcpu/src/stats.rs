@@ -30,11 +30,20 @@ pub enum ExitKind {
     FailEntry,
     /// Anything else.
     Other,
+    /// `int3` completed by the [instruction fallback](crate::fallback).
+    FallbackInt3,
+    /// `fwait` completed by the [instruction fallback](crate::fallback).
+    FallbackFwait,
+    /// A guest `rdmsr`/`wrmsr` the run loop handled (`KVM_EXIT_X86_RDMSR`/`WRMSR`: the
+    /// [syscall trap](crate::syscall_trap)'s MSR_LSTAR).
+    Msr,
+    /// A `syscall` from user mode completed by the [syscall trap](crate::syscall_trap).
+    SyscallTrap,
 }
 
 impl ExitKind {
     /// Every kind, in counter order.
-    pub const ALL: [ExitKind; 11] = [
+    pub const ALL: [ExitKind; 15] = [
         ExitKind::IoIn,
         ExitKind::IoOut,
         ExitKind::MmioRead,
@@ -46,6 +55,10 @@ impl ExitKind {
         ExitKind::InternalError,
         ExitKind::FailEntry,
         ExitKind::Other,
+        ExitKind::FallbackInt3,
+        ExitKind::FallbackFwait,
+        ExitKind::Msr,
+        ExitKind::SyscallTrap,
     ];
 
     /// A short lower-case name, e.g. `io-out`.
@@ -62,6 +75,10 @@ impl ExitKind {
             ExitKind::InternalError => "internal-error",
             ExitKind::FailEntry => "fail-entry",
             ExitKind::Other => "other",
+            ExitKind::FallbackInt3 => "fallback-int3",
+            ExitKind::FallbackFwait => "fallback-fwait",
+            ExitKind::Msr => "msr",
+            ExitKind::SyscallTrap => "syscall-trap",
         }
     }
 }

@@ -7,7 +7,8 @@ use std::thread::JoinHandle;
 
 use ember_bus::{Bus, BusHandle};
 use kvm_bindings::{
-    kvm_mp_state, CpuId, KVM_EXIT_IO_OUT, KVM_INTERNAL_ERROR_EMULATION, KVM_MP_STATE_RUNNABLE,
+    kvm_mp_state, CpuId, KVM_EXIT_IO_OUT, KVM_INTERNAL_ERROR_EMULATION,
+    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, KVM_MP_STATE_RUNNABLE,
     KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
@@ -15,9 +16,27 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::clock::ExitClock;
+use crate::fallback::{self, Completion, FallbackInstruction, GuestState, Resolution};
 use crate::kick::{install_kick_handler, kick_signal, KickTarget};
 use crate::regs::BootRegs;
 use crate::{cpuid, lapic, msrs, regs, ExitKind, ExitStats, InstructionBytes, VcpuError};
+
+/// EFER.LMA: long mode active.
+const EFER_LMA: u64 = 1 << 10;
+/// x86's longest instruction.
+const MAX_INSTRUCTION_LEN: usize = 15;
+const PAGE_SIZE: u64 = 4096;
+
+/// What the [instruction fallback](crate::fallback) did with an emulation failure.
+enum FallbackResult {
+    /// Completed: the guest goes on; count it as this kind.
+    Completed(ExitKind),
+    /// The instruction KVM failed on is no longer in memory (another vCPU changed it):
+    /// run the vCPU again, to execute what is there now.
+    Retry,
+    /// Report the failure.
+    Failed,
+}
 
 /// A system event reported by `KVM_EXIT_SYSTEM_EVENT`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +89,8 @@ pub struct Vcpu {
     /// The exit being handled, and the clock reading when `KVM_RUN` returned with it;
     /// recorded at the next `KVM_RUN` call.
     timed_exit: Option<(ExitKind, u64)>,
+    /// Whether emulation failures go through the [instruction fallback](crate::fallback).
+    fallback: bool,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -104,7 +125,18 @@ impl Vcpu {
             stats: Arc::new(ExitStats::default()),
             timer: None,
             timed_exit: None,
+            fallback: false,
         })
+    }
+
+    /// Turns the [instruction fallback](crate::fallback) on or off (off by default): with
+    /// it on, an instruction the host's KVM could not emulate that the fallback handles
+    /// is completed on the guest's behalf with its architectural effect and counted as a
+    /// `fallback-*` exit ([`ExitKind::FallbackInt3`], ...) instead of ending the run loop.
+    /// Turn it on where the host needs it
+    /// ([`CpuTemplate::instruction_fallback`](crate::cpuid::CpuTemplate::instruction_fallback)).
+    pub fn set_instruction_fallback(&mut self, on: bool) {
+        self.fallback = on;
     }
 
     /// Turns on exit timing: from now on, the time from each `KVM_RUN` return to the
@@ -267,8 +299,18 @@ impl Vcpu {
                 });
             }
             Ok(VcpuExit::InternalError) => {
-                self.stats.record(ExitKind::InternalError);
-                return Err(self.internal_error());
+                let kind = match self.fallback {
+                    true => self.complete_unemulated(),
+                    false => FallbackResult::Failed,
+                };
+                match kind {
+                    FallbackResult::Completed(kind) => (kind, Pending::Done),
+                    FallbackResult::Retry => (ExitKind::InternalError, Pending::Done),
+                    FallbackResult::Failed => {
+                        self.stats.record(ExitKind::InternalError);
+                        return Err(self.internal_error());
+                    }
+                }
             }
             Ok(VcpuExit::Intr) => (ExitKind::Interrupted, Pending::Done),
             Ok(other) => {
@@ -422,29 +464,135 @@ impl Vcpu {
     /// Reads up to 15 bytes at `rip` through the guest's page tables.
     fn instruction_bytes(&self, rip: u64) -> InstructionBytes {
         let cs_base = self.fd.get_sregs().map(|s| s.cs.base).unwrap_or(0);
-        let linear = cs_base.wrapping_add(rip);
-        let Ok(t) = self.fd.translate_gva(linear) else {
-            return InstructionBytes::default();
-        };
-        if t.valid == 0 {
-            return InstructionBytes::default();
-        }
-        let mut bytes = [0u8; 15];
+        self.read_code(cs_base.wrapping_add(rip))
+    }
+
+    /// Reads up to 15 bytes at linear address `linear`, translating each page on its
+    /// own (an instruction may straddle two pages that are not contiguous in guest
+    /// physical memory); stops at the first byte that cannot be read.
+    fn read_code(&self, linear: u64) -> InstructionBytes {
+        let mut bytes = [0u8; MAX_INSTRUCTION_LEN];
         let mut len = 0;
-        // Byte by byte: the instruction may run off the end of guest memory.
-        for (i, b) in bytes.iter_mut().enumerate() {
-            match self
-                .mem
-                .read_obj::<u8>(GuestAddress(t.physical_address.wrapping_add(i as u64)))
-            {
-                Ok(v) => {
-                    *b = v;
-                    len = i + 1;
+        while len < bytes.len() {
+            let addr = linear.wrapping_add(len as u64);
+            let Ok(t) = self.fd.translate_gva(addr) else {
+                break;
+            };
+            if t.valid == 0 {
+                break;
+            }
+            let in_page = (PAGE_SIZE - (addr % PAGE_SIZE)) as usize;
+            let end = (len + in_page).min(bytes.len());
+            let start = len;
+            // Byte by byte: the instruction may run off the end of guest memory.
+            for (i, b) in bytes[start..end].iter_mut().enumerate() {
+                let gpa = t.physical_address.wrapping_add(i as u64);
+                match self.mem.read_obj::<u8>(GuestAddress(gpa)) {
+                    Ok(v) => {
+                        *b = v;
+                        len += 1;
+                    }
+                    Err(_) => return InstructionBytes::new(&bytes[..len]),
                 }
-                Err(_) => break,
             }
         }
         InstructionBytes::new(&bytes[..len])
+    }
+
+    /// The [instruction fallback](crate::fallback): completes the instruction KVM could
+    /// not emulate, if it is one the fallback handles. Cold: only emulation failures
+    /// get here.
+    #[cold]
+    fn complete_unemulated(&mut self) -> FallbackResult {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is active, and
+        // `emulation_failure` is its layout for the emulation suberror.
+        let failure = unsafe { run.__bindgen_anon_1.emulation_failure };
+        if failure.suberror != KVM_INTERNAL_ERROR_EMULATION {
+            return FallbackResult::Failed;
+        }
+        // The bytes KVM failed on, when it says (Linux 5.14 and later).
+        let reported = (failure.ndata >= 3
+            && failure.flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) != 0)
+            .then(|| {
+                // SAFETY: the flag says the instruction bytes are filled in.
+                let insn = unsafe { failure.__bindgen_anon_1.__bindgen_anon_1 };
+                let len = usize::from(insn.insn_size).min(insn.insn_bytes.len());
+                InstructionBytes::new(&insn.insn_bytes[..len])
+            });
+        let (Ok(mut regs), Ok(sregs), Ok(mut events)) = (
+            self.fd.get_regs(),
+            self.fd.get_sregs(),
+            self.fd.get_vcpu_events(),
+        ) else {
+            return FallbackResult::Failed;
+        };
+        let in_memory = self.read_code(sregs.cs.base.wrapping_add(regs.rip));
+        let failed = reported.unwrap_or(in_memory);
+        let (fcw, fsw) = match FallbackInstruction::decode(failed.as_slice()) {
+            Some(FallbackInstruction::Fwait) => match self.fd.get_fpu() {
+                Ok(fpu) => (fpu.fcw, fpu.fsw),
+                Err(_) => return FallbackResult::Failed,
+            },
+            _ => (0, 0),
+        };
+        let state = GuestState {
+            cr0: sregs.cr0,
+            rflags: regs.rflags,
+            fcw,
+            fsw,
+        };
+        // An event already on its way into the guest: leave it to a real CPU.
+        if events.exception.injected != 0 || events.exception.pending != 0 {
+            return FallbackResult::Failed;
+        }
+        let reported = reported.as_ref().map(InstructionBytes::as_slice);
+        let (insn, completion) = match fallback::resolve(reported, in_memory.as_slice(), &state) {
+            Resolution::Complete(insn, completion) => (insn, completion),
+            Resolution::RunAgain => return FallbackResult::Retry,
+            Resolution::Report => return FallbackResult::Failed,
+        };
+        // RIP wraps at the width of the code segment, as the CPU's does.
+        let ip_mask = if sregs.efer & EFER_LMA != 0 && sregs.cs.l != 0 {
+            u64::MAX
+        } else if sregs.cs.db != 0 {
+            u64::from(u32::MAX)
+        } else {
+            u64::from(u16::MAX)
+        };
+        let (len, vector) = match completion {
+            Completion::Retire { len, rflags } => {
+                regs.rflags = rflags;
+                (len, None)
+            }
+            Completion::Raise { len, vector } => (len, Some(vector)),
+        };
+        let at = regs.rip;
+        regs.rip = regs.rip.wrapping_add(u64::from(len)) & ip_mask;
+        // The instruction completed: an interrupt shadow (after `sti` or `mov ss`) that
+        // covered it is over.
+        let shadow = events.interrupt.shadow != 0 && len > 0;
+        if shadow {
+            events.interrupt.shadow = 0;
+        }
+        if let Some(vector) = vector {
+            events.exception.injected = 1;
+            events.exception.nr = vector;
+            events.exception.has_error_code = 0;
+            events.exception.error_code = 0;
+            events.exception.pending = 0;
+        }
+        if self.fd.set_regs(&regs).is_err() {
+            return FallbackResult::Failed;
+        }
+        if (vector.is_some() || shadow) && self.fd.set_vcpu_events(&events).is_err() {
+            return FallbackResult::Failed;
+        }
+        log::trace!(
+            "vCPU {}: completed {insn:?} at RIP {at:#x} ({completion:?})",
+            self.index
+        );
+        FallbackResult::Completed(insn.exit_kind())
     }
 }
 

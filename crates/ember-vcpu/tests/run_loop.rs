@@ -64,7 +64,7 @@ impl TestVm {
         regs::write_boot_tables(&mem).unwrap();
         let report = Arc::new(Recorder::default());
         let pio = Arc::new(Bus::new(BusKind::Pio));
-        pio.insert(u64::from(REPORT_PORT), 8, report.clone())
+        pio.insert(u64::from(REPORT_PORT), 16, report.clone())
             .unwrap();
         let mmio = Arc::new(Bus::new(BusKind::Mmio));
         Some(TestVm {
@@ -487,4 +487,235 @@ fn too_many_vcpus_is_an_error() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Instruction fallback: each instruction it completes, in a long-mode guest with an IDT,
+// checked against what the CPU does. On hardware KVM the CPU runs these instructions and
+// the fallback is never called; the guest-visible results must be the same either way.
+
+/// Where the tests' IDT goes (inside the identity map, clear of code and boot tables).
+const IDT: u64 = 0x20_0000;
+/// Exception handlers: one 0x80-byte slot per vector from here.
+const HANDLERS: u64 = CODE + 0x1000;
+/// Report offsets (from `REPORT_PORT`): a marker from the main code, the vector an
+/// exception handler ran for, and the return RIP it found on its stack.
+const MARK: u64 = 0;
+const VECTOR: u64 = 4;
+const RETURN_RIP: u64 = 8;
+
+fn w32(offset: u64, value: u32) -> (char, u64, Vec<u8>) {
+    w(offset, &value.to_le_bytes())
+}
+
+impl TestVm {
+    /// A vCPU with the instruction fallback on and an IDT whose handlers for `vectors`
+    /// report the vector and their return RIP, run `then` (e.g. step over the faulting
+    /// instruction) and return with `iretq`.
+    fn vcpu_with_idt(
+        &self,
+        vectors: &[u8],
+        then: impl Fn(u8, &mut CodeAssembler) -> Result<(), IcedError>,
+    ) -> Vcpu {
+        for &vector in vectors {
+            let handler = HANDLERS + 0x80 * u64::from(vector);
+            let code = assemble(handler, |a| {
+                a.push(rax)?;
+                a.push(rdx)?;
+                a.mov(eax, u32::from(vector))?;
+                a.mov(dx, (u64::from(REPORT_PORT) + VECTOR) as u32)?;
+                a.out(dx, eax)?;
+                a.mov(rax, qword_ptr(rsp + 16))?;
+                a.mov(dx, (u64::from(REPORT_PORT) + RETURN_RIP) as u32)?;
+                a.out(dx, eax)?;
+                a.pop(rdx)?;
+                a.pop(rax)?;
+                then(vector, a)?;
+                a.iretq()
+            })
+            .unwrap();
+            assert!(code.len() <= 0x80);
+            self.mem.write_slice(&code, GuestAddress(handler)).unwrap();
+            // 64-bit interrupt gate: present, DPL 0, kernel code selector.
+            let mut gate = [0u8; 16];
+            gate[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
+            gate[2..4].copy_from_slice(&regs::selector::KERNEL_CODE.to_le_bytes());
+            gate[5] = 0x8e;
+            gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
+            gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
+            self.mem
+                .write_slice(&gate, GuestAddress(IDT + 16 * u64::from(vector)))
+                .unwrap();
+        }
+        let mut vcpu = self.vcpu(0, 1);
+        let mut sregs = vcpu.fd().get_sregs().unwrap();
+        sregs.idt.base = IDT;
+        sregs.idt.limit = 256 * 16 - 1;
+        vcpu.fd().set_sregs(&sregs).unwrap();
+        vcpu.set_instruction_fallback(true);
+        vcpu
+    }
+}
+
+/// Length of the code `build` assembles at `CODE`: where the next instruction starts.
+fn code_len(build: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> u32 {
+    assemble(CODE, build).unwrap().len() as u32
+}
+
+/// The fallback's count of `kind`: the instructions must have gone through it where the
+/// host cannot run them, and never reach it on hardware KVM.
+fn assert_fallback_count(vcpu_stats: &ember_vcpu::ExitStats, kind: ExitKind, emulated: u64) {
+    let expected = if kernel_code_is_emulated() {
+        emulated
+    } else {
+        0
+    };
+    assert_eq!(vcpu_stats.get(kind), expected, "{}", kind.name());
+}
+
+#[test]
+fn fallback_int3_delivers_bp_with_the_return_rip_after_it() {
+    let Some(t) = TestVm::new("fallback_int3_delivers_bp_with_the_return_rip_after_it") else {
+        return;
+    };
+    // The #BP handler counts in ebx and returns.
+    let mut vcpu = t.vcpu_with_idt(&[3], |_, a| a.inc(ebx));
+    t.load(|a| {
+        a.xor(ebx, ebx)?;
+        a.int3()?;
+        a.int3()?;
+        a.mov(eax, ebx)?;
+        a.mov(dx, u32::from(REPORT_PORT))?;
+        a.out(dx, eax)?;
+        a.hlt()
+    });
+    let after_first = CODE as u32
+        + code_len(|a| {
+            a.xor(ebx, ebx)?;
+            a.int3()
+        });
+    let stats = vcpu.stats();
+    assert_eq!(vcpu.run().unwrap(), VcpuOutcome::Halted);
+    assert_eq!(
+        t.report.take(),
+        vec![
+            w32(VECTOR, 3),
+            w32(RETURN_RIP, after_first),
+            w32(VECTOR, 3),
+            w32(RETURN_RIP, after_first + 1),
+            w32(MARK, 2),
+        ]
+    );
+    assert_fallback_count(&stats, ExitKind::FallbackInt3, 2);
+    assert_eq!(stats.get(ExitKind::InternalError), 0);
+}
+
+#[test]
+fn fallback_fwait_without_pending_x87_exceptions_goes_on() {
+    let Some(t) = TestVm::new("fallback_fwait_without_pending_x87_exceptions_goes_on") else {
+        return;
+    };
+    // Any exception here would be a bug: report it and stop.
+    let mut vcpu = t.vcpu_with_idt(&[6, 7, 13, 16], |_, a| a.hlt());
+    t.load(|a| {
+        a.wait()?; // fwait (9b)
+        a.mov(eax, 0x1234u32)?;
+        a.mov(dx, u32::from(REPORT_PORT))?;
+        a.out(dx, eax)?;
+        a.hlt()
+    });
+    let stats = vcpu.stats();
+    assert_eq!(vcpu.run().unwrap(), VcpuOutcome::Halted);
+    assert_eq!(t.report.take(), vec![w32(MARK, 0x1234)]);
+    assert_fallback_count(&stats, ExitKind::FallbackFwait, 1);
+}
+
+#[test]
+fn fallback_fwait_raises_mf_at_the_fwait_for_a_pending_unmasked_exception() {
+    let Some(t) =
+        TestVm::new("fallback_fwait_raises_mf_at_the_fwait_for_a_pending_unmasked_exception")
+    else {
+        return;
+    };
+    // The #MF handler steps over the fwait (the x87 state stays as it is).
+    let mut vcpu = t.vcpu_with_idt(&[16], |_, a| a.add(qword_ptr(rsp), 1));
+    // Zero-divide flagged (FSW.ZE and ES) and unmasked (FCW.ZM clear), as if an `fdiv`
+    // by zero had just run. CR0.NE is set by the boot registers.
+    let mut fpu = vcpu.fd().get_fpu().unwrap();
+    fpu.fcw = 0x037b;
+    fpu.fsw = 0x0084;
+    vcpu.fd().set_fpu(&fpu).unwrap();
+    t.load(|a| {
+        a.nop()?;
+        a.wait()?; // fwait (9b)
+        a.mov(eax, 0x1234u32)?;
+        a.mov(dx, u32::from(REPORT_PORT))?;
+        a.out(dx, eax)?;
+        a.hlt()
+    });
+    let stats = vcpu.stats();
+    assert_eq!(vcpu.run().unwrap(), VcpuOutcome::Halted);
+    assert_eq!(
+        t.report.take(),
+        vec![
+            w32(VECTOR, 16),
+            w32(RETURN_RIP, CODE as u32 + 1), // a fault: the fwait itself
+            w32(MARK, 0x1234),
+        ]
+    );
+    assert_fallback_count(&stats, ExitKind::FallbackFwait, 1);
+}
+
+#[test]
+fn fallback_fwait_raises_nm_when_cr0_mp_and_ts_are_set() {
+    let Some(t) = TestVm::new("fallback_fwait_raises_nm_when_cr0_mp_and_ts_are_set") else {
+        return;
+    };
+    // The #NM handler clears CR0.TS, as an OS restoring the FPU would, and returns to
+    // the fwait, which then runs.
+    let mut vcpu = t.vcpu_with_idt(&[7], |_, a| a.clts());
+    let mut sregs = vcpu.fd().get_sregs().unwrap();
+    assert_ne!(sregs.cr0 & 2, 0, "CR0.MP is set by the boot registers");
+    sregs.cr0 |= 1 << 3; // TS
+    vcpu.fd().set_sregs(&sregs).unwrap();
+    t.load(|a| {
+        a.nop()?;
+        a.wait()?; // fwait (9b)
+        a.mov(eax, 0x1234u32)?;
+        a.mov(dx, u32::from(REPORT_PORT))?;
+        a.out(dx, eax)?;
+        a.hlt()
+    });
+    let stats = vcpu.stats();
+    assert_eq!(vcpu.run().unwrap(), VcpuOutcome::Halted);
+    assert_eq!(
+        t.report.take(),
+        vec![
+            w32(VECTOR, 7),
+            w32(RETURN_RIP, CODE as u32 + 1),
+            w32(MARK, 0x1234),
+        ]
+    );
+    assert_fallback_count(&stats, ExitKind::FallbackFwait, 2);
+}
+
+#[test]
+fn fallback_reports_what_it_does_not_handle() {
+    let Some(t) = TestVm::new("fallback_reports_what_it_does_not_handle") else {
+        return;
+    };
+    // Code fetched from the MMIO hole fails emulation on every KVM, with no bytes to read.
+    t.load(|a| {
+        a.mov(rax, MMIO_BASE)?;
+        a.jmp(rax)
+    });
+    let mut vcpu = t.vcpu_with_idt(&[], |_, _| Ok(()));
+    match vcpu.run() {
+        Err(VcpuError::EmulationFailure { rip, bytes, .. }) => {
+            assert_eq!(rip, MMIO_BASE);
+            assert!(bytes.as_slice().is_empty());
+        }
+        other => panic!("expected an emulation failure at {MMIO_BASE:#x}, got {other:?}"),
+    }
+    assert_eq!(vcpu.stats().get(ExitKind::InternalError), 1);
 }

@@ -31,9 +31,17 @@ pub fn emulation_advice(bytes: &[u8]) -> (String, &'static str) {
         | Mnemonic::Xsetbv => {
             "add noxsave to the kernel command line (--cpu-template nested-compat does it)"
         }
-        Mnemonic::Int3 => {
-            "this host cannot emulate int3, which Linux's alternatives self-test runs early; \
-             boot on a host with hardware KVM to go further"
+        Mnemonic::Clac | Mnemonic::Stac => {
+            "hide SMAP with clearcpuid=smap on the kernel command line \
+             (--cpu-template nested-compat does it)"
+        }
+        Mnemonic::Int3 | Mnemonic::Wait => {
+            "the instruction fallback completes this instruction on hosts that cannot \
+             emulate it: use --cpu-template nested-compat (auto picks it on such hosts)"
+        }
+        Mnemonic::Popcnt => {
+            "hide POPCNT with clearcpuid=popcnt on the kernel command line \
+             (--cpu-template nested-compat does it)"
         }
         _ if insn.op_count() > 0 && is_vector(&insn) => {
             "SSE/AVX code cannot be emulated in guest kernel mode here; run it in user mode \
@@ -65,7 +73,13 @@ mod tests {
         assert!(advice.contains("noxsave"));
         let (text, advice) = emulation_advice(&[0xcc]);
         assert_eq!(text, "int3");
-        assert!(advice.contains("hardware KVM"));
+        assert!(advice.contains("instruction fallback"));
+        let (text, advice) = emulation_advice(&[0x9b]);
+        assert_eq!(text, "fwait");
+        assert!(advice.contains("nested-compat"));
+        let (text, advice) = emulation_advice(&[0xf3, 0x48, 0x0f, 0xb8, 0xc0]);
+        assert_eq!(text, "popcnt rax,rax");
+        assert!(advice.contains("clearcpuid=popcnt"));
         let (text, advice) = emulation_advice(&[0x0f, 0x57, 0xc0]);
         assert_eq!(text, "xorps xmm0,xmm0");
         assert!(advice.contains("SSE"));
