@@ -123,3 +123,69 @@ fn exit_stats_merges_every_vcpu_and_is_off_by_default() {
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(!err.contains("exit profile"), "{err}");
 }
+
+/// A guest that loads an IDT whose #BP handler just returns, runs `int3` `count` times,
+/// then writes 0 to the debug-exit port. Layout from `GUEST_LOAD_ADDR`: code, the
+/// handler at +0x100, the IDT at +0x200, the IDT register image at +0x300.
+fn int3_runner(dir: &tempfile::TempDir, count: usize) -> PathBuf {
+    const HANDLER: u64 = GUEST_LOAD_ADDR + 0x100;
+    const IDT: u64 = GUEST_LOAD_ADDR + 0x200;
+    const IDTR: u64 = GUEST_LOAD_ADDR + 0x300;
+    let mut image = assemble(GUEST_LOAD_ADDR, |a| {
+        a.lidt(ptr(IDTR))?;
+        for _ in 0..count {
+            a.int3()?;
+        }
+        a.xor(eax, eax)?;
+        a.out(0xf4, al)?;
+        a.hlt()
+    })
+    .unwrap();
+    assert!(image.len() <= 0x100);
+    image.resize(0x100, 0x90);
+    image.extend(assemble(HANDLER, |a| a.iretq()).unwrap());
+    image.resize(0x200 + 3 * 16, 0);
+    // Vector 3: a 64-bit interrupt gate (present, DPL 0) in the boot GDT's kernel code
+    // segment (0x10).
+    let mut gate = [0u8; 16];
+    gate[0..2].copy_from_slice(&(HANDLER as u16).to_le_bytes());
+    gate[2..4].copy_from_slice(&0x10u16.to_le_bytes());
+    gate[5] = 0x8e;
+    gate[6..8].copy_from_slice(&((HANDLER >> 16) as u16).to_le_bytes());
+    image.extend(gate);
+    image.resize(0x300, 0);
+    image.extend((4 * 16 - 1u16).to_le_bytes());
+    image.extend(IDT.to_le_bytes());
+    let path = dir.path().join("int3-runner");
+    std::fs::write(&path, flat_elf(GUEST_LOAD_ADDR, &image, 0)).unwrap();
+    path
+}
+
+#[test]
+fn exit_stats_counts_instructions_the_fallback_completed() {
+    if !kvm_available("exit_stats_counts_instructions_the_fallback_completed") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = int3_runner(&dir, 3);
+    let kernel = kernel.to_str().unwrap();
+    let emulated = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    // The template auto-detection turns the fallback on exactly where it is needed.
+    let out = ember(&["--kernel", kernel, "--serial", "none", "--exit-stats"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    match row(&err, "fallback-int3") {
+        Some(fields) => {
+            assert!(emulated, "hardware KVM runs int3 itself: {err}");
+            assert_eq!(fields[1], "3", "{err}");
+        }
+        None => assert!(!emulated, "no fallback-int3 row: {err}"),
+    }
+    // With the fallback off (the host template), this host stops on the first int3.
+    if emulated {
+        let out = ember(&["--kernel", kernel, "--serial", "none", "--cpu-template", "host"]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("int3"), "{err}");
+    }
+}
