@@ -38,6 +38,10 @@ pub struct Cli {
     pub cpus: u32,
 
     /// Where the guest's serial port (COM1) goes: stdio, file=PATH or none.
+    ///
+    /// With stdio and a terminal on stdin, the terminal is in raw mode while the guest
+    /// runs (keys such as Ctrl-C go to the guest) and escapes start with Ctrl-A:
+    /// Ctrl-A x quits (exit status 0), Ctrl-A Ctrl-A sends Ctrl-A, Ctrl-A h lists them.
     #[arg(long, value_name = "SPEC", default_value = "stdio", value_parser = parse_serial)]
     pub serial: SerialConfig,
 

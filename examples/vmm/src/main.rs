@@ -7,6 +7,7 @@
 mod builder;
 mod cli;
 mod config;
+mod console;
 mod hint;
 mod logger;
 mod run;

@@ -13,6 +13,7 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::builder::Vm;
+use crate::console::{ConsoleEvent, EscapeParser, RawTerminal};
 
 /// Why running a VM failed.
 #[derive(Debug, thiserror::Error)]
@@ -151,9 +152,22 @@ impl MutEventSubscriber for EndWatcher {
     }
 }
 
-/// Feeds standard input to the serial port.
+/// Feeds standard input to the serial port; on a terminal, through the console's
+/// escape parser (Ctrl-A x ends the VM).
 struct StdinToSerial {
     serial: Arc<Serial>,
+    /// Set when stdin is a terminal in raw mode.
+    escape: Option<EscapeParser>,
+    ended: Rc<Cell<bool>>,
+    quit: Rc<Cell<bool>>,
+}
+
+impl StdinToSerial {
+    fn send(&self, bytes: &[u8]) {
+        if let Err(e) = self.serial.enqueue_input(bytes) {
+            log::warn!("serial input dropped: {e}");
+        }
+    }
 }
 
 impl MutEventSubscriber for StdinToSerial {
@@ -166,8 +180,21 @@ impl MutEventSubscriber for StdinToSerial {
                 let _ = ops.remove(events);
             }
             Ok(n) => {
-                if let Err(e) = self.serial.enqueue_input(&buf[..n]) {
-                    log::warn!("serial input dropped: {e}");
+                let Some(parser) = self.escape.as_mut() else {
+                    self.send(&buf[..n]);
+                    return;
+                };
+                for event in parser.feed(&buf[..n]) {
+                    match event {
+                        ConsoleEvent::Guest(bytes) => self.send(&bytes),
+                        ConsoleEvent::Help => eprint!("{}", crate::console::HELP),
+                        ConsoleEvent::Quit => {
+                            self.quit.set(true);
+                            self.ended.set(true);
+                            let _ = ops.remove(events);
+                            return;
+                        }
+                    }
                 }
             }
         }
@@ -226,9 +253,16 @@ pub fn run_vm(
             received: received.clone(),
         }));
     }
+    // Raw mode until the loop ends; dropping `terminal` (on every return below, and
+    // before `main` prints anything) restores the terminal.
+    let terminal = vm.serial_stdin.then(RawTerminal::stdin).flatten();
+    let quit = Rc::new(Cell::new(false));
     if vm.serial_stdin {
         events.add_subscriber(Box::new(StdinToSerial {
             serial: vm.serial.clone(),
+            escape: terminal.as_ref().map(|_| EscapeParser::new()),
+            ended: ended.clone(),
+            quit: quit.clone(),
         }));
     }
     while !ended.get() {
@@ -237,6 +271,7 @@ pub fn run_vm(
             return Err(loop_err(&e));
         }
     }
+    drop(terminal);
 
     stop_all(&running);
     let mut merged = ExitProfile::default();
@@ -277,6 +312,16 @@ pub fn run_vm(
             unclaimed,
         });
     }
+    if quit.get() {
+        // QEMU prints "QEMU: Terminated" and exits with 0.
+        eprintln!("ember: terminated (Ctrl-A x)");
+        return Ok(RunReport {
+            exit_code: 0,
+            reason: "quit from the console (Ctrl-A x)".to_string(),
+            exits,
+            unclaimed,
+        });
+    }
     // A device's request wins: it is what the guest asked for.
     if let Some(request) = vm.exit.requested() {
         let (exit_code, reason) = match request {
@@ -284,7 +329,11 @@ pub fn run_vm(
                 i32::from(code),
                 format!("guest wrote {code} to the debug-exit port"),
             ),
-            ExitRequest::Reset => (0, "guest reset the machine through the i8042".to_string()),
+            ExitRequest::Reset => (
+                0,
+                "guest reset the machine (i8042 or ACPI reset register)".to_string(),
+            ),
+            ExitRequest::PowerOff => (0, "guest powered off (ACPI S5)".to_string()),
         };
         return Ok(RunReport {
             exit_code,

@@ -148,7 +148,8 @@ fn kernel_code_is_emulated() -> bool {
 /// The command line the kernel should report: ours, plus what the CPU template adds.
 fn expected_cmdline(ours: &str) -> String {
     if kernel_code_is_emulated() {
-        format!("{ours} noxsave")
+        let params = ember_vcpu::cpuid::CpuTemplate::NestedCompat.kernel_params();
+        format!("{ours} {}", params.join(" "))
     } else {
         ours.to_string()
     }

@@ -221,6 +221,32 @@ fn i8042_reset_ends_the_vm_cleanly() {
     assert!(stderr(&out).contains("i8042"), "{}", stderr(&out));
 }
 
+/// Linux's hardware-reduced power-off, done by hand: the sleep control register's port
+/// from the FADT (its generic address at offset 244, the address 4 bytes in), `WAK_STS`
+/// cleared in the sleep status register, then `(SLP_TYP 5 << 2) | SLP_EN`.
+#[test]
+fn acpi_power_off_ends_the_vm_cleanly() {
+    if !kvm_available("acpi_power_off_ends_the_vm_cleanly") {
+        return;
+    }
+    const FADT: u64 = 0xe0100;
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest_kernel(&dir, "poweroff", |a| {
+        a.mov(edx, dword_ptr(FADT + 244 + 4))?;
+        a.mov(al, 0x80u32)?;
+        a.out(dx, al)?;
+        a.mov(al, (5u32 << 2) | 1 << 5)?;
+        a.out(dx, al)?;
+        // Without the power-off this would exit with 9.
+        a.mov(al, 9u32)?;
+        a.out(0xf4, al)?;
+        a.hlt()
+    });
+    let out = ember(&["--kernel", kernel.to_str().unwrap(), "-v"], b"");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("ACPI (S5)"), "{}", stderr(&out));
+}
+
 #[test]
 fn serial_input_comes_from_stdin() {
     if !kvm_available("serial_input_comes_from_stdin") {
@@ -271,14 +297,26 @@ fn unemulatable_instruction_names_it_and_says_what_to_try() {
         a.nop()?;
         a.int3()
     });
-    let out = ember(&["--kernel", kernel.to_str().unwrap()], b"");
-    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        assert_one_error_line(&out, "at RIP 0x100001 (int3; bytes: cc");
-        assert_one_error_line(&out, "try: this host cannot emulate int3");
-    } else {
-        // Hardware KVM runs int3: #BP with an empty IDT triple-faults.
-        assert_one_error_line(&out, "triple-faulted");
+    let kernel = kernel.to_str().unwrap();
+    // By default the instruction fallback completes int3 where the host cannot (and
+    // hardware runs it): #BP with an empty IDT triple-faults either way.
+    let out = ember(&["--kernel", kernel], b"");
+    assert_one_error_line(&out, "triple-faulted");
+    if !std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        return;
     }
+    // Without the fallback this host stops on it, and ember says what to use.
+    let out = ember(&["--kernel", kernel, "--cpu-template", "host"], b"");
+    assert_one_error_line(&out, "at RIP 0x100001 (int3; bytes: cc");
+    assert_one_error_line(&out, "try: the instruction fallback completes this instruction");
+    // An instruction the fallback leaves alone is still one clear error.
+    let kernel = guest_kernel(&dir, "popcnt", |a| {
+        a.nop()?;
+        a.popcnt(rax, rax)
+    });
+    let out = ember(&["--kernel", kernel.to_str().unwrap()], b"");
+    assert_one_error_line(&out, "at RIP 0x100001 (popcnt rax,rax; bytes: f3 48 0f b8 c0");
+    assert_one_error_line(&out, "clearcpuid=popcnt");
 }
 
 #[test]
