@@ -9,11 +9,12 @@
 use std::fmt::Debug;
 
 use arbitrary::Arbitrary;
+use ember_devices::ACPI_RESET_VALUE;
 use ember_virtio::mmio::reg;
 use ember_virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 use crate::common::{Addr, Chain, Desc};
-use crate::targets::boot_tables::{Device, TablesInput};
+use crate::targets::boot_tables::{Device, Shutdown, TablesInput};
 use crate::targets::bus::{BusInput, BusOp};
 use crate::targets::cmdline::{CmdlineInput, Part};
 use crate::targets::i8042::{I8042Input, PortOp};
@@ -498,25 +499,28 @@ fn serial_seeds() -> Vec<Seed> {
 }
 
 fn i8042_seeds() -> Vec<Seed> {
-    // port % 3 == 0: 0x5e + port / 3 % 10; == 1: 0xf3 + port / 3 % 4.
-    let at = |sel: u16, offset: u16| sel + 3 * offset;
+    // port % 4 == 0: 0x5e + port / 4 % 10; == 1: 0xf3 + port / 4 % 4;
+    // == 2: 0x5fe + port / 4 % 4.
+    let at = |sel: u16, offset: u16| sel + 4 * offset;
     let op = |kind: u8, port: u16, value: u8| PortOp {
         kind,
         port,
         width: 1,
         value,
     };
+    // Port 0x60 (data) and 0x64 (command/status), port 0x600 (ACPI).
+    let (data, cmd, acpi) = (at(0, 2), at(0, 6), at(2, 2));
     vec![
         structured(
             "i8042",
             "reset",
             I8042Input {
                 ops: vec![
-                    op(1, at(0, 6), 0),
-                    op(0, at(0, 2), 0xfe),
-                    op(0, at(0, 6), 0xd1),
-                    op(1, at(0, 2), 0),
-                    op(0, at(0, 6), 0xfe),
+                    op(1, cmd, 0),
+                    op(0, data, 0xfe),
+                    op(0, cmd, 0xd1),
+                    op(1, data, 0),
+                    op(0, cmd, 0xfe),
                 ],
             },
         ),
@@ -528,7 +532,50 @@ fn i8042_seeds() -> Vec<Seed> {
                     op(0, at(1, 2), 123),
                     op(1, at(1, 1), 0),
                     op(0, at(1, 1), 7),
-                    op(0, at(0, 6), 0xfe),
+                    op(0, cmd, 0xfe),
+                ],
+            },
+        ),
+        // What Linux's i8042 driver sends while probing: two CTR reads, a CTR write,
+        // the AUX loop and interface tests.
+        structured(
+            "i8042",
+            "linux-probe",
+            I8042Input {
+                ops: vec![
+                    op(1, cmd, 0),
+                    op(0, cmd, 0x20),
+                    op(1, cmd, 0),
+                    op(1, data, 0),
+                    op(0, cmd, 0x20),
+                    op(1, data, 0),
+                    op(0, cmd, 0x60),
+                    op(0, data, 0x74),
+                    op(0, cmd, 0xd3),
+                    op(0, data, 0x5a),
+                    op(1, cmd, 0),
+                    op(0, cmd, 0xa9),
+                    op(1, data, 0),
+                    op(0, cmd, 0xa7),
+                    op(0, cmd, 0xa8),
+                    op(0, cmd, 0x20),
+                    op(1, data, 0),
+                    op(0, cmd, 0xaa),
+                    op(1, data, 0),
+                ],
+            },
+        ),
+        // Linux's hardware-reduced power-off: clear WAK_STS, then S5 with SLP_EN.
+        structured(
+            "i8042",
+            "acpi-power-off",
+            I8042Input {
+                ops: vec![
+                    op(1, acpi, 0),
+                    op(0, acpi, 0x80),
+                    op(0, acpi, 0x14),
+                    op(0, acpi, 0x34),
+                    op(0, acpi, ACPI_RESET_VALUE),
                 ],
             },
         ),
@@ -823,6 +870,11 @@ fn boot_seeds() -> Vec<Seed> {
         TablesInput {
             num_cpus: 2,
             memory: 0,
+            shutdown: Some(Shutdown {
+                port: 0x600,
+                s5_sleep_type: 5,
+                reset_value: ACPI_RESET_VALUE,
+            }),
             devices: vec![
                 Device {
                     kind: 0,
@@ -849,6 +901,7 @@ fn boot_seeds() -> Vec<Seed> {
         TablesInput {
             num_cpus: 64,
             memory: 0,
+            shutdown: None,
             devices: Vec::new(),
         },
     ));

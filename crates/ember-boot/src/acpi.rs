@@ -4,13 +4,14 @@
 //! [`setup_acpi`] writes, in the reserved area below 1 MiB (see
 //! [`layout`](crate::layout)):
 //!
-//! | table | where                | what                                                   |
-//! |-------|----------------------|--------------------------------------------------------|
-//! | RSDP  | [`ACPI_RSDP_START`]  | revision 2: points at the XSDT (`RsdtAddress` 0)       |
-//! | XSDT  | [`ACPI_XSDT_START`]  | points at the FADT and the MADT                        |
-//! | FADT  | [`ACPI_FADT_START`]  | revision 6.4, 276 bytes: hardware-reduced ACPI, DSDT   |
-//! | MADT  | [`ACPI_MADT_START`]  | one local APIC per vCPU, the IOAPIC, LINT1 as NMI      |
-//! | DSDT  | [`ACPI_DSDT_START`]  | AML describing the [`AcpiDevice`]s under `\_SB`        |
+//! | table | where                | what                                                    |
+//! |-------|----------------------|---------------------------------------------------------|
+//! | RSDP  | [`ACPI_RSDP_START`]  | revision 2: points at the XSDT (`RsdtAddress` 0)        |
+//! | XSDT  | [`ACPI_XSDT_START`]  | points at the FADT and the MADT                         |
+//! | FADT  | [`ACPI_FADT_START`]  | revision 6.4, 276 bytes: hardware-reduced ACPI, DSDT,   |
+//! |       |                      | sleep control, sleep status and reset registers         |
+//! | MADT  | [`ACPI_MADT_START`]  | one local APIC per vCPU, the IOAPIC, LINT1 as NMI       |
+//! | DSDT  | [`ACPI_DSDT_START`]  | AML: `\_S5_`, and the [`AcpiDevice`]s under `\_SB`      |
 //!
 //! All tables are little-endian and every table's bytes sum to 0 mod 256
 //! (the RSDP's first 20 bytes too). Their headers carry OEM ID `"EMBER "`,
@@ -46,6 +47,26 @@
 //!   edge-triggered and active high, so the MADT says the same as the
 //!   [MP table](crate::mptable), which maps IRQ `i` to pin `i` for the same
 //!   reason.
+//!
+//! # Power-off and reset
+//!
+//! A hardware-reduced platform has no PM1 control block, so the OS powers
+//! off through the FADT's **sleep control register** instead: it finds the
+//! S5 (soft-off) sleep type `SLP_TYP` in the DSDT's `\_S5_` package and
+//! writes `(SLP_TYP << 2) | SLP_EN` (`SLP_EN` is bit 5) to the register,
+//! after clearing the wake status (bit 7, `WAK_STS`) in the **sleep status
+//! register**; it resets by writing the FADT's `RESET_VALUE` to the
+//! **reset register**. With an [`AcpiShutdown`] in the configuration, all
+//! three registers are one byte at its I/O port (generic address
+//! structures: system I/O space, 8 bits at offset 0, byte access; FADT
+//! flag `RESET_REG_SUP`), where a VMM places a device that ends the VM on
+//! those two values, and the DSDT holds
+//! `Name (\_S5_, Package () { SLP_TYP, Zero })`. Linux then offers
+//! power-off only when both sleep registers and `\_S5_` are there
+//! (`acpi_sleep_state_supported`), and with `reboot=acpi` (x86's first
+//! choice by default) resets through the reset register. Without an
+//! [`AcpiShutdown`] the registers stay zero, there is no `\_S5_`, and a
+//! guest cannot power off through ACPI.
 //!
 //! Linux treats a hardware-reduced platform as having no legacy PIC
 //! (`acpi_generic_reduced_hw_init` installs `null_legacy_pic`), so it does
@@ -102,6 +123,29 @@ pub enum AcpiDevice {
     Com1,
 }
 
+/// The one-byte I/O register a guest powers off and resets through: the
+/// FADT's sleep control, sleep status and reset register all point at
+/// `port`, and the DSDT's `\_S5_` gives `s5_sleep_type` (see the
+/// [module documentation](self#power-off-and-reset)).
+///
+/// To power off, the OS writes `(s5_sleep_type << 2) | 0x20` to `port`; to
+/// reset, `reset_value`. It also writes `0x80` there (clearing the wake
+/// status) before it powers off, and reads the port as the sleep status.
+/// The device at `port` is the VMM's: it must tell those values apart, so
+/// `reset_value` should not look like a sleep request (bit 5 clear).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcpiShutdown {
+    /// The I/O port of the register.
+    pub port: u16,
+    /// The S5 (soft-off) sleep type, `SLP_TYP`: 0 to [`ACPI_MAX_SLEEP_TYPE`].
+    pub s5_sleep_type: u8,
+    /// The value that resets the machine (FADT `RESET_VALUE`).
+    pub reset_value: u8,
+}
+
+/// The largest sleep type: `SLP_TYP` is a 3-bit field.
+pub const ACPI_MAX_SLEEP_TYPE: u8 = 7;
+
 /// What [`setup_acpi`] describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AcpiConfig<'a> {
@@ -110,6 +154,8 @@ pub struct AcpiConfig<'a> {
     pub num_cpus: u8,
     /// The devices for the DSDT, in order (at most one [`AcpiDevice::Com1`]).
     pub devices: &'a [AcpiDevice],
+    /// The register the guest powers off and resets through, if any.
+    pub shutdown: Option<AcpiShutdown>,
 }
 
 // Table header and fields.
@@ -136,18 +182,24 @@ const MADT_REVISION: u8 = 5;
 /// DSDT revision 2: AML integers are 64 bits.
 const DSDT_REVISION: u8 = 2;
 
-// FADT field offsets.
+// FADT field offsets (ACPI 6.4, table 5.9).
 const FADT_DSDT: usize = 40;
 const FADT_IAPC_BOOT_ARCH: usize = 109;
 const FADT_FLAGS: usize = 112;
+const FADT_RESET_REG: usize = 116;
+const FADT_RESET_VALUE: usize = 128;
 const FADT_MINOR_VERSION_OFFSET: usize = 131;
 const FADT_X_DSDT: usize = 140;
+const FADT_SLEEP_CONTROL_REG: usize = 244;
+const FADT_SLEEP_STATUS_REG: usize = 256;
 const FADT_HYPERVISOR_VENDOR_ID: usize = 268;
 
 /// FADT flag: the power button, if any, is a control-method device.
 pub const FADT_PWR_BUTTON: u32 = 1 << 4;
 /// FADT flag: the sleep button, if any, is a control-method device.
 pub const FADT_SLP_BUTTON: u32 = 1 << 5;
+/// FADT flag: the reset register (`RESET_REG`, `RESET_VALUE`) is supported.
+pub const FADT_RESET_REG_SUP: u32 = 1 << 10;
 /// FADT flag: hardware-reduced ACPI.
 pub const FADT_HW_REDUCED_ACPI: u32 = 1 << 20;
 /// IA-PC boot architecture flag: an 8042 (or equivalent) is present.
@@ -157,6 +209,13 @@ pub const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
 /// IA-PC boot architecture flag: no CMOS RTC.
 pub const IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
 const HYPERVISOR_VENDOR_ID: &[u8; 8] = b"EMBER   ";
+
+// Generic address structure (ACPI 6.4, 5.2.3.2).
+const GAS_SIZE: usize = 12;
+/// Address space ID: system I/O.
+const GAS_SYSTEM_IO: u8 = 1;
+/// Access size: byte.
+const GAS_ACCESS_BYTE: u8 = 1;
 
 // MADT.
 const MADT_FIXED_SIZE: usize = HEADER_SIZE + 8;
@@ -184,6 +243,7 @@ const COM1_HID: u32 = aml::eisa_id(b"PNP0501");
 const COM1_PORT: u16 = 0x3f8;
 const COM1_PORTS: u8 = 8;
 const COM1_IRQ: u32 = 4;
+const S5_NAME: &NameSeg = b"_S5_";
 
 /// Size of the MADT for `num_cpus` vCPUs: `62 + 8 * num_cpus`.
 const fn madt_size(num_cpus: u8) -> usize {
@@ -262,16 +322,33 @@ fn build_xsdt(entries: &[u64; XSDT_ENTRIES]) -> Vec<u8> {
     seal(t)
 }
 
-fn build_fadt(dsdt: u32) -> Vec<u8> {
+/// A generic address structure for the byte at I/O port `port`: system
+/// I/O space, register width 8 bits at bit offset 0, byte access.
+fn io_port_gas(port: u16) -> [u8; GAS_SIZE] {
+    let mut g = [0u8; GAS_SIZE];
+    le::put(&mut g, 0, &[GAS_SYSTEM_IO, 8, 0, GAS_ACCESS_BYTE]);
+    le::put(&mut g, 4, &u64::from(port).to_le_bytes());
+    g
+}
+
+fn build_fadt(dsdt: u32, shutdown: Option<&AcpiShutdown>) -> Vec<u8> {
     let mut t = table(b"FACP", FADT_SIZE, FADT_REVISION);
     // FIRMWARE_CTRL and X_FIRMWARE_CTRL stay 0: a hardware-reduced
     // platform needs no FACS. So do SCI_INT, SMI_CMD, the PM and GPE
-    // blocks, RESET_REG and the sleep registers.
+    // blocks, and (without `shutdown`) RESET_REG and the sleep registers.
     le::put(&mut t, FADT_DSDT, &dsdt.to_le_bytes());
     let boot_arch =
         IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT;
     le::put(&mut t, FADT_IAPC_BOOT_ARCH, &boot_arch.to_le_bytes());
-    let flags = FADT_HW_REDUCED_ACPI | FADT_PWR_BUTTON | FADT_SLP_BUTTON;
+    let mut flags = FADT_HW_REDUCED_ACPI | FADT_PWR_BUTTON | FADT_SLP_BUTTON;
+    if let Some(shutdown) = shutdown {
+        let register = io_port_gas(shutdown.port);
+        le::put(&mut t, FADT_RESET_REG, &register);
+        le::put(&mut t, FADT_RESET_VALUE, &[shutdown.reset_value]);
+        le::put(&mut t, FADT_SLEEP_CONTROL_REG, &register);
+        le::put(&mut t, FADT_SLEEP_STATUS_REG, &register);
+        flags |= FADT_RESET_REG_SUP;
+    }
     le::put(&mut t, FADT_FLAGS, &flags.to_le_bytes());
     le::put(&mut t, FADT_MINOR_VERSION_OFFSET, &[FADT_MINOR_VERSION]);
     le::put(&mut t, FADT_X_DSDT, &u64::from(dsdt).to_le_bytes());
@@ -350,11 +427,29 @@ fn virtio_name(index: usize) -> NameSeg {
     [b'V', digit(8), digit(4), digit(0)]
 }
 
-/// The DSDT's AML: `Scope(\_SB) { devices }`, or nothing without devices.
-fn dsdt_aml(devices: &[AcpiDevice]) -> Vec<u8> {
-    if devices.is_empty() {
-        return Vec::new();
+/// `Name (\_S5_, Package () { s5_sleep_type, Zero })`: the S5 sleep type
+/// for the sleep control register (the second element would be for a
+/// PM1b control block, which a hardware-reduced platform does not have).
+fn s5_aml(shutdown: &AcpiShutdown) -> Vec<u8> {
+    let package = aml::package_of(&[
+        &aml::integer(shutdown.s5_sleep_type.into()),
+        &aml::integer(0),
+    ]);
+    aml::name(S5_NAME, &package)
+}
+
+/// The DSDT's AML: `\_S5_` with a shutdown register, then
+/// `Scope(\_SB) { devices }` if there are devices.
+fn dsdt_aml(devices: &[AcpiDevice], shutdown: Option<&AcpiShutdown>) -> Vec<u8> {
+    let mut aml = shutdown.map(s5_aml).unwrap_or_default();
+    if !devices.is_empty() {
+        aml.extend(sb_scope_aml(devices));
     }
+    aml
+}
+
+/// `Scope(\_SB) { devices }` for a non-empty list of devices.
+fn sb_scope_aml(devices: &[AcpiDevice]) -> Vec<u8> {
     let mut body = Vec::new();
     let mut virtio_index = 0;
     for device in devices {
@@ -366,8 +461,8 @@ fn dsdt_aml(devices: &[AcpiDevice]) -> Vec<u8> {
     aml::scope(&SB_PATH, &body)
 }
 
-fn build_dsdt(devices: &[AcpiDevice]) -> Vec<u8> {
-    let aml = dsdt_aml(devices);
+fn build_dsdt(devices: &[AcpiDevice], shutdown: Option<&AcpiShutdown>) -> Vec<u8> {
+    let aml = dsdt_aml(devices, shutdown);
     let mut t = table(b"DSDT", HEADER_SIZE + aml.len(), DSDT_REVISION);
     le::put(&mut t, HEADER_SIZE, &aml);
     seal(t)
@@ -390,6 +485,14 @@ fn validate(config: &AcpiConfig<'_>) -> Result<(), BootError> {
             count: config.devices.len(),
             max: ACPI_MAX_DEVICES,
         });
+    }
+    if let Some(shutdown) = config.shutdown {
+        if shutdown.s5_sleep_type > ACPI_MAX_SLEEP_TYPE {
+            return Err(BootError::AcpiBadSleepType {
+                sleep_type: shutdown.s5_sleep_type,
+                max: ACPI_MAX_SLEEP_TYPE,
+            });
+        }
     }
     let mut com1_seen = false;
     for (index, device) in config.devices.iter().enumerate() {
@@ -422,7 +525,7 @@ fn validate(config: &AcpiConfig<'_>) -> Result<(), BootError> {
 
 /// Builds every table into one buffer that starts at [`ACPI_RSDP_START`].
 fn build_tables(config: &AcpiConfig<'_>) -> Result<Vec<u8>, BootError> {
-    let dsdt = build_dsdt(config.devices);
+    let dsdt = build_dsdt(config.devices, config.shutdown.as_ref());
     let end = ACPI_DSDT_START + dsdt.len() as u64;
     if end > HIMEM_START {
         return Err(BootError::AcpiTablesTooLarge {
@@ -431,7 +534,7 @@ fn build_tables(config: &AcpiConfig<'_>) -> Result<Vec<u8>, BootError> {
         });
     }
     // `ACPI_DSDT_START` is asserted to fit in 32 bits.
-    let fadt = build_fadt(ACPI_DSDT_START as u32);
+    let fadt = build_fadt(ACPI_DSDT_START as u32, config.shutdown.as_ref());
     let madt = build_madt(config.num_cpus);
     let xsdt = build_xsdt(&[ACPI_FADT_START, ACPI_MADT_START]);
     let rsdp = build_rsdp(ACPI_XSDT_START);
@@ -454,9 +557,11 @@ fn build_tables(config: &AcpiConfig<'_>) -> Result<Vec<u8>, BootError> {
 /// The MADT lists `config.num_cpus` enabled local APICs (vCPU `i`: ACPI
 /// processor UID `i`, APIC ID `i`), the IOAPIC (ID `num_cpus`, at
 /// `0xfec00000`, GSI base 0) and LINT1 of every local APIC as the NMI
-/// input; the DSDT describes `config.devices`. See the
-/// [module documentation](self) for what the FADT says and why the MADT
-/// has no interrupt source override.
+/// input; the DSDT describes `config.devices`. With `config.shutdown`,
+/// the FADT's sleep control, sleep status and reset registers point at its
+/// port and the DSDT gets `\_S5_`. See the [module documentation](self)
+/// for what the FADT says, how a guest powers off, and why the MADT has no
+/// interrupt source override.
 ///
 /// The configuration, the tables' size and the target range are all
 /// checked before anything is written; the tables (with zeroed gaps
@@ -471,6 +576,8 @@ fn build_tables(config: &AcpiConfig<'_>) -> Result<Vec<u8>, BootError> {
 /// for a virtio-mmio window that is empty or not below 4 GiB,
 /// [`BootError::AcpiBadGsi`] for a GSI the IOAPIC does not have,
 /// [`BootError::AcpiDuplicateCom1`] for a second COM1,
+/// [`BootError::AcpiBadSleepType`] for an S5 sleep type above
+/// [`ACPI_MAX_SLEEP_TYPE`],
 /// [`BootError::AcpiTablesTooLarge`] if the DSDT would reach 1 MiB,
 /// [`BootError::OutsideGuestMemory`] if guest memory does not cover the
 /// tables, or [`BootError::GuestMemoryWrite`].
@@ -478,17 +585,20 @@ fn build_tables(config: &AcpiConfig<'_>) -> Result<Vec<u8>, BootError> {
 /// # Example
 ///
 /// ```
-/// use ember_boot::{setup_acpi, AcpiConfig, AcpiDevice, ACPI_RSDP_START};
+/// use ember_boot::{setup_acpi, AcpiConfig, AcpiDevice, AcpiShutdown, ACPI_RSDP_START};
 /// use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 ///
 /// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
 /// let devices = [AcpiDevice::VirtioMmio { addr: 0xd000_0000, len: 0x1000, gsi: 5 }];
-/// let rsdp = setup_acpi(&mem, &AcpiConfig { num_cpus: 2, devices: &devices })?;
+/// let shutdown = AcpiShutdown { port: 0x600, s5_sleep_type: 5, reset_value: 1 };
+/// let config = AcpiConfig { num_cpus: 2, devices: &devices, shutdown: Some(shutdown) };
+/// let rsdp = setup_acpi(&mem, &config)?;
 /// assert_eq!(rsdp, GuestAddress(ACPI_RSDP_START));
 /// let mut signature = [0u8; 8];
 /// mem.read_slice(&mut signature, rsdp).unwrap();
 /// assert_eq!(&signature, b"RSD PTR ");
-/// assert!(setup_acpi(&mem, &AcpiConfig { num_cpus: 0, devices: &[] }).is_err());
+/// let no_cpus = AcpiConfig { num_cpus: 0, devices: &[], shutdown: None };
+/// assert!(setup_acpi(&mem, &no_cpus).is_err());
 /// # Ok::<(), ember_boot::BootError>(())
 /// ```
 pub fn setup_acpi<M: GuestMemory>(
@@ -599,8 +709,20 @@ mod tests {
     }
 
     fn setup(num_cpus: u8, devices: &[AcpiDevice]) -> (GuestMemoryMmap<()>, Tables) {
+        setup_with(num_cpus, devices, None)
+    }
+
+    fn setup_with(
+        num_cpus: u8,
+        devices: &[AcpiDevice],
+        shutdown: Option<AcpiShutdown>,
+    ) -> (GuestMemoryMmap<()>, Tables) {
         let mem = filled_mem(2 << 20, FILL);
-        let config = AcpiConfig { num_cpus, devices };
+        let config = AcpiConfig {
+            num_cpus,
+            devices,
+            shutdown,
+        };
         let rsdp = setup_acpi(&mem, &config).unwrap();
         assert_eq!(rsdp, GuestAddress(0xe0000));
         let tables = parse_back(&mem);
@@ -709,6 +831,118 @@ mod tests {
                 assert_eq!(b, 0, "FADT byte {i}");
             }
         }
+    }
+
+    const SHUTDOWN: AcpiShutdown = AcpiShutdown {
+        port: 0x600,
+        s5_sleep_type: 5,
+        reset_value: 1,
+    };
+
+    /// The generic address structure for the byte at I/O port 0x600:
+    /// address space 1 (system I/O), bit width 8, bit offset 0, access
+    /// size 1 (byte), 64-bit address (ACPI 6.4, 5.2.3.2).
+    const PORT_0X600_GAS: [u8; 12] = [1, 8, 0, 1, 0x00, 0x06, 0, 0, 0, 0, 0, 0];
+
+    #[test]
+    fn fadt_sleep_and_reset_registers() {
+        let (_, t) = setup_with(2, &[AcpiDevice::Com1], Some(SHUTDOWN));
+        let f = &t.fadt;
+        assert_eq!(f.len(), 276);
+        // ACPI 6.4, table 5.9: RESET_REG at 116 (12 bytes), RESET_VALUE at
+        // 128, SLEEP_CONTROL_REG at 244 and SLEEP_STATUS_REG at 256 (12
+        // bytes each).
+        assert_eq!(f[116..128], PORT_0X600_GAS, "RESET_REG");
+        assert_eq!(f[128], 1, "RESET_VALUE");
+        assert_eq!(f[244..256], PORT_0X600_GAS, "SLEEP_CONTROL_REG");
+        assert_eq!(f[256..268], PORT_0X600_GAS, "SLEEP_STATUS_REG");
+        assert_eq!(
+            u32_at(f, 112),
+            1 << 20 | 1 << 10 | 1 << 5 | 1 << 4,
+            "flags: HW_REDUCED_ACPI, RESET_REG_SUP, SLP_BUTTON, PWR_BUTTON"
+        );
+        // The rest is as without the registers.
+        let (_, plain) = setup_with(2, &[AcpiDevice::Com1], None);
+        let changed = [9..10, 112..116, 116..129, 244..268];
+        for (i, (&a, &b)) in f.iter().zip(&plain.fadt).enumerate() {
+            if !changed.iter().any(|r| r.contains(&i)) {
+                assert_eq!(a, b, "FADT byte {i}");
+            }
+        }
+
+        // Another port, sleep type and reset value.
+        let other = AcpiShutdown {
+            port: 0xfffe,
+            s5_sleep_type: 7,
+            reset_value: 0x0e,
+        };
+        let (_, t) = setup_with(1, &[], Some(other));
+        let gas = [1, 8, 0, 1, 0xfe, 0xff, 0, 0, 0, 0, 0, 0];
+        assert_eq!(t.fadt[116..128], gas);
+        assert_eq!(t.fadt[128], 0x0e);
+        assert_eq!(t.fadt[244..256], gas);
+        assert_eq!(t.fadt[256..268], gas);
+    }
+
+    /// `Name (\_S5_, Package () { 0x05, Zero })` at the root of the
+    /// DSDT, assembled by hand (20.2.5.4 NameOp, 20.2.5.5 PackageOp:
+    /// PkgLength 5 counts itself, NumElements and the two elements). The
+    /// same bytes come out of `iasl -oa` (ACPICA 20200925) for
+    /// `Name (_S5, Package () { 0x05, Zero })`, and `iasl -d` reads the
+    /// FADT built with [`SHUTDOWN`] back as a reset register and sleep
+    /// control and status registers at SystemIO 0x600, 8 bits, byte access.
+    #[rustfmt::skip]
+    const S5_AML: &[u8] = &[
+        // NameOp, "_S5_"
+        0x08, b'_', b'S', b'5', b'_',
+        // PackageOp, PkgLength 5, NumElements 2, BytePrefix 5, ZeroOp
+        0x12, 0x05, 0x02, 0x0a, 0x05, 0x00,
+    ];
+
+    #[test]
+    fn dsdt_s5_object() {
+        let (_, t) = setup_with(1, &[], Some(SHUTDOWN));
+        assert_eq!(&t.dsdt[36..], S5_AML);
+        // Before the devices' scope.
+        let (_, t) = setup_with(2, &[AcpiDevice::Com1], Some(SHUTDOWN));
+        assert_eq!(&t.dsdt[36..36 + S5_AML.len()], S5_AML);
+        assert_eq!(&t.dsdt[36 + S5_AML.len()..], COM1_DSDT_AML);
+        // Sleep type 0: ZeroOp.
+        let zero = AcpiShutdown {
+            s5_sleep_type: 0,
+            ..SHUTDOWN
+        };
+        let (_, t) = setup_with(1, &[], Some(zero));
+        assert_eq!(&t.dsdt[36..], b"\x08_S5_\x12\x04\x02\x00\x00");
+        // Without a shutdown register there is no \_S5_.
+        let (_, t) = setup_with(2, &[AcpiDevice::Com1], None);
+        assert!(!t.dsdt.windows(4).any(|w| w == b"_S5_"));
+    }
+
+    #[test]
+    fn sleep_type_above_seven_rejected() {
+        let mem = filled_mem(2 << 20, FILL);
+        let config = |s5_sleep_type| AcpiConfig {
+            num_cpus: 1,
+            devices: &[],
+            shutdown: Some(AcpiShutdown {
+                s5_sleep_type,
+                ..SHUTDOWN
+            }),
+        };
+        let err = setup_acpi(&mem, &config(8)).unwrap_err();
+        assert!(matches!(
+            err,
+            BootError::AcpiBadSleepType {
+                sleep_type: 8,
+                max: 7
+            }
+        ));
+        assert!(err.to_string().contains('8'));
+        assert!(read(&mem, ACPI_RSDP_START, 0x2_0000)
+            .iter()
+            .all(|&b| b == FILL));
+        setup_acpi(&mem, &config(7)).unwrap();
     }
 
     #[test]
@@ -861,6 +1095,7 @@ mod tests {
             &AcpiConfig {
                 num_cpus: 1,
                 devices: &many,
+                shutdown: None,
             },
         )
         .unwrap_err();
@@ -880,7 +1115,8 @@ mod tests {
                 &mem,
                 &AcpiConfig {
                     num_cpus: 1,
-                    devices: &many
+                    devices: &many,
+                    shutdown: None,
                 }
             ),
             Err(BootError::AcpiTooManyDevices {
@@ -923,7 +1159,12 @@ mod tests {
 
     fn config_err(num_cpus: u8, devices: &[AcpiDevice]) -> BootError {
         let mem = filled_mem(2 << 20, FILL);
-        let err = setup_acpi(&mem, &AcpiConfig { num_cpus, devices }).unwrap_err();
+        let config = AcpiConfig {
+            num_cpus,
+            devices,
+            shutdown: None,
+        };
+        let err = setup_acpi(&mem, &config).unwrap_err();
         assert!(!err.to_string().is_empty());
         assert!(read(&mem, ACPI_RSDP_START, 0x2_0000)
             .iter()
@@ -969,6 +1210,7 @@ mod tests {
             &AcpiConfig {
                 num_cpus: 1,
                 devices: &edge,
+                shutdown: None,
             },
         )
         .unwrap();
@@ -999,6 +1241,7 @@ mod tests {
         let config = AcpiConfig {
             num_cpus: 1,
             devices: &[],
+            shutdown: None,
         };
         assert!(matches!(
             setup_acpi(&mem, &config),

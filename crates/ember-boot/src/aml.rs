@@ -34,6 +34,8 @@ const QWORD_PREFIX: u8 = 0x0e;
 const SCOPE_OP: u8 = 0x10;
 /// `BufferOp`.
 const BUFFER_OP: u8 = 0x11;
+/// `PackageOp`.
+const PACKAGE_OP: u8 = 0x12;
 /// `ExtOpPrefix`, before `DeviceOp`.
 const EXT_OP_PREFIX: u8 = 0x5b;
 /// `DeviceOp` (after `ExtOpPrefix`).
@@ -220,6 +222,22 @@ pub(crate) fn buffer(bytes: &[u8]) -> Vec<u8> {
     out
 }
 
+/// `Package() { elements }`: `PackageOp`, PkgLength, `NumElements` (one
+/// byte), the elements, each already encoded (an [`integer`], say).
+///
+/// Callers pass a handful of elements; more than 255 would not fit
+/// `NumElements` and are cut off there.
+pub(crate) fn package_of(elements: &[&[u8]]) -> Vec<u8> {
+    let count = elements.len().min(usize::from(u8::MAX));
+    let mut inner = vec![count as u8];
+    for element in elements.iter().take(count) {
+        inner.extend_from_slice(element);
+    }
+    let mut out = vec![PACKAGE_OP];
+    out.extend(package(&inner));
+    out
+}
+
 /// `ResourceTemplate() { descriptors }`: a buffer holding the descriptors
 /// followed by an End Tag whose checksum byte is 0 ("the checksum is
 /// treated as valid").
@@ -369,6 +387,24 @@ mod tests {
         assert!(!is_name_seg(b"1ABC"));
         assert!(!is_name_seg(b"ab__"));
         assert!(!is_name_seg(b"A-B_"));
+    }
+
+    #[test]
+    fn packages_count_their_elements() {
+        // Package () { 0x05, Zero }, as iasl compiles it: PackageOp,
+        // PkgLength 5 (itself, NumElements, 0x0a 0x05, 0x00), 2 elements.
+        assert_eq!(
+            package_of(&[&integer(5), &integer(0)]),
+            [0x12, 0x05, 0x02, 0x0a, 0x05, 0x00]
+        );
+        assert_eq!(package_of(&[]), [0x12, 0x02, 0x00]);
+        let one = integer(1);
+        let many = vec![one.as_slice(); 300];
+        let p = package_of(&many);
+        // 255 OneOps, NumElements 255, a two-byte PkgLength: 255 + 1 + 2.
+        assert_eq!(&p[..4], [0x12, 0x42, 0x10, 0xff]);
+        assert_eq!(p.len(), 1 + 2 + 1 + 255);
+        assert_eq!(decode_pkg_length(&p[1..]), (258, 2));
     }
 
     #[test]

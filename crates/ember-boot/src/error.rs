@@ -376,6 +376,14 @@ pub enum BootError {
         /// Index of the second COM1 in the list.
         index: usize,
     },
+    /// The S5 sleep type does not fit the 3-bit `SLP_TYP` field.
+    #[error("ACPI S5 sleep type {sleep_type} exceeds the SLP_TYP field's maximum {max}")]
+    AcpiBadSleepType {
+        /// The sleep type asked for.
+        sleep_type: u8,
+        /// The limit, [`ACPI_MAX_SLEEP_TYPE`](crate::acpi::ACPI_MAX_SLEEP_TYPE).
+        max: u8,
+    },
     /// The ACPI tables would reach 1 MiB.
     #[error("ACPI tables would end at {end:#x}, past their limit {limit:#x}")]
     AcpiTablesTooLarge {

@@ -19,6 +19,7 @@
 //! | `[CMDLINE_START, +2 KiB)`           | the kernel command line, NUL-terminated       |
 //! | `[EBDA_START, HIMEM_START)`         | EBDA, VGA hole and BIOS ROM: reserved in e820 |
 //! | `[MPTABLE_START, +mptable_size(n))` | MP floating pointer and configuration table   |
+//! | `[VMM_RESERVED_START, +64 KiB)`     | kept for the VMM (the example VMM's syscall trap pages) |
 //! | `[ACPI_RSDP_START, +36)`            | ACPI RSDP (0xe0000)                           |
 //! | `[ACPI_XSDT_START, +52)`            | ACPI XSDT (0xe0040; room up to 0xe0100)       |
 //! | `[ACPI_FADT_START, +276)`           | ACPI FADT (0xe0100..0xe0214)                  |
@@ -39,8 +40,10 @@
 //! (16-byte steps) finds it even when no boot protocol passes its address,
 //! then the fixed-size tables at fixed places, then the DSDT, the only
 //! table whose size depends on the devices, with the rest of the area
-//! (124 KiB) to grow into. A bzImage's protected-mode kernel is loaded at
-//! exactly [`HIMEM_START`].
+//! (124 KiB) to grow into. Between the two, the option-ROM area from
+//! [`VMM_RESERVED_START`] is left to the VMM: RAM in the guest's memory that
+//! the e820 map reports as reserved, so the kernel never uses it. A bzImage's
+//! protected-mode kernel is loaded at exactly [`HIMEM_START`].
 
 /// Guest physical address of the zero page (`struct boot_params`).
 ///
@@ -83,6 +86,17 @@ pub const EBDA_START: u64 = 0x9_fc00;
 /// Guest physical address of the MP table
 /// ([`setup_mptable`](crate::setup_mptable)): the start of the EBDA.
 pub const MPTABLE_START: u64 = EBDA_START;
+
+/// Guest physical address of [`VMM_RESERVED_SIZE`] bytes of RAM that the
+/// loader leaves to the VMM for pages of its own that the guest must not use
+/// (the example VMM keeps its syscall trap's pages there, see
+/// `ember_vcpu::syscall_trap`): the legacy option-ROM area, inside the range
+/// the e820 map reports as reserved, above the largest MP table and below the
+/// ACPI tables. Linux only reads it, looking for ROM signatures.
+pub const VMM_RESERVED_START: u64 = 0xc_0000;
+
+/// Size of the range at [`VMM_RESERVED_START`] (64 KiB).
+pub const VMM_RESERVED_SIZE: u64 = 0x1_0000;
 
 /// Guest physical address of the ACPI RSDP
 /// ([`setup_acpi`](crate::setup_acpi)): the start of the area Linux scans
@@ -137,6 +151,11 @@ const _: () = assert!(ZERO_PAGE_START + ZERO_PAGE_SIZE as u64 <= CMDLINE_START);
 const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
 const _: () = assert!(EBDA_START < HIMEM_START);
 const _: () = assert!(EBDA_START <= ACPI_RSDP_START);
+const _: () = assert!(
+    MPTABLE_START + crate::mptable::mptable_size(crate::mptable::MPTABLE_MAX_CPUS) as u64
+        <= VMM_RESERVED_START
+);
+const _: () = assert!(VMM_RESERVED_START + VMM_RESERVED_SIZE <= ACPI_RSDP_START);
 const _: () = assert!(ACPI_RSDP_START < ACPI_XSDT_START);
 const _: () = assert!(ACPI_XSDT_START < ACPI_FADT_START);
 const _: () = assert!(ACPI_FADT_START < ACPI_MADT_START);

@@ -95,7 +95,9 @@ pub mod zero_page;
 #[cfg(test)]
 mod testing;
 
-pub use acpi::{setup_acpi, AcpiConfig, AcpiDevice, ACPI_MAX_CPUS};
+pub use acpi::{
+    setup_acpi, AcpiConfig, AcpiDevice, AcpiShutdown, ACPI_MAX_CPUS, ACPI_MAX_SLEEP_TYPE,
+};
 pub use bzimage::{
     bzimage_boot_params, configure_bzimage_boot, load_bzimage, parse_bzimage, BzImage, BzImageLoad,
 };

@@ -238,6 +238,7 @@ mod tests {
             &crate::AcpiConfig {
                 num_cpus: 2,
                 devices: &[],
+                shutdown: None,
             },
         )
         .unwrap();

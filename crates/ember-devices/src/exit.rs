@@ -1,6 +1,7 @@
 //! How devices ask the VMM to end the VM.
 //!
-//! Devices that end the VM (the debug-exit port, the i8042 reset command) share one
+//! Devices that end the VM (the debug-exit port, the i8042 reset command, the ACPI
+//! shutdown register) share one
 //! [`ExitSignal`]. The first request is recorded and the signal's eventfd becomes
 //! readable; the VMM polls that eventfd (or checks [`ExitSignal::requested`] after each
 //! vCPU exit) and then stops its vCPUs.
@@ -16,9 +17,12 @@ use crate::DeviceError;
 pub enum ExitRequest {
     /// The guest wrote this code to the debug-exit port; the VMM should exit with it.
     DebugExit(u8),
-    /// The guest asked for a reset (i8042 command `0xFE`). Ember treats it as a clean
-    /// shutdown.
+    /// The guest asked for a reset (i8042 command `0xFE`, or the ACPI reset register).
+    /// Ember treats it as a clean shutdown.
     Reset,
+    /// The guest powered off: it entered ACPI sleep state S5 (soft off) through the
+    /// sleep control register. A clean shutdown.
+    PowerOff,
 }
 
 /// A one-shot, thread-safe "please end the VM" signal shared by devices and the VMM.

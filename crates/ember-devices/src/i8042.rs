@@ -1,11 +1,20 @@
-//! A minimal i8042 PS/2 controller whose only job is the CPU-reset command.
+//! A minimal i8042 PS/2 controller: the CPU-reset command, and the controller commands
+//! Linux's i8042 driver sends while it probes, answered at once.
+//!
+//! Linux probes the controller at boot (`i8042_controller_check`,
+//! `i8042_controller_init`, `i8042_check_aux`): it reads and writes the controller
+//! configuration byte (CTR, commands `0x20` and `0x60`) and looks for an AUX (mouse) port
+//! (`0xD3` loop test, `0xA9` interface test, `0xA7`/`0xA8`). Every answer it waits for
+//! comes by polling the status register for "output buffer full", and a command that
+//! is never answered costs a timeout of 10,000 polls 50 us apart, which under an
+//! emulated guest CPU takes minutes. This controller answers each of those commands
+//! synchronously, and says there is no AUX port, so Linux sets up the keyboard port
+//! only and finishes the probe without a timeout.
 
-use std::convert::Infallible;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ember_bus::BusDevice;
-use vm_superio::{I8042Device, Trigger};
 
 use crate::{DeviceError, ExitRequest, ExitSignal};
 
@@ -18,32 +27,225 @@ pub const I8042_PORT: u16 = 0x60;
 /// (see [`create_irqchip_and_pit`](crate::create_irqchip_and_pit)).
 pub const I8042_PORT_SIZE: u64 = 5;
 
+/// Bus offset of the data register (port `0x60`).
+const DATA_OFFSET: u64 = 0;
 /// Bus offset of the command/status register (port `0x64`).
 const COMMAND_OFFSET: u64 = 4;
 
-/// Turns vm-superio's reset trigger into an [`ExitRequest::Reset`].
-struct ResetTrigger(Arc<ExitSignal>);
+// Controller commands (written to port 0x64).
+/// Read the CTR (byte 0 of the controller's RAM).
+const CMD_READ_CTR: u8 = 0x20;
+/// Write the CTR: the next byte on port 0x60.
+const CMD_WRITE_CTR: u8 = 0x60;
+/// Disable the AUX port.
+const CMD_AUX_DISABLE: u8 = 0xa7;
+/// Enable the AUX port.
+const CMD_AUX_ENABLE: u8 = 0xa8;
+/// Test the AUX interface: 0 means it works.
+const CMD_AUX_TEST: u8 = 0xa9;
+/// Controller self-test: [`SELF_TEST_OK`] means it passed.
+const CMD_SELF_TEST: u8 = 0xaa;
+/// Test the keyboard interface: 0 means it works.
+const CMD_KBD_TEST: u8 = 0xab;
+/// Disable the keyboard port.
+const CMD_KBD_DISABLE: u8 = 0xad;
+/// Enable the keyboard port.
+const CMD_KBD_ENABLE: u8 = 0xae;
+/// Read the output port.
+const CMD_READ_OUTPUT_PORT: u8 = 0xd0;
+/// Write the output port: the next byte on port 0x60.
+const CMD_WRITE_OUTPUT_PORT: u8 = 0xd1;
+/// Put the next byte on port 0x60 in the output buffer, as if from the keyboard.
+const CMD_WRITE_KBD_OUTPUT: u8 = 0xd2;
+/// Put the next byte on port 0x60 in the output buffer, as if from the AUX device
+/// (Linux's AUX loop test).
+const CMD_WRITE_AUX_OUTPUT: u8 = 0xd3;
+/// Send the next byte on port 0x60 to the AUX device.
+const CMD_WRITE_AUX: u8 = 0xd4;
+/// Pulse the CPU reset line.
+const CMD_RESET_CPU: u8 = 0xfe;
 
-impl Trigger for ResetTrigger {
-    type E = Infallible;
+/// The self-test's success answer.
+const SELF_TEST_OK: u8 = 0x55;
+/// The AUX interface test's answer: 2, "clock line stuck high", an error, since there
+/// is no AUX port (Linux takes any answer but 0x00, 0xFA and 0xFF as no AUX port).
+const AUX_TEST_NO_PORT: u8 = 0x02;
+/// The keyboard interface test's answer: no error.
+const KBD_TEST_OK: u8 = 0x00;
 
-    fn trigger(&self) -> Result<(), Infallible> {
-        log::info!("guest requested a reset through the i8042; ending the VM");
-        self.0.request(ExitRequest::Reset);
-        Ok(())
+// Status register bits (port 0x64).
+/// Output buffer full: a byte waits on port 0x60.
+const STATUS_OUTPUT_FULL: u8 = 1 << 0;
+/// System flag: the controller passed its power-on self-test.
+const STATUS_SYSTEM_FLAG: u8 = 1 << 2;
+/// The last byte written went to the command port (not the data port).
+const STATUS_LAST_WAS_COMMAND: u8 = 1 << 3;
+/// Keyboard not inhibited by the key lock (Linux warns "Keylock active" without it).
+const STATUS_UNLOCKED: u8 = 1 << 4;
+
+// CTR bits.
+/// System flag, as in the status register.
+const CTR_SYSTEM_FLAG: u8 = 1 << 2;
+/// Keyboard port disabled.
+const CTR_KBD_DISABLED: u8 = 1 << 4;
+/// AUX port disabled (its clock held low).
+const CTR_AUX_DISABLED: u8 = 1 << 5;
+/// Translate keyboard scan codes to set 1.
+const CTR_TRANSLATE: u8 = 1 << 6;
+/// The CTR at power-on: self-test passed, AUX port disabled (there is none),
+/// translation on, keyboard port enabled, and no interrupts (the controller has no
+/// interrupt line to raise).
+const CTR_INITIAL: u8 = CTR_SYSTEM_FLAG | CTR_AUX_DISABLED | CTR_TRANSLATE;
+/// The output port at power-on: reset line not asserted (bit 0) and A20 enabled (bit 1).
+const OUTPUT_PORT_INITIAL: u8 = 0b11;
+
+/// The controller's state; every guest access goes through it under one lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct State {
+    /// The controller configuration byte.
+    ctr: u8,
+    /// The output port, as last written (its lines are not wired to anything).
+    output_port: u8,
+    /// The byte waiting to be read from port 0x60, if any.
+    output: Option<u8>,
+    /// A command waiting for its parameter byte on port 0x60.
+    pending: Option<u8>,
+    /// Whether the last byte written went to port 0x64.
+    last_was_command: bool,
+}
+
+impl State {
+    fn new() -> Self {
+        State {
+            ctr: CTR_INITIAL,
+            output_port: OUTPUT_PORT_INITIAL,
+            output: None,
+            pending: None,
+            last_was_command: false,
+        }
+    }
+
+    fn status(&self) -> u8 {
+        let mut status = STATUS_SYSTEM_FLAG | STATUS_UNLOCKED;
+        if self.output.is_some() {
+            status |= STATUS_OUTPUT_FULL;
+        }
+        if self.last_was_command {
+            status |= STATUS_LAST_WAS_COMMAND;
+        }
+        status
+    }
+
+    /// Takes the byte in the output buffer; 0 when it is empty.
+    fn read_data(&mut self) -> u8 {
+        self.output.take().unwrap_or(0)
+    }
+
+    /// A byte written to port 0x64. Returns whether it was the reset command.
+    fn command(&mut self, command: u8) -> bool {
+        self.last_was_command = true;
+        // A new command abandons one still waiting for its parameter.
+        self.pending = None;
+        match command {
+            CMD_READ_CTR => self.output = Some(self.ctr),
+            CMD_READ_OUTPUT_PORT => self.output = Some(self.output_port),
+            CMD_WRITE_CTR
+            | CMD_WRITE_OUTPUT_PORT
+            | CMD_WRITE_KBD_OUTPUT
+            | CMD_WRITE_AUX_OUTPUT
+            | CMD_WRITE_AUX => self.pending = Some(command),
+            CMD_AUX_DISABLE => self.ctr |= CTR_AUX_DISABLED,
+            // There is no AUX port to enable: the CTR keeps saying it is disabled, as
+            // Linux's `i8042_toggle_aux` checks.
+            CMD_AUX_ENABLE => {}
+            CMD_AUX_TEST => self.output = Some(AUX_TEST_NO_PORT),
+            CMD_SELF_TEST => self.output = Some(SELF_TEST_OK),
+            CMD_KBD_TEST => self.output = Some(KBD_TEST_OK),
+            CMD_KBD_DISABLE => self.ctr |= CTR_KBD_DISABLED,
+            CMD_KBD_ENABLE => self.ctr &= !CTR_KBD_DISABLED,
+            CMD_RESET_CPU => return true,
+            other => log::debug!("i8042: ignoring unsupported command {other:#04x}"),
+        }
+        false
+    }
+
+    /// A byte written to port 0x60: a pending command's parameter, or a byte for the
+    /// keyboard.
+    fn data(&mut self, value: u8) {
+        self.last_was_command = false;
+        match self.pending.take() {
+            Some(CMD_WRITE_CTR) => self.ctr = value,
+            Some(CMD_WRITE_OUTPUT_PORT) => self.output_port = value,
+            // With no AUX port, the AUX loop's byte comes back as keyboard data (the
+            // status register's AUX bit stays clear), which Linux's loop test reads as
+            // "no AUX port".
+            Some(CMD_WRITE_KBD_OUTPUT | CMD_WRITE_AUX_OUTPUT) => self.output = Some(value),
+            Some(_) => log::trace!("i8042: dropping {value:#04x} for the absent AUX device"),
+            // No keyboard is emulated: nothing answers.
+            None => log::trace!("i8042: ignoring keyboard byte {value:#04x}"),
+        }
     }
 }
 
 /// The i8042 keyboard controller, reduced to what a VMM needs: writing the reset
 /// command `0xFE` to port `0x64` (bus offset 4) ends the VM cleanly through
-/// [`ExitSignal::request`]`(`[`ExitRequest::Reset`]`)`.
+/// [`ExitSignal::request`]`(`[`ExitRequest::Reset`]`)`, and the commands Linux's
+/// driver probes with are answered at once.
 ///
 /// Insert it at [`I8042_PORT`] with length [`I8042_PORT_SIZE`]; the bus offset is
-/// `port - 0x60`, which is the offset vm-superio's `I8042Device` expects. Every other
-/// write is ignored and every register reads as 0 (no data, controller idle). An access
-/// wider than a byte uses its first byte; the other bytes of a read stay all ones.
+/// `port - 0x60`. Commands written to port `0x64`:
+///
+/// | command | what it does |
+/// |---|---|
+/// | `0x20` | the CTR (controller configuration byte) into the output buffer |
+/// | `0x60` | the next byte written to port `0x60` becomes the CTR |
+/// | `0xA7` | disables the AUX port (sets CTR bit 5) |
+/// | `0xA8` | nothing: there is no AUX port, CTR bit 5 stays set |
+/// | `0xA9` | AUX interface test: answers `0x02`, an error (no AUX port) |
+/// | `0xAA` | self-test: answers `0x55` (passed) |
+/// | `0xAB` | keyboard interface test: answers `0x00` (passed) |
+/// | `0xAD`, `0xAE` | disables, enables the keyboard port (CTR bit 4) |
+/// | `0xD0` | the output port into the output buffer |
+/// | `0xD1` | the next byte on port `0x60` becomes the output port (lines not wired) |
+/// | `0xD2` | the next byte on port `0x60` comes back as keyboard data |
+/// | `0xD3` | AUX loop: the same, as keyboard data too (there is no AUX port) |
+/// | `0xD4` | the next byte on port `0x60` goes to the AUX device: dropped |
+/// | `0xFE` | pulses the reset line: ends the VM ([`ExitRequest::Reset`]) |
+///
+/// Other commands are ignored, and so is a byte on port `0x60` that no command waits
+/// for (it would go to the keyboard, which is not emulated). The CTR starts as `0x64`:
+/// system flag, AUX port disabled, scan-code translation, no interrupts (the controller
+/// raises none).
+///
+/// Reading port `0x64` gives the status register: output buffer full (bit 0) while an
+/// answer waits, the system flag (bit 2), whether the last write went to port `0x64`
+/// (bit 3), and the key lock open (bit 4); never input buffer full, since every write
+/// is handled at once, and never AUX data. Reading port `0x60` takes the answer (0 when
+/// there is none). Ports `0x61`-`0x63` read as 0 and ignore writes. An access wider
+/// than a byte uses its first byte; the other bytes of a read are all ones.
+///
+/// ```
+/// use std::sync::Arc;
+/// use ember_bus::BusDevice;
+/// use ember_devices::{ExitRequest, ExitSignal, I8042};
+///
+/// let exit = Arc::new(ExitSignal::new()?);
+/// let i8042 = I8042::new(Arc::clone(&exit))?;
+/// let mut byte = [0u8];
+/// // Read the CTR: command 0x20 on port 0x64, then the answer on port 0x60.
+/// i8042.write(4, &[0x20]);
+/// i8042.read(4, &mut byte);
+/// assert_eq!(byte[0] & 1, 1, "output buffer full");
+/// i8042.read(0, &mut byte);
+/// assert_eq!(byte, [0x64]);
+/// // Reset.
+/// i8042.write(4, &[0xfe]);
+/// assert_eq!(exit.requested(), Some(ExitRequest::Reset));
+/// # Ok::<(), ember_devices::DeviceError>(())
+/// ```
 pub struct I8042 {
-    device: Mutex<I8042Device<ResetTrigger>>,
+    state: Mutex<State>,
+    exit: Arc<ExitSignal>,
 }
 
 impl fmt::Debug for I8042 {
@@ -56,41 +258,47 @@ impl I8042 {
     /// Creates the controller; a guest reset will be reported on `exit`.
     pub fn new(exit: Arc<ExitSignal>) -> Result<Self, DeviceError> {
         Ok(I8042 {
-            device: Mutex::new(I8042Device::new(ResetTrigger(exit))),
+            state: Mutex::new(State::new()),
+            exit,
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, I8042Device<ResetTrigger>> {
-        self.device.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
-
-/// Maps a bus offset to an i8042 offset, if it is inside the device.
-fn register(offset: u64) -> Option<u8> {
-    u8::try_from(offset)
-        .ok()
-        .filter(|&reg| u64::from(reg) < I8042_PORT_SIZE)
 }
 
 impl BusDevice for I8042 {
     fn read(&self, offset: u64, data: &mut [u8]) {
-        let Some(reg) = register(offset) else {
+        data.fill(0xff);
+        if offset >= I8042_PORT_SIZE {
+            return;
+        }
+        let Some(first) = data.first_mut() else {
             return;
         };
-        if let Some(first) = data.first_mut() {
-            *first = self.lock().read(reg);
-        }
+        *first = match offset {
+            DATA_OFFSET => self.lock().read_data(),
+            COMMAND_OFFSET => self.lock().status(),
+            _ => 0,
+        };
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
-        let (Some(reg), Some(&value)) = (register(offset), data.first()) else {
+        let Some(&value) = data.first() else {
             return;
         };
-        if offset != COMMAND_OFFSET {
-            log::trace!("i8042: ignoring write of {value:#04x} at offset {offset}");
+        match offset {
+            DATA_OFFSET => self.lock().data(value),
+            COMMAND_OFFSET => {
+                let reset = self.lock().command(value);
+                if reset {
+                    log::info!("guest requested a reset through the i8042; ending the VM");
+                    self.exit.request(ExitRequest::Reset);
+                }
+            }
+            _ => log::trace!("i8042: ignoring write of {value:#04x} at offset {offset}"),
         }
-        // The trigger is infallible.
-        let _ = self.lock().write(reg, value);
     }
 }
 
@@ -101,6 +309,8 @@ mod tests {
     use ember_bus::{Bus, BusKind};
 
     const BASE: u64 = I8042_PORT as u64;
+    const DATA: u64 = 0x60;
+    const CMD: u64 = 0x64;
 
     fn setup() -> (Bus, Arc<ExitSignal>) {
         let exit = Arc::new(ExitSignal::new().unwrap());
@@ -110,10 +320,36 @@ mod tests {
         (bus, exit)
     }
 
+    fn read(bus: &Bus, port: u64) -> u8 {
+        let mut byte = [0xaa];
+        bus.read(port, &mut byte).unwrap();
+        byte[0]
+    }
+
+    fn status(bus: &Bus) -> u8 {
+        read(bus, CMD)
+    }
+
+    /// Linux's `__i8042_command`: the command, its parameters, then for each answer
+    /// a wait for "output buffer full" (here: it must already be set) and a read.
+    fn command(bus: &Bus, cmd: u8, params: &[u8], answers: usize) -> Vec<u8> {
+        assert_eq!(status(bus) & 0x02, 0, "input buffer never full");
+        bus.write(CMD, &[cmd]).unwrap();
+        for &p in params {
+            bus.write(DATA, &[p]).unwrap();
+        }
+        (0..answers)
+            .map(|_| {
+                assert_ne!(status(bus) & 0x01, 0, "answer to {cmd:#04x} waiting");
+                read(bus, DATA)
+            })
+            .collect()
+    }
+
     #[test]
     fn reset_command_requests_reset() {
         let (bus, exit) = setup();
-        bus.write(0x64, &[0xfe]).unwrap();
+        bus.write(CMD, &[0xfe]).unwrap();
         assert_eq!(exit.requested(), Some(ExitRequest::Reset));
         assert_eq!(exit.event_fd().read().unwrap(), 1);
     }
@@ -124,15 +360,22 @@ mod tests {
         bus.write(0x63, &[0xfe, 0xfe]).unwrap(); // offset 3: not the command port
         assert_eq!(exit.requested(), None);
         // Bus rejects 0x64 + 2 bytes (outside the range), so only 1-byte at 0x64 works.
-        assert!(bus.write(0x64, &[0xfe, 0]).is_err());
+        assert!(bus.write(CMD, &[0xfe, 0]).is_err());
         assert_eq!(exit.requested(), None);
+        // Directly, a wide write at the command port uses its first byte.
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let dev = I8042::new(Arc::clone(&exit)).unwrap();
+        dev.write(COMMAND_OFFSET, &[0xfe, 0, 0, 0]);
+        assert_eq!(exit.requested(), Some(ExitRequest::Reset));
     }
 
     #[test]
     fn other_commands_and_ports_do_not_reset() {
         let (bus, exit) = setup();
-        for value in [0x00, 0xaa, 0xad, 0xd1, 0xff, 0xfd] {
-            bus.write(0x64, &[value]).unwrap();
+        for value in 0..=u8::MAX {
+            if value != 0xfe {
+                bus.write(CMD, &[value]).unwrap();
+            }
         }
         for port in 0x60..0x64 {
             bus.write(port, &[0xfe]).unwrap();
@@ -142,14 +385,159 @@ mod tests {
     }
 
     #[test]
-    fn registers_read_zero() {
+    fn idle_status_and_registers() {
         let (bus, _exit) = setup();
-        let mut byte = [0xffu8];
-        bus.read(0x64, &mut byte).unwrap();
-        assert_eq!(byte, [0]);
+        // System flag and key lock open; nothing to read, nothing being written.
+        assert_eq!(status(&bus), 0x14);
+        assert_eq!(read(&bus, DATA), 0, "empty output buffer reads 0");
+        for port in 0x61..0x64 {
+            assert_eq!(read(&bus, port), 0);
+        }
         let mut word = [0u8; 4];
-        bus.read(0x60, &mut word).unwrap();
+        bus.read(DATA, &mut word).unwrap();
         assert_eq!(word, [0, 0xff, 0xff, 0xff]);
+    }
+
+    #[test]
+    fn read_ctr() {
+        let (bus, _exit) = setup();
+        assert_eq!(command(&bus, 0x20, &[], 1), [0x64]);
+        // Reading the answer empties the output buffer; the command bit stays.
+        assert_eq!(status(&bus), 0x14 | 0x08);
+        // Twice in a row, the same byte (Linux wants two equal reads).
+        assert_eq!(command(&bus, 0x20, &[], 1), [0x64]);
+        // Until read, the answer waits and the status says so.
+        bus.write(CMD, &[0x20]).unwrap();
+        assert_eq!(status(&bus), 0x14 | 0x08 | 0x01);
+        assert_eq!(read(&bus, DATA), 0x64);
+        assert_eq!(read(&bus, DATA), 0, "read once");
+    }
+
+    #[test]
+    fn write_ctr() {
+        let (bus, _exit) = setup();
+        assert_eq!(command(&bus, 0x60, &[0x47], 0), []);
+        assert_eq!(status(&bus) & 0x08, 0, "last write went to the data port");
+        assert_eq!(command(&bus, 0x20, &[], 1), [0x47]);
+        // Only the byte right after the command is the CTR.
+        bus.write(DATA, &[0x11]).unwrap();
+        assert_eq!(command(&bus, 0x20, &[], 1), [0x47]);
+        // A command in between abandons the write.
+        bus.write(CMD, &[0x60]).unwrap();
+        bus.write(CMD, &[0xad]).unwrap();
+        bus.write(DATA, &[0x00]).unwrap();
+        assert_eq!(command(&bus, 0x20, &[], 1), [0x47 | 0x10]);
+    }
+
+    #[test]
+    fn self_test_and_keyboard_test() {
+        let (bus, _exit) = setup();
+        assert_eq!(command(&bus, 0xaa, &[], 1), [0x55]);
+        assert_eq!(command(&bus, 0xab, &[], 1), [0x00]);
+        assert_eq!(command(&bus, 0x20, &[], 1), [0x64], "CTR unchanged");
+    }
+
+    #[test]
+    fn keyboard_port_enable_and_disable() {
+        let (bus, _exit) = setup();
+        command(&bus, 0xad, &[], 0);
+        assert_eq!(command(&bus, 0x20, &[], 1), [0x74]);
+        command(&bus, 0xae, &[], 0);
+        assert_eq!(command(&bus, 0x20, &[], 1), [0x64]);
+    }
+
+    #[test]
+    fn aux_port_is_absent() {
+        let (bus, _exit) = setup();
+        // 0xA8 cannot enable what is not there; 0xA7 disables it.
+        command(&bus, 0x60, &[0x04], 0);
+        command(&bus, 0xa8, &[], 0);
+        assert_eq!(command(&bus, 0x20, &[], 1), [0x04]);
+        command(&bus, 0xa7, &[], 0);
+        assert_eq!(command(&bus, 0x20, &[], 1), [0x24]);
+        command(&bus, 0xa8, &[], 0);
+        assert_eq!(command(&bus, 0x20, &[], 1), [0x24], "AUX stays disabled");
+        // The interface test reports an error.
+        assert_eq!(command(&bus, 0xa9, &[], 1), [0x02]);
+        // The AUX device gets nothing and answers nothing.
+        command(&bus, 0xd4, &[0xff], 0);
+        assert_eq!(status(&bus) & 0x01, 0);
+    }
+
+    /// `i8042_check_aux`'s first steps: the AUX loop test must fail at once (an answer
+    /// without the AUX bit), then the AUX interface test must report an error.
+    #[test]
+    fn linux_aux_probe_fails_fast() {
+        let (bus, _exit) = setup();
+        bus.write(CMD, &[0xd3]).unwrap();
+        bus.write(DATA, &[0x5a]).unwrap();
+        let st = status(&bus);
+        assert_ne!(st & 0x01, 0, "an answer, so no timeout");
+        assert_eq!(
+            st & 0x20,
+            0,
+            "not from the AUX port: Linux's loop test fails"
+        );
+        // Linux leaves that byte unread and sends the interface test, whose answer
+        // replaces it.
+        assert_eq!(command(&bus, 0xa9, &[], 1), [0x02]);
+        assert_eq!(status(&bus) & 0x01, 0);
+    }
+
+    #[test]
+    fn output_port_and_keyboard_output() {
+        let (bus, _exit) = setup();
+        assert_eq!(command(&bus, 0xd0, &[], 1), [0x03]);
+        command(&bus, 0xd1, &[0xdd], 0);
+        assert_eq!(command(&bus, 0xd0, &[], 1), [0xdd]);
+        assert_eq!(command(&bus, 0xd2, &[0x9c], 1), [0x9c]);
+    }
+
+    /// The commands Linux 6.1 sends from `i8042_init` to the end of
+    /// `i8042_check_aux`, in order, with the answers it needs to go on without a
+    /// timeout.
+    #[test]
+    fn linux_probe_sequence() {
+        let (bus, exit) = setup();
+        // i8042_controller_check: flush (nothing waiting).
+        assert_eq!(status(&bus) & 0x01, 0);
+        // i8042_controller_init: two equal CTR reads, the key lock open, CTR write.
+        let ctr = command(&bus, 0x20, &[], 1)[0];
+        assert_eq!(command(&bus, 0x20, &[], 1)[0], ctr);
+        assert_ne!(status(&bus) & 0x10, 0, "no 'Keylock active' warning");
+        let ctr = (ctr | 0x10) & !0x01;
+        command(&bus, 0x60, &[ctr], 0);
+        // i8042_check_aux: loop test (fails at once), interface test (error).
+        bus.write(CMD, &[0xd3]).unwrap();
+        bus.write(DATA, &[0x5a]).unwrap();
+        assert_eq!(status(&bus) & 0x21, 0x01);
+        assert_eq!(command(&bus, 0xa9, &[], 1), [0x02]);
+        // i8042_controller_reset on a failed probe: restore the CTR.
+        command(&bus, 0x60, &[0x64], 0);
+        assert_eq!(command(&bus, 0x20, &[], 1), [0x64]);
+        assert_eq!(exit.requested(), None);
+    }
+
+    #[test]
+    fn odd_widths_and_offsets() {
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let dev = I8042::new(Arc::clone(&exit)).unwrap();
+        dev.write(COMMAND_OFFSET, &[]);
+        dev.write(DATA_OFFSET, &[]);
+        dev.write(I8042_PORT_SIZE, &[0xfe]);
+        dev.write(u64::MAX, &[0xfe]);
+        let mut empty = [];
+        dev.read(COMMAND_OFFSET, &mut empty);
+        let mut byte = [0xaa];
+        dev.read(u64::MAX, &mut byte);
+        assert_eq!(byte, [0xff], "outside the device: all ones");
+        assert_eq!(exit.requested(), None);
+        // A wide command write uses its first byte; a wide read returns it first.
+        dev.write(COMMAND_OFFSET, &[0x20, 0xfe]);
+        let mut wide = [0u8; 8];
+        dev.read(DATA_OFFSET, &mut wide);
+        assert_eq!(wide, [0x64, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(exit.requested(), None);
     }
 
     #[test]

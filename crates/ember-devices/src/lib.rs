@@ -1,5 +1,6 @@
 //! Devices for Ember virtual machine monitors. Legacy PC devices: a 16550A serial port,
-//! an i8042 controller that turns the guest's reset into a clean exit, debug-exit and
+//! an i8042 controller that turns the guest's reset into a clean exit, the ACPI
+//! shutdown register a hardware-reduced guest powers off through, debug-exit and
 //! boot-done ports, and setup of KVM's in-kernel interrupt controllers and PIT. Virtio
 //! devices ([`virtio`]): block on a raw image, net on a tap, and an entropy source, each
 //! an [`ember_virtio::VirtioDevice`] served by a worker thread of its own.
@@ -48,12 +49,13 @@
 //! ```
 //!
 //! Modules, one concept each: [`exit`] (how devices ask the VMM to end the VM),
-//! [`irq`] (eventfd interrupt lines), [`serial`], [`i8042`], [`debug_exit`],
-//! [`boot_done`], [`irqchip`] (KVM's in-kernel PIC/IOAPIC/LAPIC and PIT), [`virtio`]
-//! (virtio-blk, virtio-net with its tap, virtio-rng) and [`error`].
+//! [`irq`] (eventfd interrupt lines), [`serial`], [`i8042`], [`acpi_shutdown`],
+//! [`debug_exit`], [`boot_done`], [`irqchip`] (KVM's in-kernel PIC/IOAPIC/LAPIC and
+//! PIT), [`virtio`] (virtio-blk, virtio-net with its tap, virtio-rng) and [`error`].
 
 #![deny(missing_docs)]
 
+pub mod acpi_shutdown;
 pub mod boot_done;
 pub mod debug_exit;
 pub mod error;
@@ -68,6 +70,9 @@ pub mod virtio;
 #[cfg(test)]
 mod testutil;
 
+pub use acpi_shutdown::{
+    AcpiShutdown, ACPI_RESET_VALUE, ACPI_SHUTDOWN_PORT, ACPI_SHUTDOWN_PORT_SIZE, S5_SLEEP_TYPE,
+};
 pub use boot_done::{BootDone, BOOT_DONE_MAGIC, BOOT_DONE_PORT, BOOT_DONE_PORT_SIZE};
 pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_SIZE};
 pub use error::DeviceError;

@@ -16,6 +16,8 @@ const ECX_CX16: u32 = 1 << 13;
 const ECX_XSAVE: u32 = 1 << 26;
 /// CPUID.1:ECX bit 28: AVX.
 const ECX_AVX: u32 = 1 << 28;
+/// CPUID.(7,0):ECX bit 16: 57-bit linear addresses (5-level paging).
+const ECX_LA57: u32 = 1 << 16;
 
 /// Where the kernel exposes that KVM runs nested on the PVM hypervisor, which emulates
 /// guest kernel-mode code instruction by instruction.
@@ -84,6 +86,8 @@ pub enum CpuTemplate {
     /// | `clearcpuid=smap` | `clac` in the user-access helpers |
     /// | `clearcpuid=` smep, pku, fsgsbase, invpcid, pcid, rdpid, umip, rdseed, rdrand, clflushopt, clwb, sse4_1, sse4_2, ssse3, aes, pclmulqdq, avx, avx2 | features whose instructions the emulator lacks or very likely lacks (SSE4/AVX/AES-NI were seen to fail as a class: `xorps` failed at CPL0); with this list, the run that went furthest brought both vCPUs up. Not each one was seen failing alone |
     /// | [instruction fallback](crate::fallback) on | `int3` (Linux's alternatives self-test, run-time text patching) and `fwait` (x87 is baseline, cannot be hidden) |
+    /// | [syscall trap](crate::syscall_trap) on | `syscall` from user mode stays at CPL3 on this host: init's first system call faults at `entry_SYSCALL_64` (`segfault at ffffffff81c00080 ... error 15`) and the kernel panics |
+    /// | CPUID: LA57 hidden, kernel parameter `nopti` | what the syscall trap needs: 4-level paging (its PML4 slot) and one PML4 for user and kernel mode |
     ///
     /// Linux applies about 20 names from one `clearcpuid=` list, which is why the list
     /// stops at 20.
@@ -139,7 +143,7 @@ impl CpuTemplate {
     pub fn kernel_params(self) -> &'static [&'static str] {
         match self {
             CpuTemplate::Host => &[],
-            CpuTemplate::NestedCompat => &["noxsave", NESTED_CLEARCPUID],
+            CpuTemplate::NestedCompat => &["noxsave", NESTED_CLEARCPUID, "nopti"],
         }
     }
 
@@ -153,6 +157,22 @@ impl CpuTemplate {
     /// assert!(!CpuTemplate::Host.instruction_fallback());
     /// ```
     pub fn instruction_fallback(self) -> bool {
+        self == CpuTemplate::NestedCompat
+    }
+
+    /// Whether the VMM should turn on the [syscall trap](crate::syscall_trap)
+    /// ([`SyscallTrap::new`](crate::syscall_trap::SyscallTrap::new),
+    /// [`Vcpu::set_syscall_trap`](crate::Vcpu::set_syscall_trap)): on for
+    /// [`CpuTemplate::NestedCompat`], whose hosts run a user-mode `syscall` without the
+    /// switch to CPL0 (a Linux guest's first system call faults at its entry point, so
+    /// init dies and the kernel panics); off on hardware KVM, where `syscall` works.
+    ///
+    /// ```
+    /// use ember_vcpu::cpuid::CpuTemplate;
+    /// assert!(CpuTemplate::NestedCompat.syscall_trap());
+    /// assert!(!CpuTemplate::Host.syscall_trap());
+    /// ```
+    pub fn syscall_trap(self) -> bool {
         self == CpuTemplate::NestedCompat
     }
 
@@ -174,6 +194,9 @@ impl CpuTemplate {
         for e in cpuid.as_mut_slice() {
             if e.function == 1 {
                 e.ecx &= !(ECX_CX16 | ECX_XSAVE | ECX_AVX);
+            }
+            if e.function == 7 && e.index == 0 {
+                e.ecx &= !ECX_LA57;
             }
         }
     }
@@ -406,6 +429,31 @@ mod tests {
         assert!(names.iter().all(|n| !n.is_empty() && !n.contains(' ')));
         let (_, why) = CpuTemplate::detect();
         assert!(!why.is_empty());
+    }
+
+    #[test]
+    fn nested_compat_prepares_for_the_syscall_trap() {
+        let mut cpuid = CpuId::new(0).unwrap();
+        for index in [0, 1] {
+            cpuid
+                .push(kvm_cpuid_entry2 {
+                    function: 7,
+                    index,
+                    ecx: u32::MAX,
+                    ..Default::default()
+                })
+                .unwrap();
+        }
+        CpuTemplate::NestedCompat.apply(&mut cpuid);
+        assert_eq!(leaf(&cpuid, 7, 0).ecx, !ECX_LA57, "LA57 hidden");
+        assert_eq!(
+            leaf(&cpuid, 7, 1).ecx,
+            u32::MAX,
+            "other subleaves untouched"
+        );
+        assert!(CpuTemplate::NestedCompat.kernel_params().contains(&"nopti"));
+        assert!(CpuTemplate::NestedCompat.syscall_trap());
+        assert!(!CpuTemplate::Host.syscall_trap());
     }
 
     #[test]

@@ -162,6 +162,9 @@ pub enum VcpuError {
         /// The first words of `internal.data`.
         data: [u64; 4],
     },
+    /// The [syscall trap](crate::syscall_trap) could not be set up.
+    #[error("syscall trap: {0}")]
+    SyscallTrap(#[from] crate::syscall_trap::SyscallTrapError),
     /// KVM returned an exit this run loop does not handle.
     #[error("vCPU {vcpu}: unexpected KVM exit {exit}")]
     UnexpectedExit {

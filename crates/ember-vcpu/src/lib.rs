@@ -14,6 +14,10 @@
 //!   hosts whose KVM cannot emulate some guest kernel instructions (`int3` and `fwait`
 //!   on nested PVM), the run loop completes them itself with their architectural
 //!   effect, and counts each.
+//! * **Syscall trap** ([`syscall_trap`], [`Vcpu::set_syscall_trap`]): on hosts where a
+//!   64-bit `syscall` from guest user mode does not reach CPL0 (nested PVM), the run
+//!   loop finishes it through an MSR filter on MSR_LSTAR and a trap page, so the guest
+//!   kernel's system call entry runs; counted as `syscall-trap` exits.
 //! * **Stopping** ([`RunningVcpu::stop`]) from any thread, race-free (see [`kick`]).
 //! * **Counting** exits per reason ([`ExitStats`]) and, opt-in
 //!   ([`Vcpu::enable_exit_timing`]), timing them: a log2 histogram per exit reason of the
@@ -74,6 +78,7 @@ pub mod lapic;
 pub mod msrs;
 pub mod regs;
 mod stats;
+pub mod syscall_trap;
 mod vcpu;
 pub mod vm;
 

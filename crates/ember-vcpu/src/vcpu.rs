@@ -19,6 +19,7 @@ use crate::clock::ExitClock;
 use crate::fallback::{self, Completion, FallbackInstruction, GuestState, Resolution};
 use crate::kick::{install_kick_handler, kick_signal, KickTarget};
 use crate::regs::BootRegs;
+use crate::syscall_trap::{SyscallTrap, VcpuTrap};
 use crate::{cpuid, lapic, msrs, regs, ExitKind, ExitStats, InstructionBytes, VcpuError};
 
 /// EFER.LMA: long mode active.
@@ -26,6 +27,9 @@ const EFER_LMA: u64 = 1 << 10;
 /// x86's longest instruction.
 const MAX_INSTRUCTION_LEN: usize = 15;
 const PAGE_SIZE: u64 = 4096;
+/// `Vcpu::syscall_trap_page` with the trap off: not page-aligned, so no masked address
+/// equals it.
+const NO_TRAP_PAGE: u64 = u64::MAX;
 
 /// What the [instruction fallback](crate::fallback) did with an emulation failure.
 enum FallbackResult {
@@ -70,6 +74,8 @@ pub enum VcpuOutcome {
 enum Pending {
     Done,
     Io,
+    /// A guest `wrmsr` for the [syscall trap](crate::syscall_trap).
+    Wrmsr,
 }
 
 /// One vCPU of a VM, with the buses its exits go to.
@@ -91,6 +97,11 @@ pub struct Vcpu {
     timed_exit: Option<(ExitKind, u64)>,
     /// Whether emulation failures go through the [instruction fallback](crate::fallback).
     fallback: bool,
+    /// The [syscall trap](crate::syscall_trap)'s per-vCPU state, when it is on.
+    syscall_trap: Option<VcpuTrap>,
+    /// The guest-physical page of the trap's stores, or [`NO_TRAP_PAGE`]: the MMIO-write
+    /// path pays one mask and one compare for the trap.
+    syscall_trap_page: u64,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -126,6 +137,8 @@ impl Vcpu {
             timer: None,
             timed_exit: None,
             fallback: false,
+            syscall_trap: None,
+            syscall_trap_page: NO_TRAP_PAGE,
         })
     }
 
@@ -137,6 +150,33 @@ impl Vcpu {
     /// ([`CpuTemplate::instruction_fallback`](crate::cpuid::CpuTemplate::instruction_fallback)).
     pub fn set_instruction_fallback(&mut self, on: bool) {
         self.fallback = on;
+    }
+
+    /// Turns the [syscall trap](crate::syscall_trap) on, with the VM's [`SyscallTrap`],
+    /// or off (`None`, the default). With it on, the guest's `rdmsr`/`wrmsr` of
+    /// MSR_LSTAR (which the VM's MSR filter sends to the VMM) are handled by the run
+    /// loop and counted as [`ExitKind::Msr`], and a `syscall` from guest user mode, which
+    /// lands on the trap, is completed into the guest kernel's entry and counted as
+    /// [`ExitKind::SyscallTrap`]. Once [`SyscallTrap::new`] has set the filter, every
+    /// vCPU of the VM needs the trap on (their MSR_LSTAR accesses exit). Turn it on where
+    /// the host needs it ([`CpuTemplate::syscall_trap`](crate::cpuid::CpuTemplate::syscall_trap)).
+    ///
+    /// With the trap on, each exit also carries the vCPU's registers and system
+    /// registers in `kvm_run` (`KVM_CAP_SYNC_REGS`), and the run loop hands the changes
+    /// it makes for a system call back that way: they reach KVM with the next `KVM_RUN`.
+    pub fn set_syscall_trap(&mut self, trap: Option<Arc<SyscallTrap>>) {
+        match trap {
+            Some(trap) => {
+                self.syscall_trap_page = trap.mmio_page().0;
+                self.syscall_trap = Some(VcpuTrap::new(trap, &mut self.fd));
+            }
+            None => {
+                if self.syscall_trap.take().is_some() {
+                    VcpuTrap::detach(&mut self.fd);
+                }
+                self.syscall_trap_page = NO_TRAP_PAGE;
+            }
+        }
     }
 
     /// Turns on exit timing: from now on, the time from each `KVM_RUN` return to the
@@ -263,6 +303,11 @@ impl Vcpu {
         let (kind, pending) = match exit {
             Ok(VcpuExit::IoOut(..)) => (ExitKind::IoOut, Pending::Io),
             Ok(VcpuExit::IoIn(..)) => (ExitKind::IoIn, Pending::Io),
+            Ok(VcpuExit::MmioWrite(addr, _))
+                if addr & !(PAGE_SIZE - 1) == self.syscall_trap_page =>
+            {
+                (self.enter_syscall_trap(addr)?, Pending::Done)
+            }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 // An unclaimed access is counted by the bus; the guest goes on.
                 let _ = self.mmio.write(addr, data);
@@ -312,6 +357,15 @@ impl Vcpu {
                     }
                 }
             }
+            Ok(VcpuExit::X86Rdmsr(msr)) if self.syscall_trap.is_some() => {
+                if let Some(trap) = &self.syscall_trap {
+                    trap.rdmsr(msr.index, msr.data, msr.error);
+                }
+                (ExitKind::Msr, Pending::Done)
+            }
+            Ok(VcpuExit::X86Wrmsr(_)) if self.syscall_trap.is_some() => {
+                (ExitKind::Msr, Pending::Wrmsr)
+            }
             Ok(VcpuExit::Intr) => (ExitKind::Interrupted, Pending::Done),
             Ok(other) => {
                 self.stats.record(ExitKind::Other);
@@ -341,8 +395,10 @@ impl Vcpu {
             }
         };
         self.stats.record(kind);
-        if let Pending::Io = pending {
-            self.dispatch_io();
+        match pending {
+            Pending::Done => {}
+            Pending::Io => self.dispatch_io(),
+            Pending::Wrmsr => self.syscall_trap_wrmsr()?,
         }
         if let Some(at) = returned {
             self.timed_exit = Some((kind, at));
@@ -434,6 +490,26 @@ impl Vcpu {
             for chunk in data.chunks_exact_mut(size) {
                 let _ = self.pio.read(port, chunk);
             }
+        }
+    }
+
+    /// A store to the [syscall trap](crate::syscall_trap)'s page: a system call to
+    /// complete, or a fault to raise. Cold: only system calls get here.
+    #[cold]
+    fn enter_syscall_trap(&mut self, addr: u64) -> Result<ExitKind, VcpuError> {
+        match &self.syscall_trap {
+            Some(trap) => trap.enter(&mut self.fd, addr),
+            None => Ok(ExitKind::MmioWrite),
+        }
+    }
+
+    /// The guest wrote an MSR the [syscall trap](crate::syscall_trap)'s filter sends
+    /// here (MSR_LSTAR): a few times per vCPU, at boot.
+    #[cold]
+    fn syscall_trap_wrmsr(&mut self) -> Result<(), VcpuError> {
+        match self.syscall_trap.as_mut() {
+            Some(trap) => trap.wrmsr(&mut self.fd, &self.mem, self.index),
+            None => Ok(()),
         }
     }
 

@@ -10,15 +10,16 @@ use std::time::Instant;
 use ember_boot::initrd::{copy_initrd, DEFAULT_INITRD_ADDR_MAX};
 use ember_boot::{
     configure_bzimage_boot, configure_linux_boot, configure_pvh_boot, load_bzimage, load_elf,
-    load_initrd_below, parse_bzimage, setup_acpi, setup_mptable, AcpiConfig, AcpiDevice, BootError,
-    Cmdline, CMDLINE_MAX_SIZE, HIMEM_START,
+    load_initrd_below, parse_bzimage, setup_acpi, setup_mptable, AcpiConfig, AcpiDevice,
+    AcpiShutdown as AcpiShutdownRegister, BootError, Cmdline, CMDLINE_MAX_SIZE, HIMEM_START,
 };
 use ember_bus::{Bus, BusError, BusKind};
 use ember_devices::virtio::{Block, BlockOptions, Net, Rng};
 use ember_devices::{
-    BootDone, DebugExit, DeviceError, ExitSignal, IrqLine, Serial, SerialOutput, BOOT_DONE_PORT,
+    AcpiShutdown, BootDone, DebugExit, DeviceError, ExitSignal, IrqLine, Serial, SerialOutput,
+    ACPI_RESET_VALUE, ACPI_SHUTDOWN_PORT, ACPI_SHUTDOWN_PORT_SIZE, BOOT_DONE_PORT,
     BOOT_DONE_PORT_SIZE, COM1_GSI, COM1_PORT, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_SIZE, I8042,
-    I8042_PORT, I8042_PORT_SIZE, SERIAL_PORT_SIZE,
+    I8042_PORT, I8042_PORT_SIZE, S5_SLEEP_TYPE, SERIAL_PORT_SIZE,
 };
 use ember_memory::{
     create_guest_memory, register_memory_slots, HugePages, MemoryError, MemoryLayout,
@@ -33,6 +34,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use ember_vcpu::cpuid::CpuTemplate;
+use ember_vcpu::syscall_trap::{SyscallTrap, RESERVED_PAGES};
 
 use crate::config::{
     CpuTemplateChoice, EntryChoice, KernelSource, SerialConfig, VmConfig, DEFAULT_CMDLINE,
@@ -40,6 +42,16 @@ use crate::config::{
 
 /// The demo guest, assembled by `build.rs` (see `ember_guests::demo`).
 pub const DEMO_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo-guest.elf"));
+
+/// Where the [syscall trap](ember_vcpu::syscall_trap) keeps its code page and page
+/// tables: the start of the range the boot layout leaves to the VMM, which the e820 map
+/// (and the PVH memory map) reports as reserved, so the guest never uses it.
+const SYSCALL_TRAP_PAGES: u64 = ember_boot::layout::VMM_RESERVED_START;
+const _: () = assert!(RESERVED_PAGES * 0x1000 <= ember_boot::layout::VMM_RESERVED_SIZE);
+/// The guest-physical page behind the syscall trap's data page, whose stores must exit:
+/// the start of the 32-bit MMIO hole, below the device window, where nothing lives.
+const SYSCALL_TRAP_MMIO: u64 = ember_memory::MMIO_HOLE_START;
+const _: () = assert!(SYSCALL_TRAP_MMIO < ember_memory::DEVICE_MMIO_START);
 
 /// Why a VM could not be built. Each message names what was wrong.
 #[derive(Debug, thiserror::Error)]
@@ -129,7 +141,7 @@ pub struct Vm {
     pub pio: Arc<Bus>,
     /// MMIO bus.
     pub mmio: Arc<Bus>,
-    /// Set by devices that end the VM (debug exit, i8042 reset).
+    /// Set by devices that end the VM (debug exit, i8042 reset, ACPI power-off).
     pub exit: Arc<ExitSignal>,
     /// COM1, for feeding it input.
     pub serial: Arc<Serial>,
@@ -302,13 +314,25 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
             t
         }
     };
+    if template.instruction_fallback() {
+        log::info!(
+            "instruction fallback on: the run loop completes int3 and fwait when this \
+             host's KVM cannot emulate them"
+        );
+    }
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BuildError::Cmdline)?;
     cmdline
         .insert_str(config.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE))
         .map_err(BuildError::Cmdline)?;
     if config.kernel != KernelSource::Demo {
         for param in template.kernel_params() {
-            if !cmdline.as_str().split(' ').any(|p| p == *param) {
+            // A parameter the user gave (by its name, for `name=value`) is left to them.
+            let name = param.split('=').next().unwrap_or(param);
+            let given = cmdline
+                .as_str()
+                .split(' ')
+                .any(|p| p == *param || p.split('=').next() == Some(name));
+            if !given {
                 log::info!(
                     "adding {param} to the kernel command line for CPU template {}",
                     template.name()
@@ -338,6 +362,34 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
         layout.ram_regions()
     );
     ember_devices::create_irqchip_and_pit(&vm)?;
+    // The syscall trap, where the host needs it: the VM's MSR filter, and the trap's code
+    // page in reserved memory. Without it, a Linux guest's first system call faults.
+    let syscall_trap = if template.syscall_trap() {
+        match SyscallTrap::new(
+            &vm,
+            &memory,
+            GuestAddress(SYSCALL_TRAP_PAGES),
+            GuestAddress(SYSCALL_TRAP_MMIO),
+        ) {
+            Ok(trap) => {
+                log::info!(
+                    "syscall trap on: the run loop completes user-mode syscalls this host's \
+                     KVM leaves at CPL3 (pages at {SYSCALL_TRAP_PAGES:#x}, MMIO page \
+                     {SYSCALL_TRAP_MMIO:#x})"
+                );
+                Some(trap)
+            }
+            Err(e) => {
+                log::warn!(
+                    "syscall trap unavailable ({e}): system calls from guest user mode \
+                     will fault on this host"
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
 
     // Legacy devices.
     let pio = Arc::new(Bus::new(BusKind::Pio));
@@ -357,6 +409,12 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
         I8042_PORT.into(),
         I8042_PORT_SIZE,
         Arc::new(I8042::new(exit.clone())?),
+    )?;
+    // The FADT's sleep control, sleep status and reset register (see `setup_acpi` below).
+    pio.insert(
+        ACPI_SHUTDOWN_PORT.into(),
+        ACPI_SHUTDOWN_PORT_SIZE,
+        Arc::new(AcpiShutdown::new(exit.clone())),
     )?;
     pio.insert(
         DEBUG_EXIT_PORT.into(),
@@ -434,6 +492,12 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
         &AcpiConfig {
             num_cpus,
             devices: &acpi_devices,
+            // Power-off (S5) and reset through the `AcpiShutdown` device.
+            shutdown: Some(AcpiShutdownRegister {
+                port: ACPI_SHUTDOWN_PORT,
+                s5_sleep_type: S5_SLEEP_TYPE,
+                reset_value: ACPI_RESET_VALUE,
+            }),
         },
     )
     .map_err(BuildError::Firmware)?;
@@ -463,6 +527,8 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
         if config.exit_stats {
             vcpu.enable_exit_timing();
         }
+        vcpu.set_instruction_fallback(template.instruction_fallback());
+        vcpu.set_syscall_trap(syscall_trap.clone());
         vcpu.set_cpuid(&supported, config.vcpus)?;
         vcpu.set_boot_msrs()?;
         vcpu.set_fpu()?;

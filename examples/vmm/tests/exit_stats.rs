@@ -183,7 +183,14 @@ fn exit_stats_counts_instructions_the_fallback_completed() {
     }
     // With the fallback off (the host template), this host stops on the first int3.
     if emulated {
-        let out = ember(&["--kernel", kernel, "--serial", "none", "--cpu-template", "host"]);
+        let out = ember(&[
+            "--kernel",
+            kernel,
+            "--serial",
+            "none",
+            "--cpu-template",
+            "host",
+        ]);
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert_eq!(out.status.code(), Some(1), "{err}");
         assert!(err.contains("int3"), "{err}");

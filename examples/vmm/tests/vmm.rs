@@ -308,14 +308,20 @@ fn unemulatable_instruction_names_it_and_says_what_to_try() {
     // Without the fallback this host stops on it, and ember says what to use.
     let out = ember(&["--kernel", kernel, "--cpu-template", "host"], b"");
     assert_one_error_line(&out, "at RIP 0x100001 (int3; bytes: cc");
-    assert_one_error_line(&out, "try: the instruction fallback completes this instruction");
+    assert_one_error_line(
+        &out,
+        "try: the instruction fallback completes this instruction",
+    );
     // An instruction the fallback leaves alone is still one clear error.
     let kernel = guest_kernel(&dir, "popcnt", |a| {
         a.nop()?;
         a.popcnt(rax, rax)
     });
     let out = ember(&["--kernel", kernel.to_str().unwrap()], b"");
-    assert_one_error_line(&out, "at RIP 0x100001 (popcnt rax,rax; bytes: f3 48 0f b8 c0");
+    assert_one_error_line(
+        &out,
+        "at RIP 0x100001 (popcnt rax,rax; bytes: f3 48 0f b8 c0",
+    );
     assert_one_error_line(&out, "clearcpuid=popcnt");
 }
 

@@ -4,9 +4,11 @@
 //! too small for them.
 //!
 //! Checked: failures write nothing; written ACPI tables have valid checksums (the RSDP
-//! and every table the XSDT lists, including the DSDT).
+//! and every table the XSDT lists, including the DSDT); with a shutdown register, the
+//! FADT's reset, sleep control and sleep status registers point at its port and the
+//! DSDT has `\_S5_`, and without one they are zero and it has none.
 
-use ember_boot::{setup_acpi, setup_mptable, AcpiConfig, AcpiDevice};
+use ember_boot::{setup_acpi, setup_mptable, AcpiConfig, AcpiDevice, AcpiShutdown};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::common::{any_page_written, tracked_memory, TrackedMemory};
@@ -14,11 +16,21 @@ use crate::{decode, input_struct};
 
 input_struct! {
     /// CPUs, `memory % 4` (16 MiB, or ending below the ACPI area, inside the MP table
-    /// area, inside the DSDT), the devices.
+    /// area, inside the DSDT), the shutdown register, the devices.
     pub struct TablesInput {
         pub num_cpus: u8,
         pub memory: u8,
+        pub shutdown: Option<Shutdown>,
         pub devices: Vec<Device>,
+    }
+}
+
+input_struct! {
+    /// An [`AcpiShutdown`]: any port, sleep type (valid up to 7) and reset value.
+    pub struct Shutdown {
+        pub port: u16,
+        pub s5_sleep_type: u8,
+        pub reset_value: u8,
     }
 }
 
@@ -58,6 +70,62 @@ fn read_u64(mem: &TrackedMemory, addr: u64) -> u64 {
     mem.read_obj(GuestAddress(addr)).expect("in memory")
 }
 
+/// The FADT's reset register (116), reset value (128), sleep control (244) and sleep
+/// status (256) registers, and `\_S5_` in the DSDT, against `shutdown`.
+fn check_shutdown(
+    mem: &TrackedMemory,
+    fadt: u64,
+    dsdt: u64,
+    dsdt_len: usize,
+    shutdown: Option<AcpiShutdown>,
+) {
+    let mut gas = [0u8; 12];
+    let mut aml = vec![0u8; dsdt_len];
+    mem.read_slice(&mut aml, GuestAddress(dsdt)).expect("DSDT");
+    let expected_gas = |port: u16| {
+        let mut g = [1u8, 8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0];
+        g[4..6].copy_from_slice(&port.to_le_bytes());
+        g
+    };
+    let mut reset_value = [0u8];
+    mem.read_slice(&mut reset_value, GuestAddress(fadt + 128))
+        .expect("FADT");
+    let flags = read_u32(mem, fadt + 112);
+    for offset in [116, 244, 256] {
+        mem.read_slice(&mut gas, GuestAddress(fadt + offset))
+            .expect("FADT");
+        match shutdown {
+            Some(s) => assert_eq!(gas, expected_gas(s.port), "FADT register at {offset}"),
+            None => assert_eq!(gas, [0; 12], "FADT register at {offset}"),
+        }
+    }
+    match shutdown {
+        Some(s) => {
+            assert_eq!(reset_value, [s.reset_value]);
+            assert_ne!(flags & 1 << 10, 0, "RESET_REG_SUP");
+            // Name (_S5_, Package (2) { SLP_TYP, Zero }).
+            let typ = match s.s5_sleep_type {
+                0 => vec![0x00],
+                1 => vec![0x01],
+                t => vec![0x0a, t],
+            };
+            let mut s5 = vec![0x08, b'_', b'S', b'5', b'_', 0x12, 3 + typ.len() as u8, 2];
+            s5.extend(typ);
+            s5.push(0);
+            assert_eq!(aml.get(36..36 + s5.len()), Some(&s5[..]), "\\_S5_ first");
+        }
+        None => {
+            assert_eq!(reset_value, [0]);
+            assert_eq!(flags & 1 << 10, 0, "RESET_REG_SUP");
+            // The AML is empty or starts with `Scope (\\_SB)`.
+            assert!(
+                matches!(aml.get(36), None | Some(0x10)),
+                "no \\_S5_ without a shutdown register"
+            );
+        }
+    }
+}
+
 /// The harness.
 pub fn run(data: &[u8]) {
     let Some(input) = decode::<TablesInput>(data) else {
@@ -89,9 +157,15 @@ pub fn run(data: &[u8]) {
             },
         })
         .collect();
+    let shutdown = input.shutdown.as_ref().map(|s| AcpiShutdown {
+        port: s.port,
+        s5_sleep_type: s.s5_sleep_type,
+        reset_value: s.reset_value,
+    });
     let config = AcpiConfig {
         num_cpus: input.num_cpus,
         devices: &devices,
+        shutdown,
     };
     let mem = memory(input.memory);
     match setup_acpi(&mem, &config) {
@@ -119,6 +193,7 @@ pub fn run(data: &[u8]) {
                     let dsdt = read_u64(&mem, table + 140);
                     let len = read_u32(&mem, dsdt + 4) as usize;
                     assert!(checksum_ok(&mem, dsdt, len), "DSDT checksum");
+                    check_shutdown(&mem, table, dsdt, len, shutdown);
                 }
             }
         }
