@@ -3,11 +3,12 @@
 #
 # Fetches Debian's stock cloud kernel once per machine, extracts the uncompressed ELF
 # vmlinux (for the PVH entry) from its bzImage, builds a small busybox initramfs whose
-# /init prints a marker line, signals Ember's boot-done port and reboots, and caches it all
+# /init prints a marker line, signals Ember's boot-done port and powers off, and caches it all
 # under ${EMBER_LINUX_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ember/linux}/<kernel version>/.
 #
 # stdout: KEY=path lines (absolute paths, shell-quoted, safe for eval):
 #   KERNEL_BZIMAGE=... KERNEL_VMLINUX=... INITRAMFS=... KERNEL_CONFIG=...
+#   BUSYBOX=... (Debian's static busybox, for tests that build their own initramfs)
 # stderr: progress log. Exit status non-zero with one "error:" line on any failure.
 #
 # Environment:
@@ -19,7 +20,7 @@
 set -Eeuo pipefail
 
 # Bump when the cache layout or the initramfs contents change: older caches are rebuilt.
-readonly FORMAT=2
+readonly FORMAT=4
 readonly META_PKG=linux-image-cloud-amd64
 readonly BUSYBOX_PKG=busybox-static
 readonly PROG=linux-guest.sh
@@ -48,7 +49,7 @@ CACHE_ROOT="${CACHE_ROOT%/}"
 # cache_complete DIR: DIR holds a finished cache of the current FORMAT.
 cache_complete() {
     local dir=$1 f
-    for f in bzImage vmlinux initramfs.cpio config VERSION; do
+    for f in bzImage vmlinux initramfs.cpio config busybox VERSION; do
         [[ -s "$dir/$f" ]] || return 1
     done
     grep -qx "FORMAT=$FORMAT" "$dir/VERSION" || return 1
@@ -61,6 +62,7 @@ print_paths() {
     printf 'KERNEL_VMLINUX=%q\n' "$dir/vmlinux"
     printf 'INITRAMFS=%q\n' "$dir/initramfs.cpio"
     printf 'KERNEL_CONFIG=%q\n' "$dir/config"
+    printf 'BUSYBOX=%q\n' "$dir/busybox"
 }
 
 # try_latest: print the paths of the cache named by $CACHE_ROOT/latest and exit, if complete.
@@ -267,6 +269,7 @@ else
     root="$WORK/root"
     mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,root,etc}
     cp "$bb" "$root/bin/busybox"
+    cp "$bb" "$STAGE/busybox"
     chmod 755 "$root/bin/busybox"
     # One link per applet, at its usual place (e.g. sbin/reboot), made here so the guest
     # does not spend emulated kernel time on `busybox --install`.
@@ -278,7 +281,7 @@ else
         done <<<"$applets"
     else
         # Could not run the host copy: link the applets /init uses.
-        for a in sh mount echo uname nproc grep printf dd sync cat sleep; do
+        for a in sh mount echo uname nproc grep printf dd sync cat sleep setsid cttyhack; do
             ln -sf busybox "$root/bin/$a"
         done
         for a in reboot poweroff; do ln -sf ../bin/busybox "$root/sbin/$a"; done
@@ -298,9 +301,13 @@ cpus=$(nproc 2>/dev/null || grep -c '^processor' /proc/cpuinfo)
 echo "EMBER-INIT-OK: Linux $(uname -r) reached init with $cpus CPUs"
 # Ember's boot-done device: byte 123 to I/O port 0xf5 (245).
 printf '\173' | dd of=/dev/port bs=1 seek=245 count=1 conv=notrunc 2>/dev/null
+# `ember.shell` on the kernel command line: a shell on the console, with job control.
+if grep -qw ember.shell /proc/cmdline; then
+    echo "EMBER: shell on the console; 'exit' powers the VM off"
+    setsid cttyhack sh -l
+fi
 sync
-# With reboot=k this resets through the i8042, which ends the Ember VMM with status 0.
-reboot -f
+# ACPI power-off (S5), which ends the Ember VMM with status 0.
 poweroff -f
 while :; do sleep 1; done
 EOF
@@ -324,7 +331,7 @@ EOF
         echo "BUILT=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
     } >"$STAGE/VERSION"
     chmod 644 "$STAGE"/*
-    chmod 755 "$STAGE"
+    chmod 755 "$STAGE" "$STAGE/busybox"
     cache_complete "$STAGE" || die "internal error: staged cache in $STAGE is incomplete"
 
     FINAL="$CACHE_ROOT/$KVER"
