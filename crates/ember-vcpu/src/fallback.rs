@@ -31,16 +31,9 @@
 //! Linux's text patching replaces an `int3` with the rest of a jump while other vCPUs
 //! run), the run loop runs the vCPU again, to execute what is there now.
 
+use crate::x86::{CR0_MP, CR0_NE, CR0_TS, RFLAGS_TF};
 use crate::ExitKind;
 
-/// CR0.MP: `wait`/`fwait` honour CR0.TS.
-const CR0_MP: u64 = 1 << 1;
-/// CR0.TS: a task switch happened, x87 state is not the current task's.
-const CR0_TS: u64 = 1 << 3;
-/// CR0.NE: x87 errors are reported as #MF, not through FERR#.
-const CR0_NE: u64 = 1 << 5;
-/// RFLAGS.TF: single-step trap after each instruction.
-pub(crate) const RFLAGS_TF: u64 = 1 << 8;
 /// The six x87 exception flags (FSW) and their masks (FCW): IE, DE, ZE, OE, UE, PE.
 const X87_EXCEPTIONS: u16 = 0x3f;
 

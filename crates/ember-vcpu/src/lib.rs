@@ -81,6 +81,7 @@ mod stats;
 pub mod syscall_trap;
 mod vcpu;
 pub mod vm;
+mod x86;
 
 pub use error::{InstructionBytes, VcpuError};
 pub use regs::BootRegs;

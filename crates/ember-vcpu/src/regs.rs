@@ -5,6 +5,10 @@
 //! pointing at the zero page. The boot GDT and page tables live in low memory, in
 //! the areas Linux's boot protocol leaves to the loader.
 
+use crate::x86::{
+    CR0_ET, CR0_MP, CR0_NE, CR0_PE, CR0_PG, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_PAE, EFER_LMA,
+    EFER_LME, PTE_HUGE, PTE_PRESENT, PTE_USER, PTE_WRITABLE,
+};
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
@@ -45,25 +49,8 @@ pub mod selector {
     pub const TSS: u16 = 0x38;
 }
 
-// Control register and EFER bits.
-const CR0_PE: u64 = 1;
-const CR0_MP: u64 = 1 << 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_OSFXSR: u64 = 1 << 9;
-const CR4_OSXMMEXCPT: u64 = 1 << 10;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-
-// Page-table entry bits. The boot tables are marked user-accessible so that test
-// guests may drop to CPL3 (where nested KVM runs code natively); kernels install their
-// own tables at once.
-const PTE_PRESENT: u64 = 1;
-const PTE_WRITABLE: u64 = 1 << 1;
-const PTE_USER: u64 = 1 << 2;
-const PTE_HUGE: u64 = 1 << 7;
+// The boot tables are marked user-accessible so that test guests may drop to CPL3
+// (where nested KVM runs code natively); kernels install their own tables at once.
 const TABLE_FLAGS: u64 = PTE_PRESENT | PTE_WRITABLE | PTE_USER;
 
 /// Builds a GDT descriptor from flags (bits 15:12 = G, D/B, L, AVL; 7:0 = access byte),

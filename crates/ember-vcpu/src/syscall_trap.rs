@@ -106,6 +106,10 @@
 //! * `KVM_GET_MSRS` of MSR_LSTAR returns [`TRAP_ADDRESS`], not the guest's value; the trap
 //!   owns the VM's MSR filter (`KVM_X86_SET_MSR_FILTER` replaces any earlier filter).
 
+use crate::x86::{
+    CR4_LA57, CR4_SMEP, EFER_LMA, EFER_NXE, PAGE_SIZE, PTE_ACCESSED, PTE_DIRTY, PTE_NX,
+    PTE_PRESENT, PTE_USER, PTE_WRITABLE, RFLAGS_IF, RFLAGS_RF,
+};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -137,7 +141,6 @@ pub const PML4_SLOT: u64 = 509;
 /// page-directory-pointer table, a page directory and a page table.
 pub const RESERVED_PAGES: u64 = 4;
 
-const PAGE_SIZE: u64 = 0x1000;
 /// Bits 51:12 of a page-table entry or CR3: the physical address.
 const ADDRESS_MASK: u64 = 0x000f_ffff_ffff_f000;
 
@@ -152,27 +155,13 @@ const STORE_LEN: u64 = STORE.len() as u64;
 const UD2: [u8; 2] = [0x0f, 0x0b];
 const INT3: u8 = 0xcc;
 
-// Page-table entry bits.
-const PTE_P: u64 = 1;
-const PTE_W: u64 = 1 << 1;
-const PTE_U: u64 = 1 << 2;
-const PTE_A: u64 = 1 << 5;
-const PTE_D: u64 = 1 << 6;
-const PTE_NX: u64 = 1 << 63;
 /// Intermediate entries: Linux's `_KERNPG_TABLE` plus the user bit, so that its
 /// `pgd_bad`/`pud_bad`/`pmd_bad` checks (which ignore the user bit) find them sane.
-const TABLE_FLAGS: u64 = PTE_P | PTE_W | PTE_U | PTE_A | PTE_D;
+const TABLE_FLAGS: u64 = PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_ACCESSED | PTE_DIRTY;
 /// The code page: user, read-only, executable.
-const CODE_FLAGS: u64 = PTE_P | PTE_U | PTE_A;
+const CODE_FLAGS: u64 = PTE_PRESENT | PTE_USER | PTE_ACCESSED;
 /// The data page: user, writable (NX added when EFER.NXE is set).
-const DATA_FLAGS: u64 = PTE_P | PTE_W | PTE_U | PTE_A | PTE_D;
-
-const CR4_LA57: u64 = 1 << 12;
-const CR4_SMEP: u64 = 1 << 20;
-const EFER_LMA: u64 = 1 << 10;
-const EFER_NXE: u64 = 1 << 11;
-const RFLAGS_IF: u64 = 1 << 9;
-const RFLAGS_RF: u64 = 1 << 16;
+const DATA_FLAGS: u64 = PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_ACCESSED | PTE_DIRTY;
 
 /// #PF.
 const VECTOR_PF: u8 = 14;
@@ -426,7 +415,7 @@ impl SyscallTrap {
         let entry: u64 = mem
             .load(slot, Ordering::Acquire)
             .map_err(|_| MapError::RootOutsideRam(root))?;
-        if entry & PTE_P != 0 {
+        if entry & PTE_PRESENT != 0 {
             return if entry & ADDRESS_MASK == pdpt {
                 Ok(Mapped::Already)
             } else {
@@ -777,7 +766,7 @@ mod tests {
         let mut flags = u64::MAX;
         for shift in [39, 30, 21, 12] {
             let entry = read(mem, table + 8 * ((virt >> shift) & 511));
-            if entry & PTE_P == 0 {
+            if entry & PTE_PRESENT == 0 {
                 return None;
             }
             flags &= entry & !ADDRESS_MASK;
@@ -812,13 +801,13 @@ mod tests {
         let (code, flags) = translate(&mem, ROOT, TRAP_ADDRESS).unwrap();
         assert_eq!(code, PAGES);
         assert_eq!(
-            flags & (PTE_U | PTE_W | PTE_NX),
-            PTE_U,
+            flags & (PTE_USER | PTE_WRITABLE | PTE_NX),
+            PTE_USER,
             "user, read-only, exec"
         );
         let (data, flags) = translate(&mem, ROOT, TRAP_DATA_ADDRESS + 8).unwrap();
         assert_eq!(data, MMIO + 8);
-        assert_eq!(flags & (PTE_U | PTE_W), PTE_U | PTE_W);
+        assert_eq!(flags & (PTE_USER | PTE_WRITABLE), PTE_USER | PTE_WRITABLE);
         assert_eq!(read(&mem, PAGES + 3 * PAGE_SIZE + 8) & PTE_NX, PTE_NX);
         // Intermediate entries look like Linux's kernel tables plus U.
         assert_eq!(

@@ -20,13 +20,11 @@ use crate::fallback::{self, Completion, FallbackInstruction, GuestState, Resolut
 use crate::kick::{install_kick_handler, kick_signal, KickTarget};
 use crate::regs::BootRegs;
 use crate::syscall_trap::{SyscallTrap, VcpuTrap};
+use crate::x86::{EFER_LMA, PAGE_SIZE};
 use crate::{cpuid, lapic, msrs, regs, ExitKind, ExitStats, InstructionBytes, VcpuError};
 
-/// EFER.LMA: long mode active.
-const EFER_LMA: u64 = 1 << 10;
 /// x86's longest instruction.
 const MAX_INSTRUCTION_LEN: usize = 15;
-const PAGE_SIZE: u64 = 4096;
 /// `Vcpu::syscall_trap_page` with the trap off: not page-aligned, so no masked address
 /// equals it.
 const NO_TRAP_PAGE: u64 = u64::MAX;
