@@ -39,12 +39,12 @@ use std::time::{Duration, SystemTime};
 use criterion::measurement::{Measurement, WallTime};
 use criterion::{BatchSize, BenchmarkGroup, Criterion, Throughput};
 use ember_bus::{Bus, BusKind};
-use ember_devices::virtio::block::{
+use ember_devices::{IrqLine, Serial, SerialOutput, COM1_PORT, SERIAL_PORT_SIZE};
+use ember_virtio_devices::block::{
     process_request, RequestBuffers, SECTOR_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
-use ember_devices::virtio::{BlockOptions, Disk};
-use ember_devices::{IrqLine, Serial, SerialOutput, COM1_PORT, SERIAL_PORT_SIZE};
+use ember_virtio_devices::{BlockOptions, Disk};
 use std::os::fd::AsRawFd;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;

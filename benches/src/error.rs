@@ -21,6 +21,8 @@ pub enum Error {
     Vcpu(VcpuError),
     /// Guest memory could not be created or registered.
     Memory(MemoryError),
+    /// A VM-level KVM call failed.
+    Vm(ember_vm::VmError),
     /// The guest did not assemble.
     Guest(GuestError),
     /// Writing the guest code into guest memory failed.
@@ -75,6 +77,7 @@ impl fmt::Display for Error {
             Error::Kvm { op, source } => write!(f, "{op} failed: {source}"),
             Error::Vcpu(e) => write!(f, "vCPU: {e}"),
             Error::Memory(e) => write!(f, "guest memory: {e}"),
+            Error::Vm(e) => write!(f, "VM: {e}"),
             Error::Guest(e) => write!(f, "{e}"),
             Error::GuestMemory(e) => write!(f, "cannot load the guest code: {e}"),
             Error::Load(e) => write!(f, "cannot load the guest image: {e}"),
@@ -108,6 +111,7 @@ impl std::error::Error for Error {
             Error::Kvm { source, .. } => Some(source),
             Error::Vcpu(e) => Some(e),
             Error::Memory(e) => Some(e),
+            Error::Vm(e) => Some(e),
             Error::Guest(e) => Some(e),
             Error::GuestMemory(e) => Some(e),
             Error::Load(e) => Some(e),
@@ -126,6 +130,12 @@ impl std::error::Error for Error {
 impl From<VcpuError> for Error {
     fn from(e: VcpuError) -> Self {
         Error::Vcpu(e)
+    }
+}
+
+impl From<ember_vm::VmError> for Error {
+    fn from(e: ember_vm::VmError) -> Self {
+        Error::Vm(e)
     }
 }
 

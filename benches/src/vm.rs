@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use ember_bus::Bus;
 use ember_memory::vm_memory::{GuestAddress, GuestMemoryMmap};
-use ember_memory::{create_guest_memory, register_memory_slots, HugePages, MemoryLayout, MIB};
+use ember_memory::{create_guest_memory, HugePages, MemoryLayout, MIB};
 use ember_vcpu::{cpuid, msrs, regs, Vcpu};
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -47,7 +47,7 @@ impl BenchVm {
         ember_vcpu::vm::setup_vm(&vm)?;
         let layout = MemoryLayout::new(RAM_SIZE)?;
         let mem = create_guest_memory(&layout, HugePages::None)?;
-        register_memory_slots(&vm, &mem, 0)?;
+        ember_vm::register_memory_slots(&vm, &mem, 0)?;
         regs::write_boot_tables(&mem)?;
         let load = ember_boot::load_elf(&mem, image, GuestAddress(ember_boot::HIMEM_START))?;
         let entry = load.pvh_entry.ok_or(Error::NoPvhEntry)?;

@@ -97,7 +97,7 @@ pub const ACPI_MAX_DEVICES: usize = 0x1000;
 
 /// Number of pins of KVM's IOAPIC (`KVM_IOAPIC_NUM_PINS`): the GSIs a
 /// device can use are `0..IOAPIC_NUM_PINS`.
-pub const IOAPIC_NUM_PINS: u32 = 24;
+pub const IOAPIC_NUM_PINS: u32 = ember_arch::layout::IOAPIC_PINS;
 
 /// Size of the RSDP (revision 2).
 pub const RSDP_SIZE: usize = 36;
@@ -240,7 +240,7 @@ const CRS: &NameSeg = b"_CRS";
 const VIRTIO_MMIO_HID: &str = "LNRO0005";
 const COM1_NAME: &NameSeg = b"COM1";
 const COM1_HID: u32 = aml::eisa_id(b"PNP0501");
-const COM1_PORT: u16 = 0x3f8;
+const COM1_PORT: u16 = ember_arch::layout::COM1_PORT;
 const COM1_PORTS: u8 = 8;
 const COM1_IRQ: u32 = 4;
 const S5_NAME: &NameSeg = b"_S5_";

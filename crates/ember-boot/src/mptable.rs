@@ -39,9 +39,9 @@ use crate::{le, BootError, HIMEM_START};
 pub const MPTABLE_MAX_CPUS: u8 = 254;
 
 /// Physical address of the local APICs.
-pub const APIC_DEFAULT_PHYS_BASE: u32 = 0xfee0_0000;
+pub const APIC_DEFAULT_PHYS_BASE: u32 = ember_arch::layout::LAPIC_START as u32;
 /// Physical address of the IOAPIC.
-pub const IO_APIC_DEFAULT_PHYS_BASE: u32 = 0xfec0_0000;
+pub const IO_APIC_DEFAULT_PHYS_BASE: u32 = ember_arch::layout::IOAPIC_START as u32;
 /// Local APIC version reported for each processor (an integrated xAPIC, as
 /// KVM emulates).
 pub const APIC_VERSION: u8 = 0x14;

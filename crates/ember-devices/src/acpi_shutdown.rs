@@ -26,9 +26,9 @@ use crate::{ExitRequest, ExitSignal};
 /// The I/O port of the sleep control, sleep status and reset register (the port Cloud
 /// Hypervisor uses for its ACPI shutdown device; nothing else in Ember's PC layout is
 /// there).
-pub const ACPI_SHUTDOWN_PORT: u16 = 0x600;
+pub const ACPI_SHUTDOWN_PORT: u16 = ember_arch::layout::ACPI_SHUTDOWN_PORT;
 /// Number of ports the device claims: the one-byte register.
-pub const ACPI_SHUTDOWN_PORT_SIZE: u64 = 1;
+pub const ACPI_SHUTDOWN_PORT_SIZE: u64 = ember_arch::layout::ACPI_SHUTDOWN_PORT_SIZE;
 /// The sleep type (`SLP_TYP`) of S5, soft off, as the DSDT's `\_S5_` must give it.
 pub const S5_SLEEP_TYPE: u8 = 5;
 /// The value that resets the machine, as the FADT's `RESET_VALUE` must give it. Its

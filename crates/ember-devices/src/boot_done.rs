@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use ember_bus::BusDevice;
 
 /// The boot-done I/O port.
-pub const BOOT_DONE_PORT: u16 = 0xf5;
+pub const BOOT_DONE_PORT: u16 = ember_arch::layout::BOOT_DONE_PORT;
 /// Number of ports the boot-done device claims.
-pub const BOOT_DONE_PORT_SIZE: u64 = 1;
+pub const BOOT_DONE_PORT_SIZE: u64 = ember_arch::layout::BOOT_DONE_PORT_SIZE;
 /// The value the guest writes to say it has booted.
 pub const BOOT_DONE_MAGIC: u8 = 123;
 

@@ -7,9 +7,9 @@ use ember_bus::BusDevice;
 use crate::{ExitRequest, ExitSignal};
 
 /// The debug-exit I/O port.
-pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+pub const DEBUG_EXIT_PORT: u16 = ember_arch::layout::DEBUG_EXIT_PORT;
 /// Number of ports the debug-exit device claims.
-pub const DEBUG_EXIT_PORT_SIZE: u64 = 1;
+pub const DEBUG_EXIT_PORT_SIZE: u64 = ember_arch::layout::DEBUG_EXIT_PORT_SIZE;
 
 /// Ends the VM with the code the guest writes.
 ///

@@ -19,13 +19,13 @@ use ember_bus::BusDevice;
 use crate::{DeviceError, ExitRequest, ExitSignal};
 
 /// First I/O port of the i8042 (the data port).
-pub const I8042_PORT: u16 = 0x60;
+pub const I8042_PORT: u16 = ember_arch::layout::I8042_PORT;
 /// Number of ports claimed: `0x60` (data) through `0x64` (command/status).
 ///
 /// Ports `0x61..=0x63` in between are not i8042 registers; port `0x61` (system control
 /// port B) is handled inside KVM when the PIT is created with `KVM_PIT_SPEAKER_DUMMY`
-/// (see [`create_irqchip_and_pit`](crate::create_irqchip_and_pit)).
-pub const I8042_PORT_SIZE: u64 = 5;
+/// (see `ember_vm::create_irqchip_and_pit`).
+pub const I8042_PORT_SIZE: u64 = ember_arch::layout::I8042_PORT_SIZE;
 
 /// Bus offset of the data register (port `0x60`).
 const DATA_OFFSET: u64 = 0;

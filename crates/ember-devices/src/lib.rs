@@ -1,9 +1,9 @@
-//! Devices for Ember virtual machine monitors. Legacy PC devices: a 16550A serial port,
+//! Legacy and platform devices for Ember virtual machine monitors: a 16550A serial port,
 //! an i8042 controller that turns the guest's reset into a clean exit, the ACPI
-//! shutdown register a hardware-reduced guest powers off through, debug-exit and
-//! boot-done ports, and setup of KVM's in-kernel interrupt controllers and PIT. Virtio
-//! devices ([`virtio`]): block on a raw image, net on a tap, and an entropy source, each
-//! an [`ember_virtio::VirtioDevice`] served by a worker thread of its own.
+//! shutdown register a hardware-reduced guest powers off through, and debug-exit and
+//! boot-done ports. No KVM: the devices talk to the guest through an
+//! [`ember_bus::Bus`] and raise interrupts on eventfds ([`IrqLine`]) that a VMM may
+//! register with any hypervisor. Virtio devices live in `ember-virtio-devices`.
 //!
 //! Every device implements [`ember_bus::BusDevice`]: insert it into an
 //! [`ember_bus::Bus`] at its port and the vCPU run loop reaches it through the bus.
@@ -50,8 +50,7 @@
 //!
 //! Modules, one concept each: [`exit`] (how devices ask the VMM to end the VM),
 //! [`irq`] (eventfd interrupt lines), [`serial`], [`i8042`], [`acpi_shutdown`],
-//! [`debug_exit`], [`boot_done`], [`irqchip`] (KVM's in-kernel PIC/IOAPIC/LAPIC and
-//! PIT), [`virtio`] (virtio-blk, virtio-net with its tap, virtio-rng) and [`error`].
+//! [`debug_exit`], [`boot_done`] and [`error`].
 
 #![deny(missing_docs)]
 
@@ -62,10 +61,7 @@ pub mod error;
 pub mod exit;
 pub mod i8042;
 pub mod irq;
-#[cfg(target_arch = "x86_64")]
-pub mod irqchip;
 pub mod serial;
-pub mod virtio;
 
 #[cfg(test)]
 mod testutil;
@@ -79,7 +75,4 @@ pub use error::DeviceError;
 pub use exit::{ExitRequest, ExitSignal};
 pub use i8042::{I8042, I8042_PORT, I8042_PORT_SIZE};
 pub use irq::IrqLine;
-#[cfg(target_arch = "x86_64")]
-pub use irqchip::create_irqchip_and_pit;
 pub use serial::{Serial, SerialOutput, SerialStats, COM1_GSI, COM1_PORT, SERIAL_PORT_SIZE};
-pub use virtio::{Block, BlockOptions, Net, NetBackend, Rng, Tap};

@@ -13,11 +13,11 @@ use vm_superio::serial::{Error as UartError, SerialEvents};
 use crate::{DeviceError, IrqLine};
 
 /// Base I/O port of COM1.
-pub const COM1_PORT: u16 = 0x3f8;
+pub const COM1_PORT: u16 = ember_arch::layout::COM1_PORT;
 /// The GSI (legacy IRQ line) COM1 interrupts on.
-pub const COM1_GSI: u32 = 4;
+pub const COM1_GSI: u32 = ember_arch::layout::COM1_GSI;
 /// Number of I/O ports a UART occupies.
-pub const SERIAL_PORT_SIZE: u64 = 8;
+pub const SERIAL_PORT_SIZE: u64 = ember_arch::layout::SERIAL_PORT_SIZE;
 
 /// Where the bytes the guest transmits go.
 pub enum SerialOutput {

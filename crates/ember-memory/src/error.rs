@@ -90,38 +90,6 @@ pub enum MemoryError {
     /// vm-memory refused to assemble the regions into guest memory.
     #[error("cannot assemble guest memory regions: {0}")]
     GuestMemory(#[from] GuestRegionCollectionError),
-    /// A region does not own its host mapping, so nothing guarantees it outlives the VM.
-    #[error(
-        "guest memory region at {addr:#x} does not own its host mapping, so it cannot be \
-         handed to KVM safely"
-    )]
-    UnownedRegion {
-        /// Guest physical address of the region.
-        addr: u64,
-    },
-    /// A memory slot number is at or above what KVM supports.
-    #[error("memory slot {slot} is out of range: KVM supports slots below {limit}")]
-    SlotOutOfRange {
-        /// The slot that would have been used.
-        slot: u32,
-        /// KVM's slot count (`KVM_CAP_NR_MEMSLOTS`).
-        limit: u32,
-    },
-    /// `KVM_SET_USER_MEMORY_REGION` failed.
-    #[error(
-        "KVM_SET_USER_MEMORY_REGION for slot {slot} (guest {addr:#x}, size {size:#x}) \
-         failed: {source}"
-    )]
-    SetUserMemoryRegion {
-        /// The slot being registered.
-        slot: u32,
-        /// Guest physical address of the region.
-        addr: u64,
-        /// Size of the region in bytes.
-        size: u64,
-        /// The error KVM returned.
-        source: kvm_ioctls::Error,
-    },
     /// An address allocator window is empty or runs past the end of the address space.
     #[error(
         "allocator window at {base:#x} with size {size:#x} is empty or runs past the end \

@@ -13,29 +13,29 @@ use vm_memory::GuestAddress;
 use crate::MemoryError;
 
 /// One mebibyte.
-pub const MIB: u64 = 1 << 20;
+pub const MIB: u64 = ember_arch::layout::MIB;
 /// One gibibyte.
-pub const GIB: u64 = 1 << 30;
+pub const GIB: u64 = ember_arch::layout::GIB;
 /// Guest page size; RAM sizes must be a multiple of it.
-pub const PAGE_SIZE: u64 = 0x1000;
+pub const PAGE_SIZE: u64 = ember_arch::layout::PAGE_SIZE;
 
 /// Start of the 32-bit MMIO hole `[3 GiB, 4 GiB)`; no RAM is placed there.
-pub const MMIO_HOLE_START: u64 = 0xC000_0000;
+pub const MMIO_HOLE_START: u64 = ember_arch::layout::MMIO_HOLE_START;
 /// End (exclusive) of the 32-bit MMIO hole.
-pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+pub const MMIO_HOLE_END: u64 = ember_arch::layout::MMIO_HOLE_END;
 /// Start of the window handed to the MMIO allocator for devices.
-pub const DEVICE_MMIO_START: u64 = 0xD000_0000;
+pub const DEVICE_MMIO_START: u64 = ember_arch::layout::DEVICE_MMIO_START;
 /// End (exclusive) of the device window. It stops below the IOAPIC (0xFEC0_0000), the
 /// LAPIC (0xFEE0_0000) and the firmware area just below 4 GiB.
-pub const DEVICE_MMIO_END: u64 = 0xFEC0_0000;
+pub const DEVICE_MMIO_END: u64 = ember_arch::layout::DEVICE_MMIO_END;
 /// Smallest guest RAM size accepted.
 pub const MIN_RAM_SIZE: u64 = 16 * MIB;
 /// Largest guest RAM size accepted.
 pub const MAX_RAM_SIZE: u64 = 1024 * GIB;
 /// Size of the 64-bit MMIO window above RAM (for PCI BARs).
-pub const HIGH_MMIO_SIZE: u64 = 64 * GIB;
+pub const HIGH_MMIO_SIZE: u64 = ember_arch::layout::HIGH_MMIO_SIZE;
 /// Alignment of the 64-bit MMIO window, so large BARs can be naturally aligned.
-pub const HIGH_MMIO_ALIGN: u64 = GIB;
+pub const HIGH_MMIO_ALIGN: u64 = ember_arch::layout::HIGH_MMIO_ALIGN;
 
 /// The guest physical memory map for a given amount of RAM.
 ///

@@ -1,11 +1,10 @@
 //! Guest memory for x86-64 KVM virtual machines: the physical memory map, RAM backed by
-//! [vm-memory](vm_memory), KVM memory slots, and allocators for MMIO windows and
+//! [vm-memory](vm_memory), and allocators for MMIO windows and
 //! interrupt lines (GSIs).
 //!
 //! * [`MemoryLayout`] places RAM below the 32-bit MMIO hole `[3 GiB, 4 GiB)` and above
 //!   4 GiB, and names the device and 64-bit MMIO windows.
 //! * [`create_guest_memory`] maps host memory for the layout, optionally with huge pages.
-//! * [`register_memory_slots`] hands that memory to a KVM VM.
 //! * [`AddressAllocator`] and [`GsiAllocator`] hand out MMIO ranges and GSIs without
 //!   overlaps.
 //!
@@ -37,7 +36,6 @@ mod allocator;
 mod error;
 mod guest;
 mod layout;
-mod slots;
 
 pub use allocator::{AddressAllocator, GsiAllocator};
 pub use error::MemoryError;
@@ -46,6 +44,5 @@ pub use layout::{
     MemoryLayout, DEVICE_MMIO_END, DEVICE_MMIO_START, GIB, HIGH_MMIO_ALIGN, HIGH_MMIO_SIZE,
     MAX_RAM_SIZE, MIB, MIN_RAM_SIZE, MMIO_HOLE_END, MMIO_HOLE_START, PAGE_SIZE,
 };
-pub use slots::register_memory_slots;
 /// The vm-memory crate this crate is built on, so users get the matching version.
 pub use vm_memory;

@@ -43,7 +43,7 @@
 //! ember_vcpu::vm::setup_vm(&vm).unwrap();
 //! let layout = ember_memory::MemoryLayout::new(16 << 20).unwrap();
 //! let mem = ember_memory::create_guest_memory(&layout, ember_memory::HugePages::None).unwrap();
-//! ember_memory::register_memory_slots(&vm, &mem, 0).unwrap();
+//! ember_vm::register_memory_slots(&vm, &mem, 0).unwrap();
 //! regs::write_boot_tables(&mem).unwrap();
 //! // mov al, 0x2a; out 0x80, al; hlt
 //! mem.write_slice(&[0xb0, 0x2a, 0xe6, 0x80, 0xf4], GuestAddress(0x10_0000)).unwrap();

@@ -16,17 +16,17 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use crate::VcpuError;
 
 /// Guest address of the boot GDT.
-pub const BOOT_GDT_START: u64 = 0x500;
+pub const BOOT_GDT_START: u64 = ember_arch::layout::BOOT_GDT_START;
 /// Guest address of the (empty) boot IDT.
-pub const BOOT_IDT_START: u64 = 0x580;
+pub const BOOT_IDT_START: u64 = ember_arch::layout::BOOT_IDT_START;
 /// Default initial stack pointer (grows down from just below the page tables).
-pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+pub const BOOT_STACK_POINTER: u64 = ember_arch::layout::BOOT_STACK_POINTER;
 /// Guest address of the PML4 table.
-pub const PML4_START: u64 = 0x9000;
+pub const PML4_START: u64 = ember_arch::layout::PML4_START;
 /// Guest address of the page-directory-pointer table.
-pub const PDPTE_START: u64 = 0xa000;
+pub const PDPTE_START: u64 = ember_arch::layout::PDPTE_START;
 /// Guest address of the first of [`IDENTITY_MAP_GIB`] page directories.
-pub const PDE_START: u64 = 0xb000;
+pub const PDE_START: u64 = ember_arch::layout::PDE_START;
 /// How much is identity-mapped at entry, in GiB (2 MiB pages): all of the 32-bit space,
 /// so MMIO devices below 4 GiB are reachable too.
 pub const IDENTITY_MAP_GIB: u64 = 4;

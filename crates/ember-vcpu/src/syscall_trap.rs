@@ -266,7 +266,7 @@ impl SyscallTrap {
     /// let vm = kvm.create_vm().unwrap();
     /// let layout = ember_memory::MemoryLayout::new(64 << 20).unwrap();
     /// let mem = ember_memory::create_guest_memory(&layout, ember_memory::HugePages::None).unwrap();
-    /// ember_memory::register_memory_slots(&vm, &mem, 0).unwrap();
+    /// ember_vm::register_memory_slots(&vm, &mem, 0).unwrap();
     /// // 0xc0000..0xc4000 is reserved in Ember's e820 map; nothing lives at 3 GiB.
     /// let trap = SyscallTrap::new(&vm, &mem, GuestAddress(0xc_0000), GuestAddress(0xc000_0000))?;
     /// let mut vcpu = ember_vcpu::Vcpu::new(

@@ -6,9 +6,9 @@ use crate::VcpuError;
 
 /// Guest physical address of the three pages KVM needs for the real-mode TSS on
 /// Intel hosts. It lies in the MMIO hole, above anything Ember maps there.
-pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+pub const KVM_TSS_ADDRESS: u64 = ember_arch::layout::KVM_TSS_START;
 /// Guest physical address of the identity-map page KVM uses for real mode on Intel.
-pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+pub const KVM_IDENTITY_MAP_ADDRESS: u64 = ember_arch::layout::KVM_IDENTITY_MAP_START;
 /// Highest vCPU count Ember supports: APIC IDs are 8 bits in the MP table and in
 /// CPUID leaf 1, and 0xff is the broadcast ID.
 pub const MAX_VCPUS: u32 = 254;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ember_bus::{Bus, BusDevice, BusKind};
 use ember_guests::asm::assemble;
 use ember_guests::testing::kvm_available;
-use ember_memory::{create_guest_memory, register_memory_slots, HugePages, MemoryLayout};
+use ember_memory::{create_guest_memory, HugePages, MemoryLayout};
 use ember_vcpu::{regs, BootRegs, ExitKind, Vcpu, VcpuError, VcpuOutcome};
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
@@ -60,7 +60,7 @@ impl TestVm {
         ember_vcpu::vm::setup_vm(&vm).unwrap();
         let layout = MemoryLayout::new(64 << 20).unwrap();
         let mem = create_guest_memory(&layout, HugePages::None).unwrap();
-        register_memory_slots(&vm, &mem, 0).unwrap();
+        ember_vm::register_memory_slots(&vm, &mem, 0).unwrap();
         regs::write_boot_tables(&mem).unwrap();
         let report = Arc::new(Recorder::default());
         let pio = Arc::new(Bus::new(BusKind::Pio));
@@ -343,7 +343,7 @@ fn stop_a_vcpu_halted_in_the_kernel() {
     };
     // With the in-kernel irqchip, hlt does not exit to userspace: the vCPU sleeps in
     // KVM until the kick arrives.
-    ember_devices::create_irqchip_and_pit(&t.vm).unwrap();
+    ember_vm::create_irqchip_and_pit(&t.vm).unwrap();
     t.load(|a| {
         a.mov(dx, REPORT_PORT as u32)?;
         a.out(dx, al)?;

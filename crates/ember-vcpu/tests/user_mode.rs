@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use ember_bus::{Bus, BusDevice, BusKind};
 use ember_guests::testing::kvm_available;
-use ember_memory::{create_guest_memory, register_memory_slots, HugePages, MemoryLayout};
+use ember_memory::{create_guest_memory, HugePages, MemoryLayout};
 use ember_vcpu::cpuid::{self, CpuVendor};
 use ember_vcpu::syscall_trap::{SyscallTrap, TRAP_ADDRESS, TRAP_DATA_ADDRESS};
 use ember_vcpu::{kick, msrs, regs, ExitKind, Vcpu, VcpuError, VcpuOutcome};
@@ -398,7 +398,7 @@ impl Machine {
         ember_vcpu::vm::setup_vm(&vm).unwrap();
         let mem_layout = MemoryLayout::new(64 << 20).unwrap();
         let mem = create_guest_memory(&mem_layout, HugePages::None).unwrap();
-        register_memory_slots(&vm, &mem, 0).unwrap();
+        ember_vm::register_memory_slots(&vm, &mem, 0).unwrap();
         let report = Arc::new(Mutex::new(None));
         let reporter = |base| {
             Arc::new(Reporter {

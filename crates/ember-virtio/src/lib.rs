@@ -96,8 +96,10 @@
 
 #![deny(missing_docs)]
 
+pub mod chain;
 mod device;
 pub mod mmio;
+pub mod worker;
 
 pub use device::{
     device_type, ActivateError, Activation, ActiveQueue, InterruptKind, VirtioDevice,

@@ -7,6 +7,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
+use ember_arch::layout;
 use ember_boot::initrd::{copy_initrd, DEFAULT_INITRD_ADDR_MAX};
 use ember_boot::{
     configure_bzimage_boot, configure_linux_boot, configure_pvh_boot, load_bzimage, load_elf,
@@ -14,20 +15,19 @@ use ember_boot::{
     AcpiShutdown as AcpiShutdownRegister, BootError, Cmdline, CMDLINE_MAX_SIZE, HIMEM_START,
 };
 use ember_bus::{Bus, BusError, BusKind};
-use ember_devices::virtio::{Block, BlockOptions, Net, Rng};
 use ember_devices::{
     AcpiShutdown, BootDone, DebugExit, DeviceError, ExitSignal, IrqLine, Serial, SerialOutput,
     ACPI_RESET_VALUE, ACPI_SHUTDOWN_PORT, ACPI_SHUTDOWN_PORT_SIZE, BOOT_DONE_PORT,
     BOOT_DONE_PORT_SIZE, COM1_GSI, COM1_PORT, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_SIZE, I8042,
     I8042_PORT, I8042_PORT_SIZE, S5_SLEEP_TYPE, SERIAL_PORT_SIZE,
 };
-use ember_memory::{
-    create_guest_memory, register_memory_slots, HugePages, MemoryError, MemoryLayout,
-};
+use ember_memory::{create_guest_memory, HugePages, MemoryError, MemoryLayout};
 use ember_memory::{AddressAllocator, GsiAllocator};
 use ember_vcpu::{regs, BootRegs, Vcpu, VcpuError};
 use ember_virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use ember_virtio::{TransportError, VirtioDevice};
+use ember_virtio_devices::{Block, BlockOptions, Net, Rng, VirtioDeviceError};
+use ember_vm::VmError;
 use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -46,12 +46,11 @@ pub const DEMO_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo-gue
 /// Where the [syscall trap](ember_vcpu::syscall_trap) keeps its code page and page
 /// tables: the start of the range the boot layout leaves to the VMM, which the e820 map
 /// (and the PVH memory map) reports as reserved, so the guest never uses it.
-const SYSCALL_TRAP_PAGES: u64 = ember_boot::layout::VMM_RESERVED_START;
-const _: () = assert!(RESERVED_PAGES * 0x1000 <= ember_boot::layout::VMM_RESERVED_SIZE);
+const SYSCALL_TRAP_PAGES: u64 = layout::VMM_RESERVED_START;
+const _: () = assert!(RESERVED_PAGES * layout::PAGE_SIZE <= layout::VMM_RESERVED_SIZE);
 /// The guest-physical page behind the syscall trap's data page, whose stores must exit:
 /// the start of the 32-bit MMIO hole, below the device window, where nothing lives.
-const SYSCALL_TRAP_MMIO: u64 = ember_memory::MMIO_HOLE_START;
-const _: () = assert!(SYSCALL_TRAP_MMIO < ember_memory::DEVICE_MMIO_START);
+const SYSCALL_TRAP_MMIO: u64 = layout::SYSCALL_TRAP_MMIO_START;
 
 /// Why a VM could not be built. Each message names what was wrong.
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +121,12 @@ pub enum BuildError {
     /// A device could not be created.
     #[error("{0}")]
     Device(#[from] DeviceError),
+    /// A virtio device could not be created.
+    #[error("{0}")]
+    VirtioDevice(#[from] VirtioDeviceError),
+    /// A VM-level KVM call failed.
+    #[error("{0}")]
+    Vm(#[from] VmError),
     /// A device could not be placed on a bus.
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
@@ -355,13 +360,13 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
     // 3.6, 20 interleaved runs of each order) the three calls took 5.7 ms (median; mean
     // 5.4) with the memory slot first, 9.6 ms (mean 11.8) with it last.
     let memory = create_guest_memory(&layout, HugePages::None)?;
-    register_memory_slots(&vm, &memory, 0)?;
+    ember_vm::register_memory_slots(&vm, &memory, 0)?;
     log::info!(
         "guest memory: {:#x} bytes in {:x?}",
         layout.ram_size(),
         layout.ram_regions()
     );
-    ember_devices::create_irqchip_and_pit(&vm)?;
+    ember_vm::create_irqchip_and_pit(&vm)?;
     // The syscall trap, where the host needs it: the VM's MSR filter, and the trap's code
     // page in reserved memory. Without it, a Linux guest's first system call faults.
     // Setting the MSR filter waits for an SRCU grace period (12-21 ms measured here, most
@@ -456,7 +461,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
     }
     let (window, window_size) = layout.device_mmio_window();
     let mut mmio_space = AddressAllocator::new(window, window_size)?;
-    let mut gsis = GsiAllocator::new(5, 23)?;
+    let mut gsis = GsiAllocator::new(layout::DEVICE_GSI_START, layout::DEVICE_GSI_END)?;
     let mut acpi_devices = vec![AcpiDevice::Com1];
     for (name, device) in virtio {
         let addr = mmio_space.allocate(MMIO_WINDOW_SIZE, MMIO_WINDOW_SIZE)?;

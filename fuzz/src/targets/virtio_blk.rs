@@ -1,4 +1,4 @@
-//! virtio-blk request handling ([`ember_devices::virtio::block::process_request`]),
+//! virtio-blk request handling ([`ember_virtio_devices::block::process_request`]),
 //! structure-aware: random request types and sectors (near the end of the disk and far
 //! past it), discard / write-zeroes segments, chains of random lengths and flags
 //! (headers in write-only descriptors, status in read-only ones), any number of
@@ -14,13 +14,13 @@ use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use ember_devices::virtio::block::{
+use ember_virtio_devices::block::{
     process_request, Completion, RequestBuffers, MAX_IOVECS, SECTOR_SIZE, VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
-use ember_devices::virtio::{BlockOptions, Disk};
+use ember_virtio_devices::{BlockOptions, Disk};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ember_bus::BusDevice;
-use ember_devices::virtio::{Block, Net, NetBackend, Rng};
+use ember_virtio_devices::{Block, Net, NetBackend, Rng};
 use ember_virtio::mmio::{reg, status, MmioTransport, MMIO_MAGIC_VALUE};
 use ember_virtio::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
 use virtio_queue::QueueT;

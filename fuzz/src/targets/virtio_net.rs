@@ -1,5 +1,5 @@
-//! virtio-net frame handling: transmit chains ([`ember_devices::virtio::net::process_tx_chain`])
-//! and receive ([`ember_devices::virtio::net::process_rx`]) into posted buffers, with a
+//! virtio-net frame handling: transmit chains ([`ember_virtio_devices::net::process_tx_chain`])
+//! and receive ([`ember_virtio_devices::net::process_rx`]) into posted buffers, with a
 //! scripted backend (frames of any length and header, `WouldBlock`, `Interrupted`,
 //! errors, end of stream), structure-aware chains and any bounce buffer size.
 //!
@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::io;
 
-use ember_devices::virtio::net::{
+use ember_virtio_devices::net::{
     process_rx, process_tx_chain, FrameBuffer, NetBackend, TxOutcome, MAX_FRAME_LEN,
     VIRTIO_NET_HDR_LEN,
 };

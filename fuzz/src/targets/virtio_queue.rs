@@ -3,15 +3,15 @@
 //! completed, given back and served by Ember's devices in any order.
 //!
 //! The queue implementation is virtio-queue's; what Ember adds on top is exercised
-//! here: its devices consume the chains ([`ember_devices::virtio::rng::process_request`]
-//! and [`ember_devices::virtio::net::process_rx`], which pops, gives back and completes
+//! here: its devices consume the chains ([`ember_virtio_devices::rng::process_request`]
+//! and [`ember_virtio_devices::net::process_rx`], which pops, gives back and completes
 //! chains itself), and [`drain`] is the loop of the device worker's `drain_queue`
 //! (crate-private in ember-devices, mirrored here), whose termination is checked.
 
 use std::io;
 
-use ember_devices::virtio::net::{process_rx, FrameBuffer, NetBackend};
-use ember_devices::virtio::rng;
+use ember_virtio_devices::net::{process_rx, FrameBuffer, NetBackend};
+use ember_virtio_devices::rng;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;

@@ -1,9 +1,9 @@
-//! virtio-rng request handling ([`ember_devices::virtio::rng::process_request`]): chains
+//! virtio-rng request handling ([`ember_virtio_devices::rng::process_request`]): chains
 //! of random lengths, flags and addresses, given directly or popped from a queue
 //! (indirect tables, wrap-around, loops). The used length must never exceed the
 //! writable bytes of the chain nor the per-chain cap.
 
-use ember_devices::virtio::rng::{process_request, MAX_BYTES_PER_CHAIN};
+use ember_virtio_devices::rng::{process_request, MAX_BYTES_PER_CHAIN};
 use virtio_queue::QueueOwnedT;
 use virtio_queue::QueueT;
 

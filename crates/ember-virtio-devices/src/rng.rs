@@ -14,8 +14,8 @@ use log::warn;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use super::worker::{drain_queue, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
-use super::QUEUE_MAX_SIZE;
+use crate::QUEUE_MAX_SIZE;
+use ember_virtio::worker::{drain_queue, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
 
 /// At most this many random bytes go into one chain (64 KiB).
 pub const MAX_BYTES_PER_CHAIN: usize = 64 * 1024;
@@ -160,7 +160,7 @@ impl QueueHandler for RngHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::testutil::*;
+    use crate::testutil::*;
     use ember_virtio::{ActiveQueue, InterruptKind};
     use virtio_queue::QueueT;
 

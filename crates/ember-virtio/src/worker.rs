@@ -16,9 +16,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
-use ember_virtio::{
-    Activation, ActiveQueue, InterruptKind, VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX,
-};
+use crate::{Activation, ActiveQueue, InterruptKind, VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX};
 use log::{debug, error, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -26,7 +24,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Chains handled per queue per wake-up before the worker looks at other events.
-pub(crate) const QUEUE_BUDGET: usize = 256;
+pub const QUEUE_BUDGET: usize = 256;
 
 /// epoll token of the stop eventfd; queue `i` is `QUEUE_TOKEN_BASE + i`, backend fd `j`
 /// is `BACKEND_TOKEN_BASE + j`.
@@ -35,7 +33,7 @@ const QUEUE_TOKEN_BASE: u64 = 1;
 const BACKEND_TOKEN_BASE: u64 = 1 << 32;
 
 /// What a device does on its worker thread.
-pub(crate) trait QueueHandler: Send + 'static {
+pub trait QueueHandler: Send + 'static {
     /// File descriptors besides the queues to wait on for input (level-triggered
     /// `EPOLLIN`); their index is passed to [`QueueHandler::backend_ready`].
     fn backend_fds(&self) -> Vec<RawFd> {
@@ -51,7 +49,7 @@ pub(crate) trait QueueHandler: Send + 'static {
 }
 
 /// What a handler works with: guest memory, the queues, the interrupt.
-pub(crate) struct WorkerContext {
+pub struct WorkerContext {
     /// Guest memory.
     pub mem: GuestMemoryMmap,
     /// The device's queues, in index order.
@@ -138,7 +136,7 @@ impl WorkerContext {
 
 /// How [`drain_queue`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Drained {
+pub struct Drained {
     /// Chains handled (used entries added).
     pub handled: usize,
     /// The budget ran out with chains possibly left; the caller should come back.
@@ -151,7 +149,7 @@ pub(crate) struct Drained {
 /// A ring whose avail index runs ahead of what can be popped (an invalid index from a
 /// buggy or hostile driver) does not spin: after two rounds that pop nothing the
 /// function gives up until the next notification.
-pub(crate) fn drain_queue<F>(
+pub fn drain_queue<F>(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
     budget: usize,
@@ -207,7 +205,7 @@ where
 }
 
 /// A running worker thread; dropping it stops it.
-pub(crate) struct Worker<H> {
+pub struct Worker<H> {
     stop: EventFd,
     thread: Option<JoinHandle<Option<H>>>,
 }

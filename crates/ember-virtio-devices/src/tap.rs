@@ -12,7 +12,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use crate::DeviceError;
+use crate::VirtioDeviceError;
 
 /// Path of the tun/tap clone device.
 pub const TUN_PATH: &str = "/dev/net/tun";
@@ -39,12 +39,12 @@ pub struct Tap {
 impl Tap {
     /// Opens (creating if needed) tap interface `name`. Errors name the interface and the
     /// step that failed.
-    pub fn open(name: &str) -> Result<Tap, DeviceError> {
+    pub fn open(name: &str) -> Result<Tap, VirtioDeviceError> {
         if name.is_empty() || name.len() > MAX_NAME_LEN || name.as_bytes().contains(&0) {
-            return Err(DeviceError::TapName { name: name.into() });
+            return Err(VirtioDeviceError::TapName { name: name.into() });
         }
         let err = |op: &'static str| {
-            move |source: io::Error| DeviceError::Tap {
+            move |source: io::Error| VirtioDeviceError::Tap {
                 op,
                 name: name.into(),
                 source,
@@ -128,14 +128,17 @@ impl AsRawFd for Tap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::net::VIRTIO_NET_HDR_LEN;
+    use crate::net::VIRTIO_NET_HDR_LEN;
     use std::process::Command;
     use std::time::{Duration, Instant};
 
     #[test]
     fn rejects_bad_names() {
         for name in ["", "0123456789abcdef", "a\0b"] {
-            assert!(matches!(Tap::open(name), Err(DeviceError::TapName { .. })));
+            assert!(matches!(
+                Tap::open(name),
+                Err(VirtioDeviceError::TapName { .. })
+            ));
         }
     }
 

@@ -35,11 +35,11 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemory;
 
-use super::chain::{walk_into, ChainLayout, Cursor};
-use super::tap::Tap;
-use super::worker::{drain_queue, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
-use super::{read_config_bytes, QUEUE_MAX_SIZE};
-use crate::DeviceError;
+use crate::tap::Tap;
+use crate::VirtioDeviceError;
+use crate::{read_config_bytes, QUEUE_MAX_SIZE};
+use ember_virtio::chain::{walk_into, ChainLayout, Cursor};
+use ember_virtio::worker::{drain_queue, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
 
 /// Feature bit: the device has a MAC address in its configuration space.
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
@@ -129,7 +129,7 @@ fn wants_offload(hdr: &[u8]) -> bool {
 /// frame does not allocate: the frame's bounce buffer and the chain's layout.
 ///
 /// ```
-/// use ember_devices::virtio::net::{FrameBuffer, MAX_FRAME_LEN};
+/// use ember_virtio_devices::net::{FrameBuffer, MAX_FRAME_LEN};
 ///
 /// assert_eq!(FrameBuffer::new().len(), MAX_FRAME_LEN);
 /// ```
@@ -375,7 +375,7 @@ fn format_mac(mac: &[u8; 6]) -> String {
 /// A random locally administered unicast MAC address, `02:xx:xx:xx:xx:xx`.
 pub fn random_mac() -> [u8; 6] {
     let mut mac = [0x02, 0, 0, 0, 0, 0];
-    if super::rng::fill_random(&mut mac[1..]).is_err() {
+    if crate::rng::fill_random(&mut mac[1..]).is_err() {
         // No getrandom: fall back to something that differs between processes and runs.
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -390,7 +390,7 @@ pub fn random_mac() -> [u8; 6] {
 impl Net {
     /// Opens tap interface `tap_name` (see [`Tap::open`]); `mac` defaults to
     /// [`random_mac`].
-    pub fn new(tap_name: &str, mac: Option<[u8; 6]>) -> Result<Net, DeviceError> {
+    pub fn new(tap_name: &str, mac: Option<[u8; 6]>) -> Result<Net, VirtioDeviceError> {
         let tap = Tap::open(tap_name)?;
         Ok(Net::with_backend(Box::new(tap), mac))
     }

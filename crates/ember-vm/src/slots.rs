@@ -4,7 +4,7 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Cap, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::MemoryError;
+use crate::VmError;
 
 /// Registers every region of `mem` with KVM (`KVM_SET_USER_MEMORY_REGION`), one slot per
 /// region, numbered from `first_slot`. Returns the next free slot number.
@@ -19,7 +19,8 @@ use crate::MemoryError;
 /// # Example
 ///
 /// ```no_run
-/// use ember_memory::{create_guest_memory, register_memory_slots, HugePages, MemoryLayout, MIB};
+/// use ember_memory::{create_guest_memory, HugePages, MemoryLayout, MIB};
+/// use ember_vm::register_memory_slots;
 /// use kvm_ioctls::Kvm;
 ///
 /// let vm = Kvm::new()?.create_vm()?;
@@ -33,7 +34,7 @@ pub fn register_memory_slots(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     first_slot: u32,
-) -> Result<u32, MemoryError> {
+) -> Result<u32, VmError> {
     // KVM reports how many slots it supports; slot numbers must be below that.
     let limit = u32::try_from(vm.check_extension_int(Cap::NrMemslots))
         .ok()
@@ -45,10 +46,10 @@ pub fn register_memory_slots(
         let addr = region.start_addr().raw_value();
         let size = region.len();
         if !region.owned() {
-            return Err(MemoryError::UnownedRegion { addr });
+            return Err(VmError::UnownedRegion { addr });
         }
         if slot >= limit {
-            return Err(MemoryError::SlotOutOfRange { slot, limit });
+            return Err(VmError::SlotOutOfRange { slot, limit });
         }
         let entry = kvm_userspace_memory_region {
             slot,
@@ -64,7 +65,7 @@ pub fn register_memory_slots(
         // KVM may still access it, however long the VM lives. Overlaps with other slots are
         // rejected by KVM itself.
         unsafe { vm.set_user_memory_region(entry) }.map_err(|source| {
-            MemoryError::SetUserMemoryRegion {
+            VmError::SetUserMemoryRegion {
                 slot,
                 addr,
                 size,
@@ -82,8 +83,8 @@ pub fn register_memory_slots(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{create_guest_memory, HugePages, MemoryLayout, GIB, MIB};
     use ember_guests::testing::kvm_available;
+    use ember_memory::{create_guest_memory, HugePages, MemoryLayout, GIB, MIB};
     use kvm_ioctls::Kvm;
 
     #[test]
@@ -100,7 +101,7 @@ mod tests {
         // The same guest range again overlaps slot 0: KVM refuses, and the error says where.
         let err = register_memory_slots(&vm, &mem, 1).unwrap_err();
         assert!(
-            matches!(err, MemoryError::SetUserMemoryRegion { slot: 1, addr: 0, size, .. } if size == 64 * MIB),
+            matches!(err, VmError::SetUserMemoryRegion { slot: 1, addr: 0, size, .. } if size == 64 * MIB),
             "{err}"
         );
 
@@ -123,7 +124,7 @@ mod tests {
         let mem = create_guest_memory(&layout, HugePages::None).unwrap();
         let err = register_memory_slots(&vm, &mem, limit).unwrap_err();
         assert!(
-            matches!(err, MemoryError::SlotOutOfRange { slot, limit: l } if slot == limit && l == limit),
+            matches!(err, VmError::SlotOutOfRange { slot, limit: l } if slot == limit && l == limit),
             "{err}"
         );
     }

@@ -1,4 +1,4 @@
-//! Virtio devices: [`Block`] (virtio-blk on a raw file), [`Net`] (virtio-net on a tap
+//! Virtio devices for Ember VMMs: [`Block`] (virtio-blk on a raw file), [`Net`] (virtio-net on a tap
 //! interface) and [`Rng`] (virtio-rng on `getrandom(2)`).
 //!
 //! Each implements [`ember_virtio::VirtioDevice`], so any transport can carry it. When the
@@ -19,20 +19,21 @@
 //! [`rng::process_request`], [`net::process_tx_chain`], [`net::process_rx`]) that tests
 //! and fuzzers call without threads.
 
+#![deny(missing_docs)]
+
 pub mod block;
-mod chain;
+mod error;
 pub mod net;
 pub mod rng;
 pub mod tap;
-mod worker;
 
 pub use block::{Block, BlockOptions, Disk};
-pub use chain::MAX_CHAIN_SEGMENTS;
+pub use ember_virtio::chain::MAX_CHAIN_SEGMENTS;
 pub use net::{Net, NetBackend};
 pub use rng::Rng;
 pub use tap::Tap;
 
-pub use crate::error::DeviceError;
+pub use error::VirtioDeviceError;
 
 /// Virtio device queue size limit used by all Ember devices.
 pub const QUEUE_MAX_SIZE: u16 = 256;
@@ -51,7 +52,7 @@ fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 }
 
 #[cfg(test)]
-pub(crate) mod testutil;
+mod testutil;
 
 #[cfg(test)]
 mod tests {

@@ -8,7 +8,7 @@ use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
 use super::*;
-use crate::virtio::testutil::*;
+use crate::testutil::*;
 
 const SECTORS: u64 = 64;
 const HDR: u64 = 0x20_0000;
@@ -84,7 +84,7 @@ const UNSUPP: Completion = Completion {
 fn open_errors_say_which() {
     let err = Disk::open("/nonexistent/ember.img", BlockOptions::default()).unwrap_err();
     assert!(
-        matches!(err, DeviceError::DiskImage { op: "open", .. }),
+        matches!(err, VirtioDeviceError::DiskImage { op: "open", .. }),
         "{err}"
     );
     assert!(err.to_string().contains("/nonexistent/ember.img"));
@@ -92,7 +92,7 @@ fn open_errors_say_which() {
     f.write_all(&[0u8; 1000]).unwrap();
     let err = Block::new(f.path(), BlockOptions::default()).unwrap_err();
     assert!(
-        matches!(err, DeviceError::DiskSize { size: 1000, .. }),
+        matches!(err, VirtioDeviceError::DiskSize { size: 1000, .. }),
         "{err}"
     );
     assert!(err.to_string().contains("not a multiple of 512"));

@@ -10,7 +10,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use super::*;
-use crate::virtio::testutil::*;
+use crate::testutil::*;
 
 /// An in-memory backend: frames to hand to the device, frames the device wrote.
 #[derive(Clone, Default)]

@@ -29,10 +29,10 @@ use vm_memory::bitmap::Bitmap as _;
 use vm_memory::volatile_memory::PtrGuardMut;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::chain::{region_slice, walk_into, ChainLayout, CopyError, Cursor};
-use super::worker::{drain_queue, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
-use super::{read_config_bytes, QUEUE_MAX_SIZE};
-use crate::DeviceError;
+use crate::VirtioDeviceError;
+use crate::{read_config_bytes, QUEUE_MAX_SIZE};
+use ember_virtio::chain::{region_slice, walk_into, ChainLayout, CopyError, Cursor};
+use ember_virtio::worker::{drain_queue, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
 
 /// Sector size: virtio-blk addresses the disk in 512-byte sectors.
 pub const SECTOR_SIZE: u64 = 512;
@@ -118,11 +118,11 @@ impl Disk {
     /// Opens `path` (`O_RDWR`, or `O_RDONLY` if `options.read_only`). Its size must be a
     /// multiple of 512. For a writable image, probes whether the file system supports
     /// `fallocate(2)` hole punching and zero ranges (see [`Disk::supports_discard`]).
-    pub fn open(path: impl AsRef<Path>, options: BlockOptions) -> Result<Disk, DeviceError> {
+    pub fn open(path: impl AsRef<Path>, options: BlockOptions) -> Result<Disk, VirtioDeviceError> {
         let path = path.as_ref().to_path_buf();
         let err = |op: &'static str, path: &Path| {
             let path = path.to_path_buf();
-            move |source| DeviceError::DiskImage { op, path, source }
+            move |source| VirtioDeviceError::DiskImage { op, path, source }
         };
         let file = OpenOptions::new()
             .read(true)
@@ -134,7 +134,7 @@ impl Disk {
             .seek(SeekFrom::End(0))
             .map_err(err("read the size of", &path))?;
         if size % SECTOR_SIZE != 0 {
-            return Err(DeviceError::DiskSize { path, size });
+            return Err(VirtioDeviceError::DiskSize { path, size });
         }
         let ino = file.metadata().map_err(err("stat", &path))?.ino();
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
@@ -310,7 +310,7 @@ pub const MAX_IOVECS: usize = 1024;
 /// data.
 ///
 /// ```
-/// use ember_devices::virtio::block::RequestBuffers;
+/// use ember_virtio_devices::block::RequestBuffers;
 ///
 /// let mut buffers = RequestBuffers::new();
 /// # let _ = &mut buffers;
@@ -757,13 +757,13 @@ fn discard_or_write_zeroes<M: GuestMemoryBackend + ?Sized>(
 /// supports them ([`Disk::supports_discard`], [`Disk::supports_write_zeroes`]).
 ///
 /// ```no_run
-/// use ember_devices::virtio::{Block, BlockOptions};
+/// use ember_virtio_devices::{Block, BlockOptions};
 /// use ember_virtio::VirtioDevice;
 ///
 /// let disk = Block::new("disk.img", BlockOptions { read_only: false })?;
 /// let mut capacity = [0u8; 8];
 /// disk.read_config(0, &mut capacity);
-/// # Ok::<(), ember_devices::DeviceError>(())
+/// # Ok::<(), ember_virtio_devices::VirtioDeviceError>(())
 /// ```
 #[derive(Debug)]
 pub struct Block {
@@ -775,7 +775,7 @@ pub struct Block {
 
 impl Block {
     /// Opens the image at `path` (see [`Disk::open`]) and builds the device.
-    pub fn new(path: impl AsRef<Path>, options: BlockOptions) -> Result<Block, DeviceError> {
+    pub fn new(path: impl AsRef<Path>, options: BlockOptions) -> Result<Block, VirtioDeviceError> {
         Ok(Block::from_disk(Disk::open(path, options)?))
     }
 
