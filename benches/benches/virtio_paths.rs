@@ -16,7 +16,10 @@
 //!   itself is KVM's ioeventfd on the vCPU's side, so it is done outside the timed part.
 //!   `floor_pread_4k` and `floor_pwrite_4k` are the floor: the same system calls on the
 //!   same file and offsets from a host buffer, without queue or guest memory; and
-//!   `floor_epoll_wait` the notification's: the `epoll_wait` alone.
+//!   `floor_epoll_wait` the notification's: the `epoll_wait` alone. Guest memory is an
+//!   `Arc<GuestMemoryMmap>` of which each notification takes a snapshot, as the worker
+//!   does once per wake-up; `read_4k_dirty` is `read_4k` on memory with a dirty bitmap
+//!   (`AtomicBitmap`), where the device marks the pages it read into.
 //!
 //! At the end, a table of the medians (and MiB/s for virtio-blk) of this run.
 //!
@@ -50,7 +53,8 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -209,10 +213,10 @@ impl Notify {
     }
 }
 
-/// The driver and the device around one queue.
-struct Blk<'m> {
-    mem: &'m GuestMemoryMmap,
-    vq: MockSplitQueue<'m, GuestMemoryMmap>,
+/// The driver and the device around one queue, on guest memory with bitmap `B`.
+struct Blk<'m, B: Bitmap + 'static> {
+    mem: &'m Arc<GuestMemoryMmap<B>>,
+    vq: MockSplitQueue<'m, GuestMemoryMmap<B>>,
     queue: Queue,
     disk: Disk,
     buffers: RequestBuffers,
@@ -221,9 +225,9 @@ struct Blk<'m> {
     published: u64,
 }
 
-impl<'m> Blk<'m> {
-    fn new(mem: &'m GuestMemoryMmap, disk: Disk, req_type: u32) -> Self {
-        let vq = MockSplitQueue::create(mem, GuestAddress(0), QUEUE_SIZE);
+impl<'m, B: Bitmap + 'static> Blk<'m, B> {
+    fn new(mem: &'m Arc<GuestMemoryMmap<B>>, disk: Disk, req_type: u32) -> Self {
+        let vq = MockSplitQueue::create(&**mem, GuestAddress(0), QUEUE_SIZE);
         let data_flags = if req_type == VIRTIO_BLK_T_IN {
             WRITE
         } else {
@@ -277,7 +281,7 @@ impl<'m> Blk<'m> {
         let mut header = [0u8; 16];
         header[0..4].copy_from_slice(&self.req_type.to_le_bytes());
         header[8..16].copy_from_slice(&sector.to_le_bytes());
-        let mem = self.mem;
+        let mem = &**self.mem;
         mem.write_slice(&header, GuestAddress(HEADERS + 16 * u64::from(chain)))
             .expect("header");
         mem.write_obj(0xeeu8, GuestAddress(STATUSES + u64::from(chain)))
@@ -297,7 +301,9 @@ impl<'m> Blk<'m> {
     /// Device side: handles a notification carrying one request.
     #[inline(never)]
     fn handle_notification(&mut self) {
-        let mem = self.mem;
+        // The worker's snapshot of guest memory for this wake-up.
+        let snapshot = self.mem.memory();
+        let mem = &*snapshot;
         self.queue.disable_notification(mem).expect("disable");
         let chain = self.queue.pop_descriptor_chain(mem).expect("a chain");
         let head = chain.head_index();
@@ -344,6 +350,42 @@ impl<'m> Blk<'m> {
     }
 }
 
+/// Benchmarks `name`: requests of `req_type` on guest memory `mem`, each handled as one
+/// notification (with its `epoll_wait` if `kick`). The driver publishes a batch of
+/// `CHAINS` (untimed), then the device handles them one notification each (timed).
+fn bench_blk<M: Measurement, B: Bitmap + 'static>(
+    group: &mut BenchmarkGroup<'_, M>,
+    name: &str,
+    mem: &Arc<GuestMemoryMmap<B>>,
+    disk: Disk,
+    req_type: u32,
+    kick: bool,
+) {
+    let batch = BatchSize::NumIterations(u64::from(CHAINS));
+    let blk = RefCell::new(Blk::new(mem, disk, req_type));
+    let notify = Notify::new();
+    group.bench_function(name, |b| {
+        b.iter_batched(
+            || {
+                let slot = blk.borrow_mut().publish();
+                if kick {
+                    // What KVM's ioeventfd does on the guest's notify write, on the
+                    // vCPU's side: not the device's time.
+                    notify.signal(slot);
+                }
+            },
+            |()| {
+                if kick {
+                    notify.wait_one();
+                }
+                blk.borrow_mut().handle_notification();
+            },
+            batch,
+        )
+    });
+    blk.borrow().check();
+}
+
 fn virtio_blk<M: Measurement>(c: &mut Criterion<M>) {
     let image = Image::create();
     let open = || Disk::open(&image.0, BlockOptions { read_only: false }).expect("disk");
@@ -351,33 +393,17 @@ fn virtio_blk<M: Measurement>(c: &mut Criterion<M>) {
     short(&mut group);
     group.throughput(Throughput::Bytes(u64::from(BLOCK)));
 
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("memory");
-    // Batches of `CHAINS`: the driver publishes them (untimed), then the device handles
-    // them one notification each (timed).
+    let mem = Arc::new(
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("memory"),
+    );
+    let dirty_mem = Arc::new(
+        GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
+            .expect("memory"),
+    );
+    // Batches of `CHAINS` (see `bench_blk`), for the notification floor too.
     let batch = BatchSize::NumIterations(u64::from(CHAINS));
     let bench = |group: &mut BenchmarkGroup<'_, M>, name: &str, req_type: u32, kick: bool| {
-        let blk = RefCell::new(Blk::new(&mem, open(), req_type));
-        let notify = Notify::new();
-        group.bench_function(name, |b| {
-            b.iter_batched(
-                || {
-                    let slot = blk.borrow_mut().publish();
-                    if kick {
-                        // What KVM's ioeventfd does on the guest's notify write, on the
-                        // vCPU's side: not the device's time.
-                        notify.signal(slot);
-                    }
-                },
-                |()| {
-                    if kick {
-                        notify.wait_one();
-                    }
-                    blk.borrow_mut().handle_notification();
-                },
-                batch,
-            )
-        });
-        blk.borrow().check();
+        bench_blk(group, name, &mem, open(), req_type, kick);
     };
     // The floor: the same 4 KiB system calls on the same file at the same offsets, from
     // and into a host buffer, with no queue and no guest memory.
@@ -424,6 +450,14 @@ fn virtio_blk<M: Measurement>(c: &mut Criterion<M>) {
     floor(&mut group, "floor_pread_4k", false);
     bench(&mut group, "read_4k", VIRTIO_BLK_T_IN, false);
     bench(&mut group, "read_4k_kick", VIRTIO_BLK_T_IN, true);
+    bench_blk(
+        &mut group,
+        "read_4k_dirty",
+        &dirty_mem,
+        open(),
+        VIRTIO_BLK_T_IN,
+        false,
+    );
     floor(&mut group, "floor_pwrite_4k", true);
     bench(&mut group, "write_4k", VIRTIO_BLK_T_OUT, false);
     bench(&mut group, "write_4k_kick", VIRTIO_BLK_T_OUT, true);
@@ -476,6 +510,12 @@ fn summary(clock: &str, since: SystemTime) {
             "write_4k_kick",
             f64::from(BLOCK),
             Some("floor_pwrite_4k"),
+        ),
+        (
+            "virtio_blk",
+            "read_4k_dirty",
+            f64::from(BLOCK),
+            Some("floor_pread_4k"),
         ),
     ];
     for (group, id, bytes, floor) in rows {

@@ -28,7 +28,7 @@ pub enum Error {
     /// Writing the guest code into guest memory failed.
     GuestMemory(ember_memory::vm_memory::GuestMemoryError),
     /// Ember's ELF loader rejected the guest image.
-    Load(ember_boot::BootError),
+    Load(ember_boot::ElfError),
     /// The guest image has no PVH entry note.
     NoPvhEntry,
     /// The trivial device could not be put on the bus.
@@ -163,8 +163,8 @@ impl From<ember_memory::vm_memory::GuestMemoryError> for Error {
     }
 }
 
-impl From<ember_boot::BootError> for Error {
-    fn from(e: ember_boot::BootError) -> Self {
+impl From<ember_boot::ElfError> for Error {
+    fn from(e: ember_boot::ElfError) -> Self {
         Error::Load(e)
     }
 }

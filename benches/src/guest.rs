@@ -178,7 +178,8 @@ mod tests {
         let code = Workload::Pio.code(3).unwrap();
         let image = Workload::Pio.image(3).unwrap();
         let load =
-            ember_boot::load_elf(&mem, &image, GuestAddress(ember_boot::HIMEM_START)).unwrap();
+            ember_boot::load_elf(&mem, &image, GuestAddress(ember_arch::layout::HIMEM_START))
+                .unwrap();
         assert_eq!(load.pvh_entry, Some(GuestAddress(CODE_ADDR)));
         assert_eq!(load.entry, GuestAddress(CODE_ADDR));
         let mut loaded = vec![0u8; code.len()];

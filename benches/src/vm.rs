@@ -12,11 +12,12 @@
 use std::sync::Arc;
 
 use ember_bus::Bus;
-use ember_memory::vm_memory::{GuestAddress, GuestMemoryMmap};
+use ember_memory::vm_memory::GuestAddress;
 use ember_memory::{create_guest_memory, HugePages, MemoryLayout, MIB};
 use ember_vcpu::{cpuid, msrs, regs, Vcpu};
+use ember_vm::Vm;
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd};
 
 use crate::Error;
 
@@ -26,8 +27,7 @@ pub const RAM_SIZE: u64 = 64 * MIB;
 /// A VM ready for its one vCPU.
 #[derive(Debug)]
 pub struct BenchVm {
-    vm: VmFd,
-    mem: GuestMemoryMmap,
+    vm: Vm,
     supported_cpuid: CpuId,
     entry: GuestAddress,
 }
@@ -40,16 +40,12 @@ impl BenchVm {
             op: "open /dev/kvm",
             source,
         })?;
-        let vm = kvm.create_vm().map_err(|source| Error::Kvm {
-            op: "KVM_CREATE_VM",
-            source,
-        })?;
-        ember_vcpu::vm::setup_vm(&vm)?;
         let layout = MemoryLayout::new(RAM_SIZE)?;
-        let mem = create_guest_memory(&layout, HugePages::None)?;
-        ember_vm::register_memory_slots(&vm, &mem, 0)?;
+        let vm = Vm::new(&kvm, create_guest_memory(&layout, HugePages::None)?)?;
+        let mem = vm.memory().clone();
         regs::write_boot_tables(&mem)?;
-        let load = ember_boot::load_elf(&mem, image, GuestAddress(ember_boot::HIMEM_START))?;
+        let load =
+            ember_boot::load_elf(&mem, image, GuestAddress(ember_arch::layout::HIMEM_START))?;
         let entry = load.pvh_entry.ok_or(Error::NoPvhEntry)?;
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -59,15 +55,15 @@ impl BenchVm {
             })?;
         Ok(BenchVm {
             vm,
-            mem,
             supported_cpuid,
             entry,
         })
     }
 
-    /// Creates vCPU 0 as a bare `VcpuFd`, configured like [`BenchVm::ember_vcpu`].
+    /// Creates vCPU 0 as a bare `VcpuFd`, configured like [`BenchVm::ember_vcpu`]. It
+    /// does not hold the VM: keep this `BenchVm` while it runs.
     pub fn raw_vcpu(&self) -> Result<VcpuFd, Error> {
-        let fd = self.vm.create_vcpu(0).map_err(|source| Error::Kvm {
+        let fd = self.vm.fd().create_vcpu(0).map_err(|source| Error::Kvm {
             op: "KVM_CREATE_VCPU",
             source,
         })?;
@@ -77,7 +73,7 @@ impl BenchVm {
 
     /// Creates vCPU 0 as an Ember [`Vcpu`] whose exits go to `pio` and `mmio`.
     pub fn ember_vcpu(&self, pio: Arc<Bus>, mmio: Arc<Bus>) -> Result<Vcpu, Error> {
-        let vcpu = Vcpu::new(&self.vm, 0, pio, mmio, self.mem.clone())?;
+        let vcpu = Vcpu::new(&self.vm, 0, pio, mmio)?;
         self.configure(vcpu.fd())?;
         Ok(vcpu)
     }

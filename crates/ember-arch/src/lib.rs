@@ -21,3 +21,8 @@
 #![deny(missing_docs)]
 
 pub mod layout;
+
+/// The README's example, compiled and run as a doc test.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -2,10 +2,46 @@
 
 use std::fmt;
 
+use ember_arch::layout::CMDLINE_MAX_SIZE;
 use vm_memory::{GuestAddress, GuestMemory};
 
-use crate::guest::write_bytes;
-use crate::{BootError, CMDLINE_MAX_SIZE};
+use crate::guest::{write_bytes, GuestWriteError};
+
+/// Why a command line was refused or could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum CmdlineError {
+    /// A command line was created with no room even for its NUL.
+    #[error("command line capacity must be at least 1 (room for the terminating NUL)")]
+    ZeroCapacity,
+    /// The command line, with its NUL, would exceed its capacity.
+    #[error("command line of {len} bytes (with NUL) exceeds the limit of {limit} bytes")]
+    TooLong {
+        /// Length the command line would have, including the NUL.
+        len: usize,
+        /// The limit, including the NUL.
+        limit: usize,
+    },
+    /// The text to add contains a NUL byte.
+    #[error("command line text contains a NUL byte at position {position}")]
+    ContainsNul {
+        /// Byte position of the NUL within the added text.
+        position: usize,
+    },
+    /// The text to add contains a byte that is not printable ASCII.
+    #[error(
+        "command line text contains byte {byte:#04x} at position {position}, \
+         which is not printable ASCII"
+    )]
+    NonPrintable {
+        /// The offending byte.
+        byte: u8,
+        /// Byte position within the added text.
+        position: usize,
+    },
+    /// The command line could not be written to guest memory.
+    #[error(transparent)]
+    Memory(#[from] GuestWriteError),
+}
 
 /// A kernel command line under construction, bounded by a capacity.
 ///
@@ -16,7 +52,7 @@ use crate::{BootError, CMDLINE_MAX_SIZE};
 /// # Example
 ///
 /// ```
-/// use ember_boot::Cmdline;
+/// use ember_boot::cmdline::Cmdline;
 ///
 /// let mut cmdline = Cmdline::new(32)?;
 /// cmdline.insert_str("console=ttyS0")?;
@@ -24,7 +60,7 @@ use crate::{BootError, CMDLINE_MAX_SIZE};
 /// assert_eq!(cmdline.as_str(), "console=ttyS0 panic=1");
 /// assert_eq!(cmdline.as_cstring_bytes(), b"console=ttyS0 panic=1\0");
 /// assert!(cmdline.insert_str("root=/dev/vda rw").is_err()); // 39 bytes > 32
-/// # Ok::<(), ember_boot::BootError>(())
+/// # Ok::<(), ember_boot::cmdline::CmdlineError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cmdline {
@@ -38,11 +74,11 @@ impl Cmdline {
     ///
     /// # Errors
     ///
-    /// [`BootError::CmdlineZeroCapacity`] if `capacity` is 0: there would be
+    /// [`CmdlineError::ZeroCapacity`] if `capacity` is 0: there would be
     /// no room for the NUL.
-    pub fn new(capacity: usize) -> Result<Self, BootError> {
+    pub fn new(capacity: usize) -> Result<Self, CmdlineError> {
         if capacity == 0 {
-            return Err(BootError::CmdlineZeroCapacity);
+            return Err(CmdlineError::ZeroCapacity);
         }
         Ok(Self {
             line: String::new(),
@@ -57,17 +93,17 @@ impl Cmdline {
     ///
     /// # Errors
     ///
-    /// [`BootError::CmdlineContainsNul`] or [`BootError::CmdlineNonPrintable`]
+    /// [`CmdlineError::ContainsNul`] or [`CmdlineError::NonPrintable`]
     /// if `s` holds a byte outside printable ASCII, and
-    /// [`BootError::CmdlineTooLong`] if the result, with its NUL, would exceed
+    /// [`CmdlineError::TooLong`] if the result, with its NUL, would exceed
     /// the capacity.
-    pub fn insert_str(&mut self, s: &str) -> Result<(), BootError> {
+    pub fn insert_str(&mut self, s: &str) -> Result<(), CmdlineError> {
         for (position, &byte) in s.as_bytes().iter().enumerate() {
             if byte == 0 {
-                return Err(BootError::CmdlineContainsNul { position });
+                return Err(CmdlineError::ContainsNul { position });
             }
             if !(0x20..=0x7e).contains(&byte) {
-                return Err(BootError::CmdlineNonPrintable { byte, position });
+                return Err(CmdlineError::NonPrintable { byte, position });
             }
         }
         if s.is_empty() {
@@ -82,7 +118,7 @@ impl Cmdline {
             .saturating_add(s.len())
             .saturating_add(1);
         if len > self.capacity {
-            return Err(BootError::CmdlineTooLong {
+            return Err(CmdlineError::TooLong {
                 len,
                 limit: self.capacity,
             });
@@ -137,13 +173,14 @@ impl Default for Cmdline {
 ///
 /// # Errors
 ///
-/// [`BootError::OutsideGuestMemory`] if it does not fit at `addr` (nothing is
-/// written), or [`BootError::GuestMemoryWrite`].
+/// [`CmdlineError::Memory`] with [`GuestWriteError::OutsideGuestMemory`] if it does
+/// not fit at `addr` (nothing is written), or with [`GuestWriteError::Write`].
 ///
 /// # Example
 ///
 /// ```
-/// use ember_boot::{load_cmdline, Cmdline, CMDLINE_START};
+/// use ember_arch::layout::CMDLINE_START;
+/// use ember_boot::cmdline::{load_cmdline, Cmdline};
 /// use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 ///
 /// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
@@ -153,14 +190,15 @@ impl Default for Cmdline {
 /// let mut back = [0u8; 6];
 /// mem.read_slice(&mut back, GuestAddress(CMDLINE_START)).unwrap();
 /// assert_eq!(&back, b"quiet\0");
-/// # Ok::<(), ember_boot::BootError>(())
+/// # Ok::<(), ember_boot::cmdline::CmdlineError>(())
 /// ```
 pub fn load_cmdline<M: GuestMemory>(
     mem: &M,
     addr: GuestAddress,
     cmdline: &Cmdline,
-) -> Result<(), BootError> {
-    write_bytes(mem, "command line", &cmdline.as_cstring_bytes(), addr.0)
+) -> Result<(), CmdlineError> {
+    write_bytes(mem, "command line", &cmdline.as_cstring_bytes(), addr.0)?;
+    Ok(())
 }
 
 impl fmt::Display for Cmdline {
@@ -195,10 +233,7 @@ mod tests {
 
     #[test]
     fn zero_capacity_rejected() {
-        assert!(matches!(
-            Cmdline::new(0),
-            Err(BootError::CmdlineZeroCapacity)
-        ));
+        assert!(matches!(Cmdline::new(0), Err(CmdlineError::ZeroCapacity)));
     }
 
     #[test]
@@ -208,10 +243,7 @@ mod tests {
         c.insert_str("abc").unwrap();
         c.insert_str("def").unwrap();
         let err = c.insert_str("g").unwrap_err();
-        assert!(matches!(
-            err,
-            BootError::CmdlineTooLong { len: 10, limit: 8 }
-        ));
+        assert!(matches!(err, CmdlineError::TooLong { len: 10, limit: 8 }));
         assert!(err.to_string().contains("10 bytes"));
         assert!(err.to_string().contains("limit of 8"));
         // Unchanged after the error.
@@ -223,7 +255,7 @@ mod tests {
         let mut c = Cmdline::new(4).unwrap();
         assert!(matches!(
             c.insert_str("abcd"),
-            Err(BootError::CmdlineTooLong { len: 5, limit: 4 })
+            Err(CmdlineError::TooLong { len: 5, limit: 4 })
         ));
         assert!(c.is_empty());
     }
@@ -233,7 +265,7 @@ mod tests {
         let mut c = Cmdline::new(64).unwrap();
         assert!(matches!(
             c.insert_str("ab\0cd"),
-            Err(BootError::CmdlineContainsNul { position: 2 })
+            Err(CmdlineError::ContainsNul { position: 2 })
         ));
         assert!(c.is_empty());
     }
@@ -248,7 +280,7 @@ mod tests {
             ("é", 0xc3, 0),
         ] {
             match c.insert_str(s) {
-                Err(BootError::CmdlineNonPrintable {
+                Err(CmdlineError::NonPrintable {
                     byte: b,
                     position: p,
                 }) => {

@@ -1,8 +1,12 @@
 //! The e820 memory map handed to the kernel.
 
+use ember_arch::layout::{EBDA_START, HIMEM_START};
 use vm_memory::{GuestMemory, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::{le, BootError, EBDA_START, HIMEM_START};
+use crate::le;
+
+// The low region splits into RAM, the reserved EBDA-to-1-MiB range, and RAM again.
+const _: () = assert!(EBDA_START < HIMEM_START);
 
 /// e820 type of usable RAM.
 pub const E820_RAM: u32 = 1;
@@ -10,6 +14,34 @@ pub const E820_RAM: u32 = 1;
 pub const E820_RESERVED: u32 = 2;
 /// Most e820 entries the zero page holds (`E820_MAX_ENTRIES_ZEROPAGE`).
 pub const E820_MAX_ENTRIES: usize = 128;
+
+/// Why an e820 map could not be built from guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum E820Error {
+    /// The guest memory offers no view of its physical regions (for example
+    /// memory behind an IOMMU), so no e820 map can be built.
+    #[error("guest memory has no physical region map to build an e820 map from")]
+    NoPhysicalMemory,
+    /// No guest memory region starts at address 0.
+    #[error("no guest memory region starts at address 0; the boot layout needs low memory")]
+    NoRegionAtZero,
+    /// The region at address 0 ends below 1 MiB.
+    #[error("guest memory region at 0 ends at {end:#x}, below 1 MiB ({himem:#x})")]
+    LowMemoryTooSmall {
+        /// Exclusive end of the region at 0.
+        end: u64,
+        /// The required minimum end, [`HIMEM_START`].
+        himem: u64,
+    },
+    /// More e820 entries than the zero page (and the PVH memory map) can hold.
+    #[error("{count} e820 entries exceed the limit of {max}")]
+    TooManyEntries {
+        /// Number of entries.
+        count: usize,
+        /// The limit, [`E820_MAX_ENTRIES`].
+        max: usize,
+    },
+}
 
 /// One e820 entry (`struct boot_e820_entry`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,16 +85,16 @@ impl E820Entry {
 ///
 /// # Errors
 ///
-/// [`BootError::E820NoRegionAtZero`] if no region starts at 0,
-/// [`BootError::E820LowMemoryTooSmall`] if it ends below 1 MiB,
-/// [`BootError::E820TooManyEntries`] if the map exceeds
-/// [`E820_MAX_ENTRIES`], and [`BootError::NoPhysicalMemory`] if `mem` does
+/// [`E820Error::NoRegionAtZero`] if no region starts at 0,
+/// [`E820Error::LowMemoryTooSmall`] if it ends below 1 MiB,
+/// [`E820Error::TooManyEntries`] if the map exceeds
+/// [`E820_MAX_ENTRIES`], and [`E820Error::NoPhysicalMemory`] if `mem` does
 /// not expose its physical regions.
 ///
 /// # Example
 ///
 /// ```
-/// use ember_boot::{e820_map, E820Entry, E820_RAM, E820_RESERVED};
+/// use ember_boot::e820::{e820_map, E820Entry, E820_RAM, E820_RESERVED};
 /// use vm_memory::{GuestAddress, GuestMemoryMmap};
 ///
 /// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
@@ -72,15 +104,15 @@ impl E820Entry {
 ///     E820Entry { addr: 0x9_fc00, size: 0x6_0400, kind: E820_RESERVED },
 ///     E820Entry { addr: 0x10_0000, size: (64 << 20) - 0x10_0000, kind: E820_RAM },
 /// ]);
-/// # Ok::<(), ember_boot::BootError>(())
+/// # Ok::<(), ember_boot::e820::E820Error>(())
 /// ```
-pub fn e820_map<M: GuestMemory>(mem: &M) -> Result<Vec<E820Entry>, BootError> {
-    let phys = mem.physical_memory().ok_or(BootError::NoPhysicalMemory)?;
+pub fn e820_map<M: GuestMemory>(mem: &M) -> Result<Vec<E820Entry>, E820Error> {
+    let phys = mem.physical_memory().ok_or(E820Error::NoPhysicalMemory)?;
     let mut regions: Vec<(u64, u64)> = Vec::new();
     for region in phys.iter() {
         if regions.len() >= E820_MAX_ENTRIES {
             // Even one entry per region would be too many.
-            return Err(BootError::E820TooManyEntries {
+            return Err(E820Error::TooManyEntries {
                 count: phys.num_regions(),
                 max: E820_MAX_ENTRIES,
             });
@@ -99,7 +131,7 @@ pub fn e820_map<M: GuestMemory>(mem: &M) -> Result<Vec<E820Entry>, BootError> {
             // The region's exclusive end is `size`, as it starts at 0.
             let end = size;
             if end < HIMEM_START {
-                return Err(BootError::E820LowMemoryTooSmall {
+                return Err(E820Error::LowMemoryTooSmall {
                     end,
                     himem: HIMEM_START,
                 });
@@ -131,10 +163,10 @@ pub fn e820_map<M: GuestMemory>(mem: &M) -> Result<Vec<E820Entry>, BootError> {
         }
     }
     if !saw_zero {
-        return Err(BootError::E820NoRegionAtZero);
+        return Err(E820Error::NoRegionAtZero);
     }
     if map.len() > E820_MAX_ENTRIES {
-        return Err(BootError::E820TooManyEntries {
+        return Err(E820Error::TooManyEntries {
             count: map.len(),
             max: E820_MAX_ENTRIES,
         });
@@ -206,7 +238,7 @@ mod tests {
     #[test]
     fn no_region_at_zero() {
         let err = e820_map(&mem(&[(MIB, 64 * MIB)])).unwrap_err();
-        assert!(matches!(err, BootError::E820NoRegionAtZero));
+        assert!(matches!(err, E820Error::NoRegionAtZero));
     }
 
     #[test]
@@ -214,7 +246,7 @@ mod tests {
         let err = e820_map(&mem(&[(0, 0x8_0000)])).unwrap_err();
         assert!(matches!(
             err,
-            BootError::E820LowMemoryTooSmall {
+            E820Error::LowMemoryTooSmall {
                 end: 0x8_0000,
                 himem: HIMEM_START
             }
@@ -229,7 +261,7 @@ mod tests {
         let err = e820_map(&mem(&ranges)).unwrap_err();
         assert!(matches!(
             err,
-            BootError::E820TooManyEntries {
+            E820Error::TooManyEntries {
                 count: 130,
                 max: E820_MAX_ENTRIES
             }

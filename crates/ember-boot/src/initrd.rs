@@ -4,21 +4,58 @@
 //! from its own end, so the top of RAM is what it uses last. It must stay at or below
 //! `initrd_addr_max`, which for a 64-bit ELF boot (no setup header to ask) is the
 //! boot protocol's default ([`load_initrd`]); a bzImage says what it accepts
-//! ([`BzImage::initrd_addr_max`](crate::BzImage::initrd_addr_max), for
+//! ([`BzImage::initrd_addr_max`](crate::loader::bzimage::BzImage::initrd_addr_max), for
 //! [`load_initrd_below`]). For a PVH boot, [`copy_initrd`] places and writes
 //! it without a zero page.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion};
+use ember_arch::layout::{PAGE_SIZE, ZERO_PAGE_SIZE};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion,
+};
 
-use crate::guest::write_bytes;
-use crate::layout::ZERO_PAGE_SIZE;
-use crate::{BootError, BootParams};
+use crate::guest::{write_bytes, GuestWriteError};
+use crate::zero_page::BootParams;
+
+/// Why an initrd could not be placed or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum InitrdError {
+    /// The initrd has no bytes.
+    #[error("the initrd is empty")]
+    Empty,
+    /// No page-aligned place in guest RAM between the kernel's end and the highest
+    /// address the kernel accepts holds the initrd.
+    #[error(
+        "initrd of {size:#x} bytes does not fit in guest RAM between {lowest:#x} and {max:#x}; give the guest more memory"
+    )]
+    DoesNotFit {
+        /// Size of the initrd.
+        size: u64,
+        /// Lowest allowed address (end of the kernel).
+        lowest: u64,
+        /// Highest address the initrd may reach (inclusive).
+        max: u64,
+    },
+    /// The guest memory offers no view of its physical regions to place the initrd
+    /// in.
+    #[error("guest memory has no physical region map to place the initrd in")]
+    NoPhysicalMemory,
+    /// The zero page could not be read back to record the initrd.
+    #[error("cannot read the zero page at {addr:#x}: {source}")]
+    ZeroPageRead {
+        /// Its address.
+        addr: u64,
+        /// The guest memory error.
+        #[source]
+        source: GuestMemoryError,
+    },
+    /// The initrd or the zero page could not be written.
+    #[error(transparent)]
+    Memory(#[from] GuestWriteError),
+}
 
 /// The highest address (inclusive) an initrd may occupy when the kernel does not say
 /// otherwise (boot protocol before 2.03, and the ELF entry).
 pub const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
-
-const PAGE_SIZE: u64 = 0x1000;
 
 /// Finds the highest page-aligned address where `size` bytes fit inside one RAM
 /// region, at or above `lowest`, ending at or below `addr_max` (inclusive).
@@ -34,16 +71,16 @@ pub fn place_initrd<M: GuestMemory>(
     size: u64,
     lowest: u64,
     addr_max: u64,
-) -> Result<GuestAddress, BootError> {
+) -> Result<GuestAddress, InitrdError> {
     if size == 0 {
-        return Err(BootError::InitrdEmpty);
+        return Err(InitrdError::Empty);
     }
-    let no_fit = BootError::InitrdDoesNotFit {
+    let no_fit = InitrdError::DoesNotFit {
         size,
         lowest,
         max: addr_max,
     };
-    let phys = mem.physical_memory().ok_or(BootError::NoPhysicalMemory)?;
+    let phys = mem.physical_memory().ok_or(InitrdError::NoPhysicalMemory)?;
     let limit = addr_max.saturating_add(1); // exclusive
     phys.iter()
         .filter_map(|region| {
@@ -67,9 +104,9 @@ pub fn place_initrd<M: GuestMemory>(
 /// ```
 /// use vm_memory::{GuestAddress, GuestMemoryMmap};
 /// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
-/// let cmdline = ember_boot::Cmdline::default();
-/// let zero_page = ember_boot::configure_linux_boot(&mem, &cmdline, None).unwrap();
-/// let at = ember_boot::load_initrd(&mem, zero_page, b"070701...", GuestAddress(0x20_0000)).unwrap();
+/// let cmdline = ember_boot::cmdline::Cmdline::default();
+/// let zero_page = ember_boot::configurator::linux::configure_linux_boot(&mem, &cmdline, None).unwrap();
+/// let at = ember_boot::initrd::load_initrd(&mem, zero_page, b"070701...", GuestAddress(0x20_0000)).unwrap();
 /// assert_eq!(at.0 % 4096, 0);
 /// ```
 pub fn load_initrd<M: GuestMemory>(
@@ -77,7 +114,7 @@ pub fn load_initrd<M: GuestMemory>(
     zero_page: GuestAddress,
     image: &[u8],
     kernel_end: GuestAddress,
-) -> Result<GuestAddress, BootError> {
+) -> Result<GuestAddress, InitrdError> {
     load_initrd_below(mem, zero_page, image, kernel_end, DEFAULT_INITRD_ADDR_MAX)
 }
 
@@ -86,20 +123,21 @@ pub fn load_initrd<M: GuestMemory>(
 /// size in the zero page at `zero_page`.
 ///
 /// For a bzImage pass
-/// [`BzImage::initrd_addr_max`](crate::BzImage::initrd_addr_max). The zero
+/// [`BzImage::initrd_addr_max`](crate::loader::bzimage::BzImage::initrd_addr_max). The zero
 /// page is read before anything is written.
 ///
 /// # Errors
 ///
-/// [`BootError::InitrdEmpty`], [`BootError::InitrdDoesNotFit`] (also for an
+/// [`InitrdError::Empty`], [`InitrdError::DoesNotFit`] (also for an
 /// initrd of 4 GiB or more: `ramdisk_size` is 32 bits),
-/// [`BootError::NoPhysicalMemory`], [`BootError::ZeroPageRead`], or a write
-/// error.
+/// [`InitrdError::NoPhysicalMemory`], [`InitrdError::ZeroPageRead`], or
+/// [`InitrdError::Memory`].
 ///
 /// ```
 /// use vm_memory::{GuestAddress, GuestMemoryMmap};
 /// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
-/// let zero_page = ember_boot::configure_linux_boot(&mem, &ember_boot::Cmdline::default(), None).unwrap();
+/// let cmdline = ember_boot::cmdline::Cmdline::default();
+/// let zero_page = ember_boot::configurator::linux::configure_linux_boot(&mem, &cmdline, None).unwrap();
 /// let at = ember_boot::initrd::load_initrd_below(
 ///     &mem, zero_page, &[7; 4096], GuestAddress(0x20_0000), 0xff_ffff,
 /// ).unwrap();
@@ -111,12 +149,12 @@ pub fn load_initrd_below<M: GuestMemory>(
     image: &[u8],
     kernel_end: GuestAddress,
     addr_max: u64,
-) -> Result<GuestAddress, BootError> {
+) -> Result<GuestAddress, InitrdError> {
     let size = image.len() as u64;
     // The zero page's ramdisk_size field is 32 bits.
     let max_size = u64::from(u32::MAX);
     if size > max_size {
-        return Err(BootError::InitrdDoesNotFit {
+        return Err(InitrdError::DoesNotFit {
             size,
             lowest: kernel_end.0,
             max: max_size,
@@ -125,7 +163,7 @@ pub fn load_initrd_below<M: GuestMemory>(
     let addr = place_initrd(mem, size, kernel_end.0, addr_max)?;
     let mut page = [0u8; ZERO_PAGE_SIZE];
     mem.read_slice(&mut page, zero_page)
-        .map_err(|source| BootError::ZeroPageRead {
+        .map_err(|source| InitrdError::ZeroPageRead {
             addr: zero_page.0,
             source,
         })?;
@@ -139,26 +177,26 @@ pub fn load_initrd_below<M: GuestMemory>(
 /// Copies `image` into guest memory above `kernel_end`, with its last byte at
 /// or below `addr_max` (see [`place_initrd`]), and returns its address. No
 /// zero page is touched: for a PVH boot, pass the address and size to
-/// [`configure_pvh_boot`](crate::configure_pvh_boot).
+/// [`configure_pvh_boot`](crate::configurator::pvh::configure_pvh_boot).
 ///
 /// # Errors
 ///
-/// [`BootError::InitrdEmpty`], [`BootError::InitrdDoesNotFit`],
-/// [`BootError::NoPhysicalMemory`], or a write error.
+/// [`InitrdError::Empty`], [`InitrdError::DoesNotFit`],
+/// [`InitrdError::NoPhysicalMemory`], or [`InitrdError::Memory`].
 ///
 /// ```
 /// use vm_memory::{GuestAddress, GuestMemoryMmap};
 /// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
 /// let at = ember_boot::initrd::copy_initrd(&mem, &[7; 100], GuestAddress(0x20_0000), u64::MAX)?;
 /// assert_eq!(at, GuestAddress((64 << 20) - 0x1000));
-/// # Ok::<(), ember_boot::BootError>(())
+/// # Ok::<(), ember_boot::initrd::InitrdError>(())
 /// ```
 pub fn copy_initrd<M: GuestMemory>(
     mem: &M,
     image: &[u8],
     kernel_end: GuestAddress,
     addr_max: u64,
-) -> Result<GuestAddress, BootError> {
+) -> Result<GuestAddress, InitrdError> {
     let addr = place_initrd(mem, image.len() as u64, kernel_end.0, addr_max)?;
     write_bytes(mem, "initrd", image, addr.0)?;
     Ok(addr)
@@ -167,7 +205,8 @@ pub fn copy_initrd<M: GuestMemory>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{configure_linux_boot, Cmdline};
+    use crate::cmdline::Cmdline;
+    use crate::configurator::linux::configure_linux_boot;
     use vm_memory::GuestMemoryMmap;
 
     fn mem(ranges: &[(u64, u64)]) -> GuestMemoryMmap {
@@ -210,11 +249,11 @@ mod tests {
         let m = mem(&[(0, 16 << 20)]);
         assert!(matches!(
             place_initrd(&m, 0, 0, u64::MAX),
-            Err(BootError::InitrdEmpty)
+            Err(InitrdError::Empty)
         ));
         assert!(matches!(
             place_initrd(&m, 15 << 20, 2 << 20, u64::MAX),
-            Err(BootError::InitrdDoesNotFit { size, lowest: 0x20_0000, .. }) if size == 15 << 20
+            Err(InitrdError::DoesNotFit { size, lowest: 0x20_0000, .. }) if size == 15 << 20
         ));
         // Exactly fits between the kernel end and the top.
         assert_eq!(
@@ -259,7 +298,7 @@ mod tests {
         // Below the kernel's end: does not fit.
         assert!(matches!(
             load_initrd_below(&m, zp, &[1; 0x2000], GuestAddress(0x40_0000), 0x40_0fff),
-            Err(BootError::InitrdDoesNotFit { .. })
+            Err(InitrdError::DoesNotFit { .. })
         ));
     }
 
@@ -274,7 +313,7 @@ mod tests {
         assert_eq!(back, image);
         assert!(matches!(
             copy_initrd(&m, &[], GuestAddress(0x20_0000), u64::MAX),
-            Err(BootError::InitrdEmpty)
+            Err(InitrdError::Empty)
         ));
     }
 }

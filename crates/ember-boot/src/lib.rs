@@ -1,37 +1,40 @@
-//! Linux boot loader for x86-64 KVM guests.
+//! Linux kernel loaders and boot protocols for x86-64 KVM guests.
 //!
-//! `ember-boot` puts a Linux kernel and its boot parameters into guest memory
-//! so that a VMM can start a vCPU at one of the kernel's entry points:
+//! `ember-boot` puts a Linux kernel and what it reads at entry into guest memory,
+//! so that a VMM can start a vCPU at one of the kernel's entry points. It is split
+//! the way rust-vmm's `linux-loader` is:
 //!
-//! - a 64-bit ELF kernel (`vmlinux`), loaded with [`load_elf`] and entered at
-//!   its 64-bit entry point with the command line ([`Cmdline`]) and zero page
-//!   ([`BootParams`], with an [e820 map](e820_map)) written by
-//!   [`configure_linux_boot`];
-//! - the same `vmlinux` entered at its 32-bit PVH entry point
-//!   ([`KernelLoad::pvh_entry`], from the Xen note found by
-//!   [`find_pvh_entry`]) with the `hvm_start_info` written by
-//!   [`configure_pvh_boot`];
-//! - a compressed `bzImage`, parsed by [`parse_bzimage`], loaded by
-//!   [`load_bzimage`] and entered at its 64-bit entry point with the zero
-//!   page written by [`configure_bzimage_boot`].
+//! - [`loader`] places the kernel: [`loader::elf`] loads a 64-bit ELF `vmlinux`
+//!   (and finds its PVH entry note), [`loader::bzimage`] parses and loads a
+//!   compressed `bzImage`.
+//! - [`configurator`] writes the boot protocol's structures:
+//!   [`configurator::linux`] the zero page ([`zero_page::BootParams`]) and command
+//!   line for the 64-bit entry (`rsi` = zero page), [`configurator::pvh`] the
+//!   `hvm_start_info` for the 32-bit PVH entry (`ebx` = start info).
+//! - [`cmdline`] builds the command line, [`initrd`] places an initial ramdisk,
+//!   [`e820`] turns guest memory into the e820 memory map both protocols pass.
 //!
-//! An initrd is placed by the [`initrd`] module. [`setup_mptable`]
-//! describes the vCPUs and the IOAPIC to a kernel without ACPI, and
-//! [`setup_acpi`] writes minimal ACPI tables (vCPUs, IOAPIC, and devices in
-//! the DSDT) for kernels that find CPUs only through ACPI; the
-//! `configure_*_boot` functions pass the kernel the RSDP's address. Where
-//! each piece goes in guest physical memory, and why, is documented in
-//! [`layout`].
+//! Firmware tables (ACPI, MP table) are not here but in `ember-firmware`; the
+//! configurators take the RSDP address it returns. Every fixed address comes from
+//! [`ember_arch::layout`], which documents the whole guest physical map.
 //!
-//! All input, above all the kernel image, is treated as untrusted: any byte
-//! sequence yields either a load or a [`BootError`], never a panic, and a
-//! rejected image leaves guest memory untouched.
+//! Every function is generic over vm-memory's [`GuestMemory`](vm_memory::GuestMemory)
+//! (re-exported as [`vm_memory`]), so any backend and bitmap works. All input, above
+//! all the kernel image, is treated as untrusted: any byte sequence yields either a
+//! load or an error naming the bad value (each module has its own error type;
+//! [`Error`] wraps them all for `?`), never a panic, and a rejected image or
+//! configuration leaves guest memory untouched.
 //!
 //! # Example
 //!
 //! ```
-//! use ember_boot::{configure_linux_boot, load_elf, BootParams, Cmdline, HIMEM_START};
-//! use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+//! use ember_arch::layout::HIMEM_START;
+//! use ember_boot::cmdline::Cmdline;
+//! use ember_boot::configurator::linux::configure_linux_boot;
+//! use ember_boot::initrd::load_initrd;
+//! use ember_boot::loader::elf::load_elf;
+//! use ember_boot::vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+//! use ember_boot::zero_page::BootParams;
 //!
 //! # // A minimal vmlinux-like ELF64: one PT_LOAD of 4 code bytes at 16 MiB
 //! # // (with 0x1000 bytes in memory), entry point at its start.
@@ -61,10 +64,12 @@
 //! assert_eq!(kernel.entry, GuestAddress(0x100_0000));
 //! assert_eq!(kernel.end, GuestAddress(0x100_1000));
 //!
-//! // Write the command line and the zero page.
+//! // Write the command line and the zero page (no ACPI tables: no RSDP), then an
+//! // initrd above the kernel, recorded in the zero page.
 //! let mut cmdline = Cmdline::default();
 //! cmdline.insert_str("console=ttyS0 reboot=k panic=1")?;
 //! let zero_page = configure_linux_boot(&mem, &cmdline, None)?;
+//! let initrd = load_initrd(&mem, zero_page, b"070701", kernel.end)?;
 //!
 //! // A VMM now starts the vCPU at `kernel.entry` with `rsi = zero_page`.
 //! let mut page = [0u8; 4096];
@@ -72,48 +77,38 @@
 //! let params = BootParams::from_bytes(page);
 //! assert_eq!(params.boot_flag(), 0xaa55);
 //! assert_eq!(params.e820_entries(), 3);
-//! # Ok::<(), ember_boot::BootError>(())
+//! assert_eq!(params.ramdisk_image(), initrd.0);
+//! # Ok::<(), ember_boot::Error>(())
 //! ```
 #![deny(missing_docs)]
 
-pub mod acpi;
-mod aml;
-pub mod bzimage;
 pub mod cmdline;
+pub mod configurator;
 pub mod e820;
-pub mod elf;
-pub mod error;
+mod error;
 mod guest;
 pub mod initrd;
-pub mod layout;
 mod le;
-pub mod linux;
-pub mod mptable;
-pub mod pvh;
+pub mod loader;
 pub mod zero_page;
 
 #[cfg(test)]
 mod testing;
 
-pub use acpi::{
-    setup_acpi, AcpiConfig, AcpiDevice, AcpiShutdown, ACPI_MAX_CPUS, ACPI_MAX_SLEEP_TYPE,
-};
-pub use bzimage::{
-    bzimage_boot_params, configure_bzimage_boot, load_bzimage, parse_bzimage, BzImage, BzImageLoad,
-};
-pub use cmdline::{load_cmdline, Cmdline};
-pub use e820::{e820_map, E820Entry, E820_MAX_ENTRIES, E820_RAM, E820_RESERVED};
-pub use elf::{load_elf, KernelLoad};
-pub use error::BootError;
-pub use initrd::{load_initrd, load_initrd_below};
-pub use layout::{
-    ACPI_RSDP_START, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MPTABLE_START,
-    PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_SIZE, ZERO_PAGE_START,
-};
-pub use linux::{configure_linux_boot, linux_boot_params};
-pub use mptable::{mptable_size, setup_mptable, MPTABLE_MAX_CPUS};
-pub use pvh::{
-    configure_pvh_boot, find_pvh_entry, HvmMemmapTableEntry, HvmModlistEntry, HvmStartInfo,
-    XEN_ELFNOTE_PHYS32_ENTRY,
-};
-pub use zero_page::BootParams;
+pub use vm_memory;
+
+pub use cmdline::{Cmdline, CmdlineError};
+pub use configurator::linux::{configure_bzimage_boot, configure_linux_boot, LinuxBootError};
+pub use configurator::pvh::{configure_pvh_boot, PvhError};
+pub use e820::{e820_map, E820Entry, E820Error};
+pub use error::Error;
+pub use guest::GuestWriteError;
+pub use initrd::InitrdError;
+pub use loader::bzimage::{load_bzimage, parse_bzimage, BzImage, BzImageError, BzImageLoad};
+pub use loader::elf::{find_pvh_entry, load_elf, ElfError, KernelLoad};
+pub use zero_page::{BootParams, ZeroPageError};
+
+/// The README's example, compiled and run as a doc test.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -10,10 +10,33 @@
 
 use std::fmt;
 
+use ember_arch::layout::ZERO_PAGE_SIZE;
 use vm_memory::{GuestAddress, GuestMemory};
 
-use crate::guest::write_bytes;
-use crate::{le, BootError, E820Entry, E820_MAX_ENTRIES, ZERO_PAGE_SIZE};
+use crate::e820::{E820Entry, E820_MAX_ENTRIES};
+use crate::guest::{write_bytes, GuestWriteError};
+use crate::le;
+
+/// Why a field of the zero page could not be set. The page is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum ZeroPageError {
+    /// The setup header runs past the room `struct boot_params` has for it.
+    #[error("setup header ends at {end:#x}, past the zero page's limit {max:#x}")]
+    SetupHeaderTooLong {
+        /// Exclusive end of the setup header in the page.
+        end: usize,
+        /// The largest end accepted, [`EDD_MBR_SIG_BUFFER`].
+        max: usize,
+    },
+    /// More e820 entries than `e820_table` holds.
+    #[error("{count} e820 entries exceed the zero page's limit of {max}")]
+    TooManyE820Entries {
+        /// Number of entries.
+        count: usize,
+        /// The limit, [`E820_MAX_ENTRIES`].
+        max: usize,
+    },
+}
 
 // `struct boot_params` fields outside the setup header.
 
@@ -148,7 +171,8 @@ const _: () = assert!(0xcd0 <= ZERO_PAGE_SIZE);
 /// # Example
 ///
 /// ```
-/// use ember_boot::{BootParams, E820Entry, E820_RAM};
+/// use ember_boot::e820::{E820Entry, E820_RAM};
+/// use ember_boot::zero_page::BootParams;
 /// use vm_memory::GuestAddress;
 ///
 /// let mut params = BootParams::new();
@@ -158,7 +182,7 @@ const _: () = assert!(0xcd0 <= ZERO_PAGE_SIZE);
 /// assert_eq!(params.as_bytes()[0x1fe..0x200], [0x55, 0xaa]);
 /// assert_eq!(params.cmd_line_ptr(), 0x20000);
 /// assert_eq!(params.e820_entries(), 1);
-/// # Ok::<(), ember_boot::BootError>(())
+/// # Ok::<(), ember_boot::zero_page::ZeroPageError>(())
 /// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct BootParams {
@@ -224,13 +248,13 @@ impl BootParams {
     ///
     /// # Errors
     ///
-    /// [`BootError::BzSetupHeaderTooLong`] if it would run past
+    /// [`ZeroPageError::SetupHeaderTooLong`] if it would run past
     /// [`EDD_MBR_SIG_BUFFER`], the end of the room `struct boot_params` has
     /// for it; the page is then unchanged.
-    pub fn set_setup_header(&mut self, header: &[u8]) -> Result<(), BootError> {
+    pub fn set_setup_header(&mut self, header: &[u8]) -> Result<(), ZeroPageError> {
         let end = SETUP_HEADER.saturating_add(header.len());
         if end > EDD_MBR_SIG_BUFFER {
-            return Err(BootError::BzSetupHeaderTooLong {
+            return Err(ZeroPageError::SetupHeaderTooLong {
                 end,
                 max: EDD_MBR_SIG_BUFFER,
             });
@@ -347,7 +371,8 @@ impl BootParams {
     /// (offset `0x070`). 0 means none: the kernel then scans for it.
     ///
     /// ```
-    /// use ember_boot::{BootParams, ACPI_RSDP_START};
+    /// use ember_arch::layout::ACPI_RSDP_START;
+    /// use ember_boot::zero_page::BootParams;
     /// use vm_memory::GuestAddress;
     ///
     /// let mut params = BootParams::new();
@@ -369,13 +394,13 @@ impl BootParams {
     ///
     /// # Errors
     ///
-    /// [`BootError::E820TooManyEntries`] if there are more than
+    /// [`ZeroPageError::TooManyE820Entries`] if there are more than
     /// [`E820_MAX_ENTRIES`] entries; the page is then unchanged.
-    pub fn set_e820(&mut self, entries: &[E820Entry]) -> Result<(), BootError> {
+    pub fn set_e820(&mut self, entries: &[E820Entry]) -> Result<(), ZeroPageError> {
         let count = u8::try_from(entries.len())
             .ok()
             .filter(|&n| usize::from(n) <= E820_MAX_ENTRIES)
-            .ok_or(BootError::E820TooManyEntries {
+            .ok_or(ZeroPageError::TooManyE820Entries {
                 count: entries.len(),
                 max: E820_MAX_ENTRIES,
             })?;
@@ -408,9 +433,13 @@ impl BootParams {
     ///
     /// # Errors
     ///
-    /// [`BootError::OutsideGuestMemory`] if the page does not fit at `addr`
-    /// (nothing is written), or [`BootError::GuestMemoryWrite`].
-    pub fn write_to<M: GuestMemory>(&self, mem: &M, addr: GuestAddress) -> Result<(), BootError> {
+    /// [`GuestWriteError::OutsideGuestMemory`] if the page does not fit at `addr`
+    /// (nothing is written), or [`GuestWriteError::Write`].
+    pub fn write_to<M: GuestMemory>(
+        &self,
+        mem: &M,
+        addr: GuestAddress,
+    ) -> Result<(), GuestWriteError> {
         write_bytes(mem, "zero page", &self.bytes, addr.0)
     }
 }
@@ -460,8 +489,8 @@ fn join_u64(lo: u32, hi: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::e820::{E820_RAM, E820_RESERVED};
     use crate::testing::{filled_mem, read};
-    use crate::{E820_RAM, E820_RESERVED};
 
     fn at<const N: usize>(p: &BootParams, off: usize) -> [u8; N] {
         p.as_bytes()[off..off + N].try_into().unwrap()
@@ -662,7 +691,7 @@ mod tests {
             let err = p.set_e820(&entries(n)).unwrap_err();
             assert!(matches!(
                 err,
-                BootError::E820TooManyEntries { count, max: 128 } if count == n
+                ZeroPageError::TooManyE820Entries { count, max: 128 } if count == n
             ));
             assert_eq!(p, before);
         }
@@ -688,7 +717,7 @@ mod tests {
         let err = p.write_to(&mem, GuestAddress((1 << 20) - 100)).unwrap_err();
         assert!(matches!(
             err,
-            BootError::OutsideGuestMemory {
+            GuestWriteError::OutsideGuestMemory {
                 what: "zero page",
                 len: 4096,
                 ..

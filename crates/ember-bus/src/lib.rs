@@ -59,3 +59,8 @@ mod device;
 
 pub use bus::{Bus, BusError, BusHandle, BusKind, BusStats};
 pub use device::BusDevice;
+
+/// The README's example, compiled and run as a doc test.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -4,7 +4,7 @@
 //! A hardware-reduced ACPI platform has no PM1 control block. Its FADT instead points
 //! the sleep control register, the sleep status register and the reset register at I/O
 //! ports, and its DSDT's `\_S5_` package gives the sleep type of S5 (soft off). Ember's
-//! ACPI tables (`ember_boot::setup_acpi` with an `AcpiShutdown`) put all three registers
+//! ACPI tables (`ember_firmware::acpi::setup_acpi` with an `AcpiShutdown`) put all three registers
 //! at [`ACPI_SHUTDOWN_PORT`], S5's sleep type [`S5_SLEEP_TYPE`] in `\_S5_`, and
 //! [`ACPI_RESET_VALUE`] in the FADT's `RESET_VALUE`; this device, inserted at that port,
 //! turns the guest's writes into an [`ExitRequest`].

@@ -76,3 +76,8 @@ pub use exit::{ExitRequest, ExitSignal};
 pub use i8042::{I8042, I8042_PORT, I8042_PORT_SIZE};
 pub use irq::IrqLine;
 pub use serial::{Serial, SerialOutput, SerialStats, COM1_GSI, COM1_PORT, SERIAL_PORT_SIZE};
+
+/// The README's example, compiled and run as a doc test.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -46,7 +46,7 @@ const PREFIX: &[u8] = b"Ember demo guest: ";
 
 /// Where the demo looks for virtio-mmio devices: Ember's device MMIO window, one 4 KiB
 /// slot each.
-pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_BASE: u64 = ember_arch::layout::DEVICE_MMIO_START;
 /// How many slots it probes.
 const VIRTIO_SLOTS: u32 = 16;
 /// How many bytes of sector 0 it prints.

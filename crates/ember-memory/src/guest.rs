@@ -2,6 +2,7 @@
 
 use std::io;
 
+use vm_memory::bitmap::{Bitmap, NewBitmap};
 use vm_memory::mmap::{MmapRegionBuilder, MmapRegionError};
 use vm_memory::{Address, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
@@ -32,7 +33,11 @@ pub enum HugePages {
     HugeTlbfs,
 }
 
-/// Allocates host memory for every RAM region in `layout`.
+/// Allocates host memory for every RAM region in `layout`, without dirty-page tracking.
+///
+/// This is [`create_guest_memory_with_bitmap`] with the bitmap `()`, so that the result
+/// has one type whatever the call site does with it (as `HashMap::new` is
+/// `HashMap::with_hasher` with the default hasher).
 ///
 /// Mappings are anonymous and private. With [`HugePages::None`] and
 /// [`HugePages::Transparent`] they are `MAP_NORESERVE`, so untouched guest RAM costs no
@@ -58,6 +63,36 @@ pub fn create_guest_memory(
     layout: &MemoryLayout,
     huge_pages: HugePages,
 ) -> Result<GuestMemoryMmap, MemoryError> {
+    create_guest_memory_with_bitmap(layout, huge_pages)
+}
+
+/// Allocates host memory for every RAM region in `layout`, each region with a dirty
+/// bitmap `B` sized for it: `()` for none, `vm_memory::bitmap::AtomicBitmap` to record
+/// every page written through vm-memory (by the VMM, by virtio devices) for snapshots
+/// and live migration. Writes the guest makes itself are KVM's dirty log, not this.
+///
+/// Otherwise as [`create_guest_memory`].
+///
+/// # Example
+///
+/// ```
+/// use ember_memory::vm_memory::bitmap::{AtomicBitmap, Bitmap};
+/// use ember_memory::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+/// use ember_memory::{create_guest_memory_with_bitmap, HugePages, MemoryLayout, MIB};
+///
+/// let layout = MemoryLayout::new(64 * MIB)?;
+/// let mem = create_guest_memory_with_bitmap::<AtomicBitmap>(&layout, HugePages::None)?;
+/// mem.write_obj(1u8, GuestAddress(0x5000))?;
+///
+/// let ram = mem.find_region(GuestAddress(0)).unwrap();
+/// assert!(ram.bitmap().dirty_at(0x5000));
+/// assert!(!ram.bitmap().dirty_at(0x6000));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn create_guest_memory_with_bitmap<B: NewBitmap>(
+    layout: &MemoryLayout,
+    huge_pages: HugePages,
+) -> Result<GuestMemoryMmap<B>, MemoryError> {
     if huge_pages == HugePages::HugeTlbfs {
         check_huge_page_pool(layout.ram_size())?;
     }
@@ -83,11 +118,11 @@ pub fn create_guest_memory(
 }
 
 /// Maps `size` bytes of host memory for the guest region at `addr`.
-fn map_region(
+fn map_region<B: NewBitmap>(
     addr: GuestAddress,
     size: u64,
     huge_pages: HugePages,
-) -> Result<MmapRegion, MemoryError> {
+) -> Result<MmapRegion<B>, MemoryError> {
     let hugetlb = huge_pages == HugePages::HugeTlbfs;
     let mut flags = libc::MAP_ANONYMOUS | libc::MAP_PRIVATE;
     if hugetlb {
@@ -96,7 +131,9 @@ fn map_region(
         flags |= libc::MAP_NORESERVE;
     }
     // vm-memory only builds for 64-bit targets, so u64 -> usize is lossless.
-    MmapRegionBuilder::new(size as usize)
+    let size_bytes = size as usize;
+    // `with_len`, not `default`: a default `AtomicBitmap` covers no pages at all.
+    MmapRegionBuilder::new_with_bitmap(size_bytes, B::with_len(size_bytes))
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .with_mmap_flags(flags)
         .with_hugetlbfs(hugetlb)
@@ -118,8 +155,8 @@ fn map_region(
 }
 
 /// Asks the kernel to back `mapping` with transparent huge pages.
-fn advise_huge_pages(
-    mapping: &MmapRegion,
+fn advise_huge_pages<B: Bitmap>(
+    mapping: &MmapRegion<B>,
     addr: GuestAddress,
     size: u64,
 ) -> Result<(), MemoryError> {
@@ -203,6 +240,34 @@ mod tests {
         let layout = MemoryLayout::new(512 * crate::MIB).unwrap();
         let mem = create_guest_memory(&layout, HugePages::None).unwrap();
         touch_region_ends(&layout, &mem);
+    }
+
+    /// Every page of every region has a dirty bit, set by writes through vm-memory and
+    /// by nothing else.
+    #[test]
+    fn dirty_bitmap_covers_every_region() {
+        use vm_memory::bitmap::AtomicBitmap;
+
+        let layout = MemoryLayout::new(4 * GIB + 16 * crate::MIB).unwrap();
+        let mem: GuestMemoryMmap<AtomicBitmap> =
+            create_guest_memory_with_bitmap(&layout, HugePages::None).unwrap();
+        assert_eq!(mem.num_regions(), 2);
+        for region in mem.iter() {
+            let last_page = region.len() as usize - PAGE_SIZE as usize;
+            let (first, last) = (
+                region.start_addr(),
+                region.start_addr().unchecked_add(last_page as u64),
+            );
+            assert!(!region.bitmap().dirty_at(0));
+            assert!(!region.bitmap().dirty_at(last_page));
+            mem.write_obj(1u8, first).unwrap();
+            mem.write_obj(2u8, last.unchecked_add(PAGE_SIZE - 1))
+                .unwrap();
+            assert!(region.bitmap().dirty_at(0));
+            assert!(region.bitmap().dirty_at(last_page));
+            assert!(!region.bitmap().dirty_at(PAGE_SIZE as usize));
+            assert!(!region.bitmap().dirty_at(last_page - PAGE_SIZE as usize));
+        }
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //!
 //! * [`MemoryLayout`] places RAM below the 32-bit MMIO hole `[3 GiB, 4 GiB)` and above
 //!   4 GiB, and names the device and 64-bit MMIO windows.
-//! * [`create_guest_memory`] maps host memory for the layout, optionally with huge pages.
+//! * [`create_guest_memory`] maps host memory for the layout, optionally with huge pages;
+//!   [`create_guest_memory_with_bitmap`] does the same with a dirty-page bitmap
+//!   (vm-memory's `AtomicBitmap`) for snapshots and migration.
 //! * [`AddressAllocator`] and [`GsiAllocator`] hand out MMIO ranges and GSIs without
 //!   overlaps.
 //!
@@ -39,10 +41,15 @@ mod layout;
 
 pub use allocator::{AddressAllocator, GsiAllocator};
 pub use error::MemoryError;
-pub use guest::{create_guest_memory, HugePages, HUGE_PAGE_SIZE};
+pub use guest::{create_guest_memory, create_guest_memory_with_bitmap, HugePages, HUGE_PAGE_SIZE};
 pub use layout::{
     MemoryLayout, DEVICE_MMIO_END, DEVICE_MMIO_START, GIB, HIGH_MMIO_ALIGN, HIGH_MMIO_SIZE,
     MAX_RAM_SIZE, MIB, MIN_RAM_SIZE, MMIO_HOLE_END, MMIO_HOLE_START, PAGE_SIZE,
 };
 /// The vm-memory crate this crate is built on, so users get the matching version.
 pub use vm_memory;
+
+/// The README's example, compiled and run as a doc test.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -71,9 +71,6 @@ pub enum VcpuError {
         /// Maximum supported.
         max: u32,
     },
-    /// A VM needs at least one vCPU.
-    #[error("a VM needs at least one vCPU (0 requested)")]
-    NoVcpus,
     /// KVM accepted only some of the boot MSRs.
     #[error("KVM_SET_MSRS on vCPU {vcpu} set {set} of {total} MSRs; MSR {failed:#x} was refused")]
     MsrsRejected {
@@ -165,14 +162,26 @@ pub enum VcpuError {
     /// The [syscall trap](crate::syscall_trap) could not be set up.
     #[error("syscall trap: {0}")]
     SyscallTrap(#[from] crate::syscall_trap::SyscallTrapError),
-    /// KVM returned an exit this run loop does not handle.
-    #[error("vCPU {vcpu}: unexpected KVM exit {exit}")]
-    UnexpectedExit {
+    /// An exit was answered (`Vcpu::complete_*`) that the vCPU is not stopped on.
+    #[error(
+        "vCPU {vcpu}: cannot answer a {expected} exit: the last exit was {}",
+        crate::UnhandledExit::Other { reason: *actual }.name()
+    )]
+    NoPendingExit {
         /// vCPU index.
         vcpu: u32,
-        /// Name of the exit reason.
-        exit: &'static str,
+        /// The exit the answer was for, e.g. `KVM_EXIT_X86_RDMSR`.
+        expected: &'static str,
+        /// The `KVM_EXIT_*` number of the last exit.
+        actual: u32,
     },
+    /// The eventfd a [`VcpuGroup`](crate::VcpuGroup) learns of vCPUs ending through
+    /// could not be created or shared.
+    #[error("cannot create the eventfd that signals a vCPU's end: {0}")]
+    EventFd(std::io::Error),
+    /// Waiting for a [`VcpuGroup`](crate::VcpuGroup)'s events failed.
+    #[error("waiting for the vCPUs to end (poll) failed: {0}")]
+    Wait(std::io::Error),
 }
 
 impl VcpuError {

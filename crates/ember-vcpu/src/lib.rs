@@ -5,11 +5,22 @@
 //!   list with the hypervisor bit, APIC IDs and topology; boot MSRs; FPU; LAPIC
 //!   LINT0/LINT1; 64-bit entry with a GDT and identity-mapped page tables
 //!   ([`regs::write_boot_tables`], once per VM).
+//! * **Creating** ([`Vcpu::new`]) from an [`ember_vm::Vm`]: the vCPU holds the VM, so
+//!   the guest memory it runs on lives as long as it does; generic, as the `Vm` is, over
+//!   the guest memory's dirty-page bitmap.
 //! * **Running** ([`Vcpu::run`], [`Vcpu::spawn`]): one thread per vCPU; port I/O and
 //!   MMIO exits go straight to [`ember_bus::Bus`]es with no lock of their own and no
 //!   allocation; halts, triple faults and system events end the loop as a
 //!   [`VcpuOutcome`]; entry failures and emulation failures as a [`VcpuError`] that says
 //!   where the guest was (for an emulation failure, RIP and the instruction bytes).
+//! * **Exits for the caller** ([`UnhandledExit`]): hypercalls, MSR accesses sent to
+//!   userspace, debug exits and any other exit the loop does not know end [`Vcpu::run`]
+//!   as [`VcpuOutcome::Unhandled`]; the caller answers ([`Vcpu::complete_rdmsr`], ...)
+//!   and calls `run` again. Or an [exit handler](Vcpu::set_exit_handler) on the vCPU's
+//!   thread answers them and resumes the guest.
+//! * **A VM's vCPUs together** ([`VcpuGroup`]): every vCPU on its own thread, a wait for
+//!   the first VM-ending event (a vCPU ending, or an eventfd of the VMM's), then stop
+//!   and join them all.
 //! * **Instruction fallback** ([`fallback`], [`Vcpu::set_instruction_fallback`]): on
 //!   hosts whose KVM cannot emulate some guest kernel instructions (`int3` and `fwait`
 //!   on nested PVM), the run loop completes them itself with their architectural
@@ -39,21 +50,19 @@
 //! }
 //!
 //! let kvm = kvm_ioctls::Kvm::new().unwrap();
-//! let vm = kvm.create_vm().unwrap();
-//! ember_vcpu::vm::setup_vm(&vm).unwrap();
 //! let layout = ember_memory::MemoryLayout::new(16 << 20).unwrap();
 //! let mem = ember_memory::create_guest_memory(&layout, ember_memory::HugePages::None).unwrap();
-//! ember_vm::register_memory_slots(&vm, &mem, 0).unwrap();
-//! regs::write_boot_tables(&mem).unwrap();
+//! let vm = ember_vm::Vm::new(&kvm, mem).unwrap();
+//! regs::write_boot_tables(vm.memory()).unwrap();
 //! // mov al, 0x2a; out 0x80, al; hlt
-//! mem.write_slice(&[0xb0, 0x2a, 0xe6, 0x80, 0xf4], GuestAddress(0x10_0000)).unwrap();
+//! vm.memory().write_slice(&[0xb0, 0x2a, 0xe6, 0x80, 0xf4], GuestAddress(0x10_0000)).unwrap();
 //!
 //! let post = Arc::new(Post(Mutex::new(Vec::new())));
 //! let pio = Arc::new(Bus::new(BusKind::Pio));
 //! pio.insert(0x80, 1, post.clone()).unwrap();
 //! let mmio = Arc::new(Bus::new(BusKind::Mmio));
 //!
-//! let mut vcpu = Vcpu::new(&vm, 0, pio, mmio, mem).unwrap();
+//! let mut vcpu = Vcpu::new(&vm, 0, pio, mmio).unwrap();
 //! vcpu.set_cpuid(&kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap(), 1).unwrap();
 //! vcpu.set_boot_msrs().unwrap();
 //! vcpu.set_fpu().unwrap();
@@ -72,7 +81,9 @@
 pub mod clock;
 pub mod cpuid;
 mod error;
+mod exit;
 pub mod fallback;
+mod group;
 pub mod kick;
 pub mod lapic;
 pub mod msrs;
@@ -80,13 +91,16 @@ pub mod regs;
 mod stats;
 pub mod syscall_trap;
 mod vcpu;
-pub mod vm;
 mod x86;
 
 pub use error::{InstructionBytes, VcpuError};
+pub use exit::{ExitAction, UnhandledExit};
+pub use group::{GroupEvent, VcpuGroup, VcpuResult};
 pub use regs::BootRegs;
 pub use stats::{
     format_ns, latency_bucket, latency_bucket_bound_ns, latency_bucket_label, ExitKind,
     ExitProfile, ExitStats, LatencyHistogram, LATENCY_BUCKETS,
 };
-pub use vcpu::{RunningVcpu, SystemEvent, Vcpu, VcpuOutcome};
+pub use vcpu::{ExitHandler, RunningVcpu, SystemEvent, Vcpu, VcpuOutcome};
+/// The crates this crate's API uses, so users get the matching versions.
+pub use {ember_bus, ember_vm, kvm_bindings, kvm_ioctls, vm_memory, vmm_sys_util};

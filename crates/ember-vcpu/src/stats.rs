@@ -28,7 +28,8 @@ pub enum ExitKind {
     InternalError,
     /// `KVM_EXIT_FAIL_ENTRY`.
     FailEntry,
-    /// Anything else.
+    /// An exit the run loop left to its caller or exit handler
+    /// ([`UnhandledExit`](crate::UnhandledExit)).
     Other,
     /// `int3` completed by the [instruction fallback](crate::fallback).
     FallbackInt3,

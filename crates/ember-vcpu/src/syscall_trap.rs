@@ -113,13 +113,15 @@ use crate::x86::{
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use ember_vm::Vm;
 use kvm_bindings::{
     kvm_enable_cap, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs, KVM_EXIT_X86_WRMSR,
     KVM_MSR_EXIT_REASON_FILTER, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
 };
 use kvm_ioctls::{
-    Cap, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, SyncReg, VcpuFd, VmFd,
+    Cap, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, SyncReg, VcpuFd,
 };
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::msrs::index::{LSTAR, STAR};
@@ -262,30 +264,28 @@ impl SyscallTrap {
     /// use ember_vcpu::syscall_trap::SyscallTrap;
     /// use vm_memory::GuestAddress;
     ///
-    /// let kvm = kvm_ioctls::Kvm::new().unwrap();
-    /// let vm = kvm.create_vm().unwrap();
-    /// let layout = ember_memory::MemoryLayout::new(64 << 20).unwrap();
-    /// let mem = ember_memory::create_guest_memory(&layout, ember_memory::HugePages::None).unwrap();
-    /// ember_vm::register_memory_slots(&vm, &mem, 0).unwrap();
+    /// let kvm = kvm_ioctls::Kvm::new()?;
+    /// let layout = ember_memory::MemoryLayout::new(64 << 20)?;
+    /// let mem = ember_memory::create_guest_memory(&layout, ember_memory::HugePages::None)?;
+    /// let vm = ember_vm::Vm::new(&kvm, mem)?;
     /// // 0xc0000..0xc4000 is reserved in Ember's e820 map; nothing lives at 3 GiB.
-    /// let trap = SyscallTrap::new(&vm, &mem, GuestAddress(0xc_0000), GuestAddress(0xc000_0000))?;
+    /// let trap = SyscallTrap::new(&vm, GuestAddress(0xc_0000), GuestAddress(0xc000_0000))?;
     /// let mut vcpu = ember_vcpu::Vcpu::new(
     ///     &vm,
     ///     0,
     ///     std::sync::Arc::new(ember_bus::Bus::new(ember_bus::BusKind::Pio)),
     ///     std::sync::Arc::new(ember_bus::Bus::new(ember_bus::BusKind::Mmio)),
-    ///     mem.clone(),
     /// )?;
     /// vcpu.set_syscall_trap(Some(trap));
-    /// # Ok::<(), ember_vcpu::VcpuError>(())
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn new(
-        vm: &VmFd,
-        mem: &GuestMemoryMmap,
+    pub fn new<B: Bitmap>(
+        vm: &Vm<B>,
         pages: GuestAddress,
         mmio_page: GuestAddress,
     ) -> Result<Arc<SyscallTrap>, VcpuError> {
-        let trap = SyscallTrap::prepare(mem, pages, mmio_page)?;
+        let trap = SyscallTrap::prepare(vm.memory(), pages, mmio_page)?;
+        let vm = vm.fd();
         for (cap, name) in [
             (Cap::X86UserSpaceMsr, "KVM_CAP_X86_USER_SPACE_MSR"),
             (Cap::X86MsrFilter, "KVM_CAP_X86_MSR_FILTER"),
@@ -330,8 +330,8 @@ impl SyscallTrap {
     }
 
     /// Checks where the pages are and writes the code page; no KVM involved.
-    pub(crate) fn prepare(
-        mem: &GuestMemoryMmap,
+    pub(crate) fn prepare<B: Bitmap>(
+        mem: &GuestMemoryMmap<B>,
         pages: GuestAddress,
         mmio_page: GuestAddress,
     ) -> Result<SyscallTrap, SyscallTrapError> {
@@ -393,9 +393,9 @@ impl SyscallTrap {
     /// Maps the trap's two pages into PML4 slot [`PML4_SLOT`] of the page tables at
     /// `cr3`, if that slot is empty. Every value comes from the guest: nothing here
     /// trusts it beyond reading one PML4 entry, which must be in guest RAM.
-    pub(crate) fn map(
+    pub(crate) fn map<B: Bitmap>(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemoryMmap<B>,
         cr3: u64,
         cr4: u64,
         efer: u64,
@@ -593,10 +593,10 @@ impl VcpuTrap {
     /// Anything else raises #GP in the guest, as the CPU would for a non-canonical
     /// value. Fails only when a KVM ioctl does.
     #[cold]
-    pub(crate) fn wrmsr(
+    pub(crate) fn wrmsr<B: Bitmap>(
         &mut self,
         fd: &mut VcpuFd,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemoryMmap<B>,
         vcpu: u32,
     ) -> Result<(), VcpuError> {
         let sregs = fd.sync_regs().sregs;

@@ -6,18 +6,23 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use ember_bus::{Bus, BusHandle};
+use ember_vm::Vm;
 use kvm_bindings::{
-    kvm_mp_state, CpuId, KVM_EXIT_IO_OUT, KVM_INTERNAL_ERROR_EMULATION,
+    kvm_mp_state, kvm_run, CpuId, KVM_EXIT_HYPERCALL, KVM_EXIT_IO_OUT, KVM_EXIT_X86_RDMSR,
+    KVM_EXIT_X86_WRMSR, KVM_INTERNAL_ERROR_EMULATION,
     KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, KVM_MP_STATE_RUNNABLE,
     KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
-use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::clock::ExitClock;
+use crate::exit::{ExitAction, UnhandledExit};
 use crate::fallback::{self, Completion, FallbackInstruction, GuestState, Resolution};
 use crate::kick::{install_kick_handler, kick_signal, KickTarget};
+use crate::msrs::index::LSTAR;
 use crate::regs::BootRegs;
 use crate::syscall_trap::{SyscallTrap, VcpuTrap};
 use crate::x86::{EFER_LMA, PAGE_SIZE};
@@ -65,6 +70,13 @@ pub enum VcpuOutcome {
     SystemEvent(SystemEvent),
     /// Another thread stopped the vCPU ([`RunningVcpu::stop`] or the stop flag).
     Stopped,
+    /// An exit the run loop leaves to its caller (a hypercall, an MSR access sent to
+    /// userspace, a debug exit, ...), and no [exit handler](Vcpu::set_exit_handler)
+    /// resumed the guest. Answer it if it needs an answer
+    /// ([`Vcpu::complete_hypercall`], [`Vcpu::complete_rdmsr`],
+    /// [`Vcpu::complete_wrmsr`], or [`Vcpu::kvm_run_mut`] for any other), then call
+    /// [`Vcpu::run`] again to resume the guest.
+    Unhandled(UnhandledExit),
 }
 
 /// What still needs doing after `KVM_RUN` returned, once the exit's borrow of the
@@ -74,16 +86,24 @@ enum Pending {
     Io,
     /// A guest `wrmsr` for the [syscall trap](crate::syscall_trap).
     Wrmsr,
+    /// An exit for the caller.
+    Unhandled,
 }
 
-/// One vCPU of a VM, with the buses its exits go to.
-pub struct Vcpu {
+/// A closure the run loop hands the exits it does not handle itself
+/// ([`Vcpu::set_exit_handler`]).
+pub type ExitHandler<B> = Box<dyn FnMut(&mut Vcpu<B>, UnhandledExit) -> ExitAction + Send>;
+
+/// One vCPU of a VM, with the buses its exits go to; generic, as its [`Vm`] is, over
+/// the guest memory's dirty-page bitmap `B`.
+pub struct Vcpu<B = ()> {
     index: u32,
+    /// Declared before `vm`: fields drop in order, so the vCPU file descriptor is closed
+    /// before this vCPU's handle on the VM (and its memory) is released.
     fd: VcpuFd,
     /// Handles cache the buses' device tables: one relaxed load per access.
     pio: BusHandle,
     mmio: BusHandle,
-    mem: GuestMemoryMmap,
     stop: Arc<AtomicBool>,
     stats: Arc<ExitStats>,
     /// The clock exits are timed with, if they are ([`Vcpu::enable_exit_timing`]). A
@@ -100,9 +120,14 @@ pub struct Vcpu {
     /// The guest-physical page of the trap's stores, or [`NO_TRAP_PAGE`]: the MMIO-write
     /// path pays one mask and one compare for the trap.
     syscall_trap_page: u64,
+    /// Where exits the run loop does not handle go first, if anywhere.
+    exit_handler: Option<ExitHandler<B>>,
+    /// The VM, and with it the guest memory: held for as long as `fd` is open, because
+    /// the kernel VM (and KVM's access to the memory) lives on while any vCPU fd does.
+    vm: Vm<B>,
 }
 
-impl std::fmt::Debug for Vcpu {
+impl<B> std::fmt::Debug for Vcpu<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vcpu")
             .field("index", &self.index)
@@ -110,18 +135,15 @@ impl std::fmt::Debug for Vcpu {
     }
 }
 
-impl Vcpu {
+impl<B: Bitmap> Vcpu<B> {
     /// Creates vCPU `index` (its APIC ID too) on `vm`. Its port and MMIO exits go to
-    /// `pio` and `mmio`; `mem` is the VM's memory, used to report the instruction a
-    /// vCPU failed on.
-    pub fn new(
-        vm: &VmFd,
-        index: u32,
-        pio: Arc<Bus>,
-        mmio: Arc<Bus>,
-        mem: GuestMemoryMmap,
-    ) -> Result<Self, VcpuError> {
+    /// `pio` and `mmio`. The vCPU holds a handle on `vm`, so the VM and its guest memory
+    /// live at least as long as the vCPU.
+    ///
+    /// With the in-kernel irqchip, create it ([`Vm::create_irqchip_and_pit`]) first.
+    pub fn new(vm: &Vm<B>, index: u32, pio: Arc<Bus>, mmio: Arc<Bus>) -> Result<Self, VcpuError> {
         let fd = vm
+            .fd()
             .create_vcpu(u64::from(index))
             .map_err(|e| VcpuError::kvm(format!("KVM_CREATE_VCPU {index}"), e))?;
         Ok(Vcpu {
@@ -129,7 +151,6 @@ impl Vcpu {
             fd,
             pio: pio.handle(),
             mmio: mmio.handle(),
-            mem,
             stop: Arc::new(AtomicBool::new(false)),
             stats: Arc::new(ExitStats::default()),
             timer: None,
@@ -137,7 +158,14 @@ impl Vcpu {
             fallback: false,
             syscall_trap: None,
             syscall_trap_page: NO_TRAP_PAGE,
+            exit_handler: None,
+            vm: vm.clone(),
         })
+    }
+
+    /// The VM this vCPU belongs to, and through it the guest memory.
+    pub fn vm(&self) -> &Vm<B> {
+        &self.vm
     }
 
     /// Turns the [instruction fallback](crate::fallback) on or off (off by default): with
@@ -218,7 +246,7 @@ impl Vcpu {
         let (Some(index), Some(count)) = (ids(self.index), ids(count)) else {
             return Err(VcpuError::TooManyVcpus {
                 requested: count,
-                max: crate::vm::MAX_VCPUS,
+                max: ember_vm::MAX_VCPUS,
             });
         };
         let cpuid = cpuid::vcpu_cpuid(supported, index, count);
@@ -355,23 +383,19 @@ impl Vcpu {
                     }
                 }
             }
-            Ok(VcpuExit::X86Rdmsr(msr)) if self.syscall_trap.is_some() => {
+            Ok(VcpuExit::X86Rdmsr(msr)) if msr.index == LSTAR && self.syscall_trap.is_some() => {
                 if let Some(trap) = &self.syscall_trap {
                     trap.rdmsr(msr.index, msr.data, msr.error);
                 }
                 (ExitKind::Msr, Pending::Done)
             }
-            Ok(VcpuExit::X86Wrmsr(_)) if self.syscall_trap.is_some() => {
+            Ok(VcpuExit::X86Wrmsr(msr)) if msr.index == LSTAR && self.syscall_trap.is_some() => {
                 (ExitKind::Msr, Pending::Wrmsr)
             }
             Ok(VcpuExit::Intr) => (ExitKind::Interrupted, Pending::Done),
-            Ok(other) => {
-                self.stats.record(ExitKind::Other);
-                return Err(VcpuError::UnexpectedExit {
-                    vcpu: self.index,
-                    exit: exit_name(&other),
-                });
-            }
+            // Everything else is the caller's: read from `kvm_run` once the exit's
+            // borrow has ended.
+            Ok(_) => (ExitKind::Other, Pending::Unhandled),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.stats.record(ExitKind::Interrupted);
                 // A kick leaves immediate_exit set; clear it so a spurious signal does
@@ -393,15 +417,37 @@ impl Vcpu {
             }
         };
         self.stats.record(kind);
+        if let Some(at) = returned {
+            self.timed_exit = Some((kind, at));
+        }
         match pending {
             Pending::Done => {}
             Pending::Io => self.dispatch_io(),
             Pending::Wrmsr => self.syscall_trap_wrmsr()?,
-        }
-        if let Some(at) = returned {
-            self.timed_exit = Some((kind, at));
+            Pending::Unhandled => return Ok(self.hand_over_exit()),
         }
         Ok(None)
+    }
+
+    /// Offers an exit the run loop does not handle to the [exit
+    /// handler](Vcpu::set_exit_handler), if there is one; returns the outcome that ends
+    /// the run loop, or `None` when the handler resumed the guest. Cold: hypercalls,
+    /// MSR exits and debug exits are rare next to port I/O and MMIO.
+    #[cold]
+    fn hand_over_exit(&mut self) -> Option<VcpuOutcome> {
+        let exit = UnhandledExit::from_kvm_run(self.fd.get_kvm_run());
+        log::trace!("vCPU {}: {exit}", self.index);
+        // Taken out for the call, so the handler can have the whole vCPU.
+        let Some(mut handler) = self.exit_handler.take() else {
+            return Some(VcpuOutcome::Unhandled(exit));
+        };
+        let action = handler(self, exit);
+        // A handler the closure installed meanwhile wins.
+        self.exit_handler.get_or_insert(handler);
+        match action {
+            ExitAction::Resume => None,
+            ExitAction::Return => Some(VcpuOutcome::Unhandled(exit)),
+        }
     }
 
     /// Records the exit being handled: its time in the VMM ends now, as the vCPU is
@@ -414,7 +460,9 @@ impl Vcpu {
         }
     }
 
-    /// Runs the guest until it halts, shuts down, fails, or is stopped.
+    /// Runs the guest until it halts, shuts down, fails, is stopped, or exits for a
+    /// reason the run loop leaves to the caller ([`VcpuOutcome::Unhandled`]); after
+    /// that one, calling `run` again resumes the guest.
     pub fn run(&mut self) -> Result<VcpuOutcome, VcpuError> {
         let _kick_target = KickTarget::register(self.fd.get_kvm_run());
         loop {
@@ -429,6 +477,91 @@ impl Vcpu {
         }
     }
 
+    /// Hands the exits the run loop does not handle ([`UnhandledExit`]) to `handler`
+    /// first, on the vCPU's own thread, instead of ending [`Vcpu::run`] with
+    /// [`VcpuOutcome::Unhandled`] at once. The handler gets the vCPU, to answer the exit
+    /// ([`Vcpu::complete_hypercall`], ...), and says whether the guest goes on
+    /// ([`ExitAction::Resume`]) or `run` returns the exit
+    /// ([`ExitAction::Return`]). What a VMM running its vCPUs on threads
+    /// ([`Vcpu::spawn`], [`VcpuGroup`](crate::VcpuGroup)) uses to serve hypercalls or
+    /// MSRs. Port I/O and MMIO never reach it, so it costs the hot path nothing.
+    ///
+    /// ```no_run
+    /// # fn f(vcpu: &mut ember_vcpu::Vcpu) {
+    /// use ember_vcpu::{ExitAction, UnhandledExit};
+    /// // Answer reads of MSR 0x4b564d00 with 42; leave anything else to `run`'s caller.
+    /// vcpu.set_exit_handler(|vcpu, exit| match exit {
+    ///     UnhandledExit::Rdmsr { index: 0x4b56_4d00, .. } => {
+    ///         match vcpu.complete_rdmsr(Some(42)) {
+    ///             Ok(()) => ExitAction::Resume,
+    ///             Err(_) => ExitAction::Return,
+    ///         }
+    ///     }
+    ///     _ => ExitAction::Return,
+    /// });
+    /// # }
+    /// ```
+    pub fn set_exit_handler<F>(&mut self, handler: F)
+    where
+        F: FnMut(&mut Vcpu<B>, UnhandledExit) -> ExitAction + Send + 'static,
+    {
+        self.exit_handler = Some(Box::new(handler));
+    }
+
+    /// Answers the [`UnhandledExit::Hypercall`] the vCPU stopped on: the guest sees `ret`
+    /// in `RAX` when it resumes. Fails with [`VcpuError::NoPendingExit`] if the vCPU did
+    /// not stop on a hypercall.
+    pub fn complete_hypercall(&mut self, ret: u64) -> Result<(), VcpuError> {
+        let run = self.pending_exit(KVM_EXIT_HYPERCALL, "KVM_EXIT_HYPERCALL")?;
+        // The exit reason says `hypercall` is the union member KVM reads back.
+        run.__bindgen_anon_1.hypercall.ret = ret;
+        Ok(())
+    }
+
+    /// Answers the [`UnhandledExit::Rdmsr`] the vCPU stopped on: the guest's `rdmsr`
+    /// reads `value`, or, with `None`, raises #GP. Fails with
+    /// [`VcpuError::NoPendingExit`] if the vCPU did not stop on an `rdmsr`.
+    pub fn complete_rdmsr(&mut self, value: Option<u64>) -> Result<(), VcpuError> {
+        let run = self.pending_exit(KVM_EXIT_X86_RDMSR, "KVM_EXIT_X86_RDMSR")?;
+        // The exit reason says `msr` is the union member KVM reads back.
+        run.__bindgen_anon_1.msr.data = value.unwrap_or(0);
+        run.__bindgen_anon_1.msr.error = u8::from(value.is_none());
+        Ok(())
+    }
+
+    /// Answers the [`UnhandledExit::Wrmsr`] the vCPU stopped on: the guest's `wrmsr`
+    /// completes if `accepted`, or raises #GP. Fails with [`VcpuError::NoPendingExit`]
+    /// if the vCPU did not stop on a `wrmsr`.
+    pub fn complete_wrmsr(&mut self, accepted: bool) -> Result<(), VcpuError> {
+        let run = self.pending_exit(KVM_EXIT_X86_WRMSR, "KVM_EXIT_X86_WRMSR")?;
+        // The exit reason says `msr` is the union member KVM reads back.
+        run.__bindgen_anon_1.msr.error = u8::from(!accepted);
+        Ok(())
+    }
+
+    /// The vCPU's `kvm_run` page: the last exit's data, for answering an
+    /// [`UnhandledExit::Other`] (or anything the `complete_*` methods do not cover)
+    /// before resuming.
+    pub fn kvm_run_mut(&mut self) -> &mut kvm_run {
+        self.fd.get_kvm_run()
+    }
+
+    /// `kvm_run`, if the last exit was `reason`.
+    fn pending_exit(&mut self, reason: u32, name: &'static str) -> Result<&mut kvm_run, VcpuError> {
+        let vcpu = self.index;
+        let run = self.fd.get_kvm_run();
+        if run.exit_reason != reason {
+            return Err(VcpuError::NoPendingExit {
+                vcpu,
+                expected: name,
+                actual: run.exit_reason,
+            });
+        }
+        Ok(run)
+    }
+}
+
+impl<B: Bitmap + Send + Sync + 'static> Vcpu<B> {
     /// Runs the vCPU on a thread of its own named `ember-vcpu-N`. When the run loop
     /// ends, `done` (if given) is written, so an event loop can wake up.
     pub fn spawn(mut self, done: Option<EventFd>) -> Result<RunningVcpu, VcpuError> {
@@ -457,7 +590,9 @@ impl Vcpu {
             stats,
         })
     }
+}
 
+impl<B: Bitmap> Vcpu<B> {
     /// Handles a port-I/O exit, including string I/O (`rep ins/outs`), which arrives as
     /// `count` accesses of `size` bytes.
     #[inline]
@@ -506,7 +641,7 @@ impl Vcpu {
     #[cold]
     fn syscall_trap_wrmsr(&mut self) -> Result<(), VcpuError> {
         match self.syscall_trap.as_mut() {
-            Some(trap) => trap.wrmsr(&mut self.fd, &self.mem, self.index),
+            Some(trap) => trap.wrmsr(&mut self.fd, self.vm.memory(), self.index),
             None => Ok(()),
         }
     }
@@ -561,7 +696,7 @@ impl Vcpu {
             // Byte by byte: the instruction may run off the end of guest memory.
             for (i, b) in bytes[start..end].iter_mut().enumerate() {
                 let gpa = t.physical_address.wrapping_add(i as u64);
-                match self.mem.read_obj::<u8>(GuestAddress(gpa)) {
+                match self.vm.memory().read_obj::<u8>(GuestAddress(gpa)) {
                     Ok(v) => {
                         *b = v;
                         len += 1;
@@ -667,26 +802,6 @@ impl Vcpu {
             self.index
         );
         FallbackResult::Completed(insn.exit_kind())
-    }
-}
-
-fn exit_name(exit: &VcpuExit<'_>) -> &'static str {
-    match exit {
-        VcpuExit::Unknown => "KVM_EXIT_UNKNOWN",
-        VcpuExit::Exception => "KVM_EXIT_EXCEPTION",
-        VcpuExit::Hypercall(_) => "KVM_EXIT_HYPERCALL",
-        VcpuExit::Debug(_) => "KVM_EXIT_DEBUG",
-        VcpuExit::IrqWindowOpen => "KVM_EXIT_IRQ_WINDOW_OPEN",
-        VcpuExit::SetTpr => "KVM_EXIT_SET_TPR",
-        VcpuExit::TprAccess => "KVM_EXIT_TPR_ACCESS",
-        VcpuExit::Nmi => "KVM_EXIT_NMI",
-        VcpuExit::Watchdog => "KVM_EXIT_WATCHDOG",
-        VcpuExit::IoapicEoi(_) => "KVM_EXIT_IOAPIC_EOI",
-        VcpuExit::Hyperv => "KVM_EXIT_HYPERV",
-        VcpuExit::X86Rdmsr(_) => "KVM_EXIT_X86_RDMSR",
-        VcpuExit::X86Wrmsr(_) => "KVM_EXIT_X86_WRMSR",
-        VcpuExit::MemoryFault { .. } => "KVM_EXIT_MEMORY_FAULT",
-        _ => "an exit reason Ember does not handle",
     }
 }
 

@@ -10,11 +10,15 @@ use ember_bus::{Bus, BusDevice, BusKind};
 use ember_guests::asm::assemble;
 use ember_guests::testing::kvm_available;
 use ember_memory::{create_guest_memory, HugePages, MemoryLayout};
-use ember_vcpu::{regs, BootRegs, ExitKind, Vcpu, VcpuError, VcpuOutcome};
+use ember_vcpu::{
+    regs, BootRegs, ExitAction, ExitKind, GroupEvent, UnhandledExit, Vcpu, VcpuError, VcpuGroup,
+    VcpuOutcome,
+};
+use ember_vm::Vm;
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
-use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use kvm_ioctls::Kvm;
+use vm_memory::{Bytes, GuestAddress};
 
 const CODE: u64 = 0x10_0000;
 /// Port where guests report values for the test to check.
@@ -43,8 +47,7 @@ impl BusDevice for Recorder {
 
 struct TestVm {
     kvm: Kvm,
-    vm: VmFd,
-    mem: GuestMemoryMmap,
+    vm: Vm,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     report: Arc<Recorder>,
@@ -56,12 +59,9 @@ impl TestVm {
             return None;
         }
         let kvm = Kvm::new().unwrap();
-        let vm = kvm.create_vm().unwrap();
-        ember_vcpu::vm::setup_vm(&vm).unwrap();
         let layout = MemoryLayout::new(64 << 20).unwrap();
-        let mem = create_guest_memory(&layout, HugePages::None).unwrap();
-        ember_vm::register_memory_slots(&vm, &mem, 0).unwrap();
-        regs::write_boot_tables(&mem).unwrap();
+        let vm = Vm::new(&kvm, create_guest_memory(&layout, HugePages::None).unwrap()).unwrap();
+        regs::write_boot_tables(vm.memory()).unwrap();
         let report = Arc::new(Recorder::default());
         let pio = Arc::new(Bus::new(BusKind::Pio));
         pio.insert(u64::from(REPORT_PORT), 16, report.clone())
@@ -70,7 +70,6 @@ impl TestVm {
         Some(TestVm {
             kvm,
             vm,
-            mem,
             pio,
             mmio,
             report,
@@ -79,18 +78,14 @@ impl TestVm {
 
     fn load(&self, build: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) {
         let code = assemble(CODE, build).unwrap();
-        self.mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+        self.vm
+            .memory()
+            .write_slice(&code, GuestAddress(CODE))
+            .unwrap();
     }
 
     fn vcpu(&self, index: u32, count: u32) -> Vcpu {
-        let vcpu = Vcpu::new(
-            &self.vm,
-            index,
-            self.pio.clone(),
-            self.mmio.clone(),
-            self.mem.clone(),
-        )
-        .unwrap();
+        let vcpu = Vcpu::new(&self.vm, index, self.pio.clone(), self.mmio.clone()).unwrap();
         let supported = self
             .kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -343,7 +338,7 @@ fn stop_a_vcpu_halted_in_the_kernel() {
     };
     // With the in-kernel irqchip, hlt does not exit to userspace: the vCPU sleeps in
     // KVM until the kick arrives.
-    ember_vm::create_irqchip_and_pit(&t.vm).unwrap();
+    t.vm.create_irqchip_and_pit().unwrap();
     t.load(|a| {
         a.mov(dx, REPORT_PORT as u32)?;
         a.out(dx, al)?;
@@ -457,7 +452,9 @@ fn pvh_entry_starts_in_32_bit_protected_mode() {
     a.out(dx, eax).unwrap();
     a.hlt().unwrap();
     let code = a.assemble(CODE).unwrap();
-    t.mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    t.vm.memory()
+        .write_slice(&code, GuestAddress(CODE))
+        .unwrap();
     let vcpu = t.vcpu(0, 1);
     vcpu.set_pvh_entry(GuestAddress(CODE), GuestAddress(0x6000))
         .unwrap();
@@ -476,13 +473,13 @@ fn too_many_vcpus_is_an_error() {
         return;
     };
     assert!(matches!(
-        ember_vcpu::vm::check_vcpu_count(&t.kvm, 0),
-        Err(VcpuError::NoVcpus)
+        ember_vm::check_vcpu_count(&t.kvm, 0),
+        Err(ember_vm::VmError::NoVcpus)
     ));
-    assert!(ember_vcpu::vm::check_vcpu_count(&t.kvm, 1).is_ok());
-    let max = ember_vcpu::vm::max_vcpus(&t.kvm);
-    match ember_vcpu::vm::check_vcpu_count(&t.kvm, max + 1) {
-        Err(e @ VcpuError::TooManyVcpus { .. }) => {
+    assert!(ember_vm::check_vcpu_count(&t.kvm, 1).is_ok());
+    let max = ember_vm::max_vcpus(&t.kvm);
+    match ember_vm::check_vcpu_count(&t.kvm, max + 1) {
+        Err(e @ ember_vm::VmError::TooManyVcpus { .. }) => {
             assert!(e.to_string().contains(&format!("at most {max}")), "{e}");
         }
         other => panic!("{other:?}"),
@@ -535,7 +532,10 @@ impl TestVm {
             })
             .unwrap();
             assert!(code.len() <= 0x80);
-            self.mem.write_slice(&code, GuestAddress(handler)).unwrap();
+            self.vm
+                .memory()
+                .write_slice(&code, GuestAddress(handler))
+                .unwrap();
             // 64-bit interrupt gate: present, DPL 0, kernel code selector.
             let mut gate = [0u8; 16];
             gate[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
@@ -543,7 +543,8 @@ impl TestVm {
             gate[5] = 0x8e;
             gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
             gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
-            self.mem
+            self.vm
+                .memory()
                 .write_slice(&gate, GuestAddress(IDT + 16 * u64::from(vector)))
                 .unwrap();
         }
@@ -718,4 +719,311 @@ fn fallback_reports_what_it_does_not_handle() {
         other => panic!("expected an emulation failure at {MMIO_BASE:#x}, got {other:?}"),
     }
     assert_eq!(vcpu.stats().get(ExitKind::InternalError), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Exits the run loop leaves to its caller.
+
+/// An MSR no CPU implements, which the tests' MSR filter sends to userspace.
+const USER_MSR: u32 = 0x4000_1000;
+
+impl TestVm {
+    /// Sends every guest `rdmsr` and `wrmsr` of [`USER_MSR`] to the VMM.
+    fn route_user_msr_to_userspace(&self) {
+        use kvm_ioctls::{Cap, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags};
+        self.vm
+            .fd()
+            .enable_cap(&kvm_bindings::kvm_enable_cap {
+                cap: Cap::X86UserSpaceMsr as u32,
+                args: [u64::from(kvm_bindings::KVM_MSR_EXIT_REASON_FILTER), 0, 0, 0],
+                ..Default::default()
+            })
+            .unwrap();
+        // A clear bit denies the access, which with the exit enabled means: ask the VMM.
+        self.vm
+            .fd()
+            .set_msr_filter(
+                MsrFilterDefaultAction::ALLOW,
+                &[MsrFilterRange {
+                    flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+                    base: USER_MSR,
+                    msr_count: 1,
+                    bitmap: &[0u8],
+                }],
+            )
+            .unwrap();
+    }
+
+    /// Guest code: reads [`USER_MSR`] and reports EAX, then EDX; writes
+    /// `0x1_aabb_ccdd` to it; reports 0x600d; halts.
+    fn load_msr_guest(&self) {
+        self.load(|a| {
+            a.mov(ecx, USER_MSR)?;
+            a.rdmsr()?;
+            a.mov(ebx, edx)?;
+            a.mov(dx, REPORT_PORT as u32)?;
+            a.out(dx, eax)?;
+            a.mov(eax, ebx)?;
+            a.out(dx, eax)?;
+            a.mov(eax, 0xaabb_ccddu32)?;
+            a.mov(edx, 1u32)?;
+            a.wrmsr()?;
+            a.mov(eax, 0x600du32)?;
+            a.mov(dx, REPORT_PORT as u32)?;
+            a.out(dx, eax)?;
+            a.hlt()
+        });
+    }
+}
+
+#[test]
+fn msr_exits_go_to_the_caller_who_answers_and_resumes() {
+    let Some(t) = TestVm::new("msr_exits_go_to_the_caller_who_answers_and_resumes") else {
+        return;
+    };
+    t.route_user_msr_to_userspace();
+    t.load_msr_guest();
+    let mut vcpu = t.vcpu(0, 1);
+
+    let exit = match vcpu.run().unwrap() {
+        VcpuOutcome::Unhandled(exit) => exit,
+        other => panic!("expected the rdmsr, got {other:?}"),
+    };
+    assert!(
+        matches!(exit, UnhandledExit::Rdmsr { index: USER_MSR, reason } if reason == kvm_bindings::KVM_MSR_EXIT_REASON_FILTER),
+        "{exit:?}"
+    );
+    assert_eq!(exit.to_string(), "KVM_EXIT_X86_RDMSR of MSR 0x40001000");
+    // Not stopped on a wrmsr: answering one is refused, and says why.
+    let err = vcpu.complete_wrmsr(true).unwrap_err();
+    assert!(
+        matches!(err, VcpuError::NoPendingExit { vcpu: 0, expected: "KVM_EXIT_X86_WRMSR", actual } if actual == kvm_bindings::KVM_EXIT_X86_RDMSR),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("last exit was KVM_EXIT_X86_RDMSR"),
+        "{err}"
+    );
+    vcpu.complete_rdmsr(Some(0x1122_3344_5566_7788)).unwrap();
+
+    match vcpu.run().unwrap() {
+        VcpuOutcome::Unhandled(UnhandledExit::Wrmsr {
+            index: USER_MSR,
+            value,
+            ..
+        }) => assert_eq!(value, 0x1_aabb_ccdd),
+        other => panic!("expected the wrmsr, got {other:?}"),
+    }
+    vcpu.complete_wrmsr(true).unwrap();
+    assert_eq!(vcpu.run().unwrap(), VcpuOutcome::Halted);
+    // The guest read what the caller answered, and went on after the write.
+    assert_eq!(
+        t.report.take(),
+        vec![
+            w(0, &0x5566_7788u32.to_le_bytes()),
+            w(0, &0x1122_3344u32.to_le_bytes()),
+            w(0, &0x600du32.to_le_bytes()),
+        ]
+    );
+    assert_eq!(vcpu.stats().get(ExitKind::Other), 2);
+}
+
+#[test]
+fn refused_rdmsr_raises_gp_in_the_guest() {
+    let Some(t) = TestVm::new("refused_rdmsr_raises_gp_in_the_guest") else {
+        return;
+    };
+    t.route_user_msr_to_userspace();
+    t.load_msr_guest();
+    let mut vcpu = t.vcpu_with_idt(&[13], |_, a| a.hlt());
+    assert!(matches!(
+        vcpu.run().unwrap(),
+        VcpuOutcome::Unhandled(UnhandledExit::Rdmsr { .. })
+    ));
+    vcpu.complete_rdmsr(None).unwrap();
+    assert_eq!(vcpu.run().unwrap(), VcpuOutcome::Halted);
+    // #GP pushes an error code (0 here) where the handler looks for the return RIP.
+    assert_eq!(t.report.take(), vec![w32(VECTOR, 13), w32(RETURN_RIP, 0)]);
+}
+
+#[test]
+fn an_exit_handler_answers_on_the_vcpu_thread() {
+    let Some(t) = TestVm::new("an_exit_handler_answers_on_the_vcpu_thread") else {
+        return;
+    };
+    t.route_user_msr_to_userspace();
+    t.load_msr_guest();
+    let mut vcpu = t.vcpu(0, 1);
+    let written = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&written);
+    vcpu.set_exit_handler(move |vcpu, exit| {
+        let answered = match exit {
+            UnhandledExit::Rdmsr {
+                index: USER_MSR, ..
+            } => vcpu.complete_rdmsr(Some(42)),
+            UnhandledExit::Wrmsr {
+                index: USER_MSR,
+                value,
+                ..
+            } => {
+                seen.lock().unwrap().push(value);
+                vcpu.complete_wrmsr(true)
+            }
+            _ => return ExitAction::Return,
+        };
+        match answered {
+            Ok(()) => ExitAction::Resume,
+            Err(_) => ExitAction::Return,
+        }
+    });
+    let group = VcpuGroup::start([vcpu]).unwrap();
+    let (event, results) = group.run(&[]).unwrap();
+    assert_eq!(event, GroupEvent::VcpuEnded);
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0].result.as_ref().unwrap(), &VcpuOutcome::Halted);
+    assert_eq!(*written.lock().unwrap(), vec![0x1_aabb_ccdd]);
+    assert_eq!(
+        t.report.take(),
+        vec![
+            w(0, &42u32.to_le_bytes()),
+            w(0, &[0; 4]),
+            w(0, &0x600du32.to_le_bytes()),
+        ]
+    );
+}
+
+#[test]
+fn single_step_debug_exits_reach_the_caller() {
+    let Some(t) = TestVm::new("single_step_debug_exits_reach_the_caller") else {
+        return;
+    };
+    t.load(|a| {
+        a.mov(eax, 1u32)?; // 5 bytes
+        a.mov(ebx, 2u32)?; // 5 bytes
+        a.hlt()
+    });
+    let mut vcpu = t.vcpu(0, 1);
+    let debug = kvm_bindings::kvm_guest_debug {
+        control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP,
+        ..Default::default()
+    };
+    vcpu.fd().set_guest_debug(&debug).unwrap();
+    for after in [CODE + 5, CODE + 10] {
+        match vcpu.run().unwrap() {
+            VcpuOutcome::Unhandled(exit @ UnhandledExit::Debug { exception, pc, .. }) => {
+                assert_eq!((exception, pc), (1, after), "#DB after each instruction");
+                assert_eq!(exit.name(), "KVM_EXIT_DEBUG");
+            }
+            other => panic!("expected a debug exit at {after:#x}, got {other:?}"),
+        }
+    }
+    // Stepping off again, the guest runs on to its hlt.
+    vcpu.fd()
+        .set_guest_debug(&kvm_bindings::kvm_guest_debug::default())
+        .unwrap();
+    assert_eq!(vcpu.run().unwrap(), VcpuOutcome::Halted);
+    assert_eq!(vcpu.fd().get_regs().unwrap().rip, CODE + 11);
+}
+
+// ---------------------------------------------------------------------------------------
+// vCPU groups.
+
+/// Guest code: vCPU 0 (RDI) halts; every other vCPU reports its index and spins.
+fn load_one_halts_others_spin(t: &TestVm) {
+    t.load(|a| {
+        let mut spin = a.create_label();
+        let mut halt = a.create_label();
+        a.test(edi, edi)?;
+        a.jz(halt)?;
+        a.mov(eax, edi)?;
+        a.mov(dx, REPORT_PORT as u32)?;
+        a.out(dx, al)?;
+        a.set_label(&mut spin)?;
+        a.pause()?;
+        a.jmp(spin)?;
+        a.set_label(&mut halt)?;
+        a.hlt()
+    });
+}
+
+#[test]
+fn a_group_ends_when_one_vcpu_ends_and_stops_the_others() {
+    let Some(t) = TestVm::new("a_group_ends_when_one_vcpu_ends_and_stops_the_others") else {
+        return;
+    };
+    load_one_halts_others_spin(&t);
+    // vCPU 0 starts only once vCPU 1 is demonstrably running.
+    let mut group = VcpuGroup::new().unwrap();
+    let first = t.vcpu(0, 2);
+    group.spawn(t.vcpu(1, 2)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while t.report.0.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "vCPU 1 never ran");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(group.spawn(first).unwrap().index(), 0);
+    let unrelated = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    assert_eq!(group.wait(&[&unrelated]).unwrap(), GroupEvent::VcpuEnded);
+    let results = group.join();
+    let outcomes: Vec<_> = results
+        .iter()
+        .map(|r| (r.index, *r.result.as_ref().unwrap()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![(1, VcpuOutcome::Stopped), (0, VcpuOutcome::Halted)]
+    );
+    assert_eq!(results[0].stats.get(ExitKind::IoOut), 1);
+    assert_eq!(results[1].stats.get(ExitKind::Hlt), 1);
+}
+
+#[test]
+fn a_group_ends_on_a_stop_event_of_the_caller() {
+    let Some(t) = TestVm::new("a_group_ends_on_a_stop_event_of_the_caller") else {
+        return;
+    };
+    load_one_halts_others_spin(&t);
+    let group = VcpuGroup::start([t.vcpu(1, 3), t.vcpu(2, 3)]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while t.report.0.lock().unwrap().len() < 2 {
+        assert!(Instant::now() < deadline, "the vCPUs never ran");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // What a device's exit signal does: write its eventfd from another thread.
+    let quiet = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let power_off = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let signal = power_off.try_clone().unwrap();
+    let device = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        signal.write(1).unwrap();
+    });
+    let (event, results) = group.run(&[&quiet, &power_off]).unwrap();
+    device.join().unwrap();
+    assert_eq!(event, GroupEvent::Stop(1));
+    let outcomes: Vec<_> = results
+        .iter()
+        .map(|r| (r.index, *r.result.as_ref().unwrap()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![(1, VcpuOutcome::Stopped), (2, VcpuOutcome::Stopped)]
+    );
+}
+
+#[test]
+fn dropping_a_group_stops_and_joins_its_vcpus() {
+    let Some(t) = TestVm::new("dropping_a_group_stops_and_joins_its_vcpus") else {
+        return;
+    };
+    load_one_halts_others_spin(&t);
+    let group = VcpuGroup::start([t.vcpu(1, 2)]).unwrap();
+    let stats = group.vcpus()[0].shared_stats();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats.get(ExitKind::IoOut) == 0 {
+        assert!(Instant::now() < deadline, "vCPU 1 never ran");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(group);
+    // The thread is gone: nothing holds the counters but us.
+    assert_eq!(Arc::strong_count(&stats), 1);
 }

@@ -43,11 +43,12 @@ use ember_memory::{create_guest_memory, HugePages, MemoryLayout};
 use ember_vcpu::cpuid::{self, CpuVendor};
 use ember_vcpu::syscall_trap::{SyscallTrap, TRAP_ADDRESS, TRAP_DATA_ADDRESS};
 use ember_vcpu::{kick, msrs, regs, ExitKind, Vcpu, VcpuError, VcpuOutcome};
+use ember_vm::Vm;
 use iced_x86::code_asm::*;
 use iced_x86::{BlockEncoderOptions, IcedError};
 use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use kvm_ioctls::{Kvm, VcpuFd};
+use vm_memory::{Bytes, GuestAddress};
 
 // Linux's GDT layout (arch/x86/include/asm/segment.h).
 const KERNEL_CS: u16 = 0x10;
@@ -372,8 +373,7 @@ impl BusDevice for Reporter {
 }
 
 struct Machine {
-    vm: VmFd,
-    mem: GuestMemoryMmap,
+    vm: Vm,
     vcpu: Vcpu,
     /// The last report, taken after each exit.
     report: Arc<Mutex<Option<u64>>>,
@@ -394,11 +394,9 @@ impl Machine {
             return None;
         }
         let kvm = Kvm::new().unwrap();
-        let vm = kvm.create_vm().unwrap();
-        ember_vcpu::vm::setup_vm(&vm).unwrap();
         let mem_layout = MemoryLayout::new(64 << 20).unwrap();
         let mem = create_guest_memory(&mem_layout, HugePages::None).unwrap();
-        ember_vm::register_memory_slots(&vm, &mem, 0).unwrap();
+        let vm = Vm::new(&kvm, mem).unwrap();
         let report = Arc::new(Mutex::new(None));
         let reporter = |base| {
             Arc::new(Reporter {
@@ -411,7 +409,7 @@ impl Machine {
             .unwrap();
         let mmio = Arc::new(Bus::new(BusKind::Mmio));
         mmio.insert(MMIO_PHYS, 0x1000, reporter(USER_MMIO)).unwrap();
-        let vcpu = Vcpu::new(&vm, 0, pio, mmio, mem.clone()).unwrap();
+        let vcpu = Vcpu::new(&vm, 0, pio, mmio).unwrap();
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .unwrap();
@@ -420,7 +418,6 @@ impl Machine {
         vcpu.set_fpu().unwrap();
         let mut m = Machine {
             vm,
-            mem,
             vcpu,
             report,
             layout,
@@ -439,7 +436,10 @@ impl Machine {
     }
 
     fn write(&self, phys: u64, bytes: &[u8]) {
-        self.mem.write_slice(bytes, GuestAddress(phys)).unwrap();
+        self.vm
+            .memory()
+            .write_slice(bytes, GuestAddress(phys))
+            .unwrap();
     }
 
     fn write_u64s(&self, phys: u64, values: &[u64]) {
@@ -448,7 +448,7 @@ impl Machine {
     }
 
     fn read_u64(&self, phys: u64) -> u64 {
-        self.mem.read_obj(GuestAddress(phys)).unwrap()
+        self.vm.memory().read_obj(GuestAddress(phys)).unwrap()
     }
 
     fn write_tables(&self) {
@@ -835,7 +835,6 @@ impl Machine {
     fn enable_syscall_trap(&mut self) {
         let trap = SyscallTrap::new(
             &self.vm,
-            &self.mem,
             GuestAddress(TRAP_PAGES),
             GuestAddress(TRAP_MMIO_PHYS),
         )

@@ -20,19 +20,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ember_virtio::{
-    device_type, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
+    device_type, ActivateDevice, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use log::warn;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::bitmap::Bitmap as _;
 use vm_memory::volatile_memory::PtrGuardMut;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use crate::VirtioDeviceError;
 use crate::{read_config_bytes, QUEUE_MAX_SIZE};
 use ember_virtio::chain::{region_slice, walk_into, ChainLayout, CopyError, Cursor};
-use ember_virtio::worker::{drain_queue, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
+use ember_virtio::worker::{QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
 
 /// Sector size: virtio-blk addresses the disk in 512-byte sectors.
 pub const SECTOR_SIZE: u64 = 512;
@@ -841,7 +841,23 @@ impl VirtioDevice for Block {
         // `writeback` is only writable with VIRTIO_BLK_F_CONFIG_WCE, which is not offered.
     }
 
-    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+    fn reset(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+        }
+    }
+}
+
+/// Any guest memory whose regions can be reached by host pointers (data moves with
+/// `preadv(2)`/`pwritev(2)`): `Arc<GuestMemoryMmap<B>>`,
+/// `GuestMemoryAtomic<GuestMemoryMmap<B>>`. With a dirty bitmap `B`, the pages that
+/// reads fill are marked dirty.
+impl<M> ActivateDevice<M> for Block
+where
+    M: GuestAddressSpace + Send + 'static,
+    M::M: GuestMemoryBackend,
+{
+    fn activate(&mut self, activation: Activation<M>) -> Result<(), ActivateError> {
         if self.worker.is_some() {
             return Err(ActivateError::Other("virtio-blk is already active".into()));
         }
@@ -856,16 +872,8 @@ impl VirtioDevice for Block {
             features: activation.features,
             buffers: RequestBuffers::new(),
         };
-        let worker =
-            Worker::spawn("blk", handler, activation).map_err(|(e, _)| ActivateError::Start(e))?;
-        self.worker = Some(worker);
+        self.worker = Some(Worker::spawn("blk", handler, activation)?);
         Ok(())
-    }
-
-    fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
     }
 }
 
@@ -875,21 +883,20 @@ struct BlockHandler {
     buffers: RequestBuffers,
 }
 
-impl QueueHandler for BlockHandler {
-    fn queue_notified(&mut self, ctx: &mut WorkerContext, queue: usize) {
-        let Some(q) = ctx.queues.get_mut(queue) else {
-            return;
-        };
-        let mem = &ctx.mem;
-        let drained = drain_queue(mem, &mut q.queue, QUEUE_BUDGET, |chain| {
-            process_request(&self.disk, mem, chain, self.features, &mut self.buffers).used_len
+impl<M> QueueHandler<M> for BlockHandler
+where
+    M: GuestAddressSpace,
+    M::M: GuestMemoryBackend,
+{
+    fn queue_notified(&mut self, ctx: &mut WorkerContext<M>, queue: usize) {
+        let BlockHandler {
+            disk,
+            features,
+            buffers,
+        } = self;
+        ctx.process_queue(queue, QUEUE_BUDGET, |mem, chain| {
+            process_request(disk, mem, chain, *features, buffers).used_len
         });
-        if drained.handled > 0 {
-            ctx.signal_used(queue);
-        }
-        if drained.more {
-            ctx.kick(queue);
-        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! interface) and [`Rng`] (virtio-rng on `getrandom(2)`).
 //!
 //! Each implements [`ember_virtio::VirtioDevice`], so any transport can carry it. When the
-//! driver sets DRIVER_OK, [`VirtioDevice::activate`](ember_virtio::VirtioDevice::activate)
+//! driver sets DRIVER_OK, [`ActivateDevice::activate`](ember_virtio::ActivateDevice::activate)
 //! starts one worker thread per device, named `ember-virtio-<type>`, that waits with
 //! epoll on the queues' notify eventfds (and the tap); `reset` stops and joins it.
 //!
@@ -18,6 +18,30 @@
 //! The per-request logic is in plain functions ([`block::process_request`],
 //! [`rng::process_request`], [`net::process_tx_chain`], [`net::process_rx`]) that tests
 //! and fuzzers call without threads.
+//!
+//! Guest memory is whatever the transport holds: the devices implement
+//! [`ActivateDevice<M>`](ember_virtio::ActivateDevice) for every vm-memory
+//! [`GuestAddressSpace`](vm_memory::GuestAddressSpace) `M` (block: whose memory is
+//! host-mapped, as `GuestMemoryMmap` is), so `Arc<GuestMemoryMmap<AtomicBitmap>>` gives
+//! dirty-page tracking of everything they write, and `GuestMemoryAtomic<..>` memory
+//! hotplug.
+//!
+//! ```
+//! use std::sync::Arc;
+//!
+//! use ember_virtio_devices::ember_virtio::MmioTransport;
+//! use ember_virtio_devices::vm_memory::bitmap::AtomicBitmap;
+//! use ember_virtio_devices::vm_memory::{GuestAddress, GuestMemoryMmap};
+//! use ember_virtio_devices::Rng;
+//! use ember_virtio_devices::ember_virtio::vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+//!
+//! // Guest memory that records the pages devices write.
+//! let mem = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 1 << 20)])?;
+//! let irq = EventFd::new(EFD_NONBLOCK)?;
+//! let rng = MmioTransport::new(Box::new(Rng::new()), Arc::new(mem), irq)?;
+//! assert_eq!(rng.device_type(), ember_virtio_devices::ember_virtio::device_type::RNG);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 #![deny(missing_docs)]
 
@@ -34,6 +58,14 @@ pub use rng::Rng;
 pub use tap::Tap;
 
 pub use error::VirtioDeviceError;
+
+/// The ember-virtio crate whose [`VirtioDevice`](ember_virtio::VirtioDevice) trait the
+/// devices implement.
+pub use ember_virtio;
+/// The virtio-queue crate of the per-request functions' signatures.
+pub use virtio_queue;
+/// The vm-memory crate of the per-request functions' signatures.
+pub use vm_memory;
 
 /// Virtio device queue size limit used by all Ember devices.
 pub const QUEUE_MAX_SIZE: u16 = 256;
@@ -74,3 +106,8 @@ mod tests {
         assert_eq!(data, [1]);
     }
 }
+
+/// The README's example, compiled and run as a doc test.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -27,19 +27,19 @@ use std::io;
 use std::os::fd::RawFd;
 
 use ember_virtio::{
-    device_type, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
+    device_type, ActivateDevice, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use log::warn;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemory;
+use vm_memory::{GuestAddressSpace, GuestMemory};
 
 use crate::tap::Tap;
 use crate::VirtioDeviceError;
 use crate::{read_config_bytes, QUEUE_MAX_SIZE};
 use ember_virtio::chain::{walk_into, ChainLayout, Cursor};
-use ember_virtio::worker::{drain_queue, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
+use ember_virtio::worker::{QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
 
 /// Feature bit: the device has a MAC address in its configuration space.
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
@@ -440,7 +440,17 @@ impl VirtioDevice for Net {
         // The MAC is read-only in virtio 1.x (no VIRTIO_NET_F_CTRL_MAC_ADDR either).
     }
 
-    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+    fn reset(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            if let Some(handler) = worker.stop() {
+                self.backend = Some(handler.backend);
+            }
+        }
+    }
+}
+
+impl<M: GuestAddressSpace + Send + 'static> ActivateDevice<M> for Net {
+    fn activate(&mut self, activation: Activation<M>) -> Result<(), ActivateError> {
         if self.worker.is_some() {
             return Err(ActivateError::Other("virtio-net is already active".into()));
         }
@@ -467,17 +477,9 @@ impl VirtioDevice for Net {
                 self.worker = Some(worker);
                 Ok(())
             }
-            Err((e, handler)) => {
-                self.backend = Some(handler.backend);
-                Err(ActivateError::Start(e))
-            }
-        }
-    }
-
-    fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            if let Some(handler) = worker.stop() {
-                self.backend = Some(handler.backend);
+            Err(e) => {
+                self.backend = Some(e.handler.backend);
+                Err(ActivateError::Start(e.source))
             }
         }
     }
@@ -493,20 +495,21 @@ struct NetHandler {
 }
 
 impl NetHandler {
-    fn rx(&mut self, ctx: &mut WorkerContext) {
-        let Some(q) = ctx.queues.get_mut(RX_QUEUE) else {
+    fn rx<M: GuestAddressSpace>(&mut self, ctx: &mut WorkerContext<M>) {
+        let mem = ctx.memory();
+        let Some(queue) = ctx.queue_mut(RX_QUEUE) else {
             return;
         };
         let report = process_rx(
-            &ctx.mem,
-            &mut q.queue,
+            &*mem,
+            queue,
             &mut *self.backend,
             &mut self.rx_buffer,
             RX_BUDGET,
         );
         self.last_stop = report.stop;
         if report.used > 0 {
-            ctx.signal_used(RX_QUEUE);
+            ctx.signal_used(&mem, RX_QUEUE);
         }
         let watch = !matches!(report.stop, RxStop::NoBuffers | RxStop::BackendError);
         if watch != self.watching {
@@ -518,32 +521,22 @@ impl NetHandler {
         }
     }
 
-    fn tx(&mut self, ctx: &mut WorkerContext) {
-        let Some(q) = ctx.queues.get_mut(TX_QUEUE) else {
-            return;
-        };
-        let mem = &ctx.mem;
+    fn tx<M: GuestAddressSpace>(&mut self, ctx: &mut WorkerContext<M>) {
         let backend = &mut *self.backend;
         let buffer = &mut self.tx_buffer;
-        let drained = drain_queue(mem, &mut q.queue, QUEUE_BUDGET, |chain| {
+        ctx.process_queue(TX_QUEUE, QUEUE_BUDGET, |mem, chain| {
             process_tx_chain(mem, chain, backend, buffer);
             0
         });
-        if drained.handled > 0 {
-            ctx.signal_used(TX_QUEUE);
-        }
-        if drained.more {
-            ctx.kick(TX_QUEUE);
-        }
     }
 }
 
-impl QueueHandler for NetHandler {
+impl<M: GuestAddressSpace> QueueHandler<M> for NetHandler {
     fn backend_fds(&self) -> Vec<RawFd> {
         self.backend.rx_fd().into_iter().collect()
     }
 
-    fn queue_notified(&mut self, ctx: &mut WorkerContext, queue: usize) {
+    fn queue_notified(&mut self, ctx: &mut WorkerContext<M>, queue: usize) {
         match queue {
             RX_QUEUE => self.rx(ctx),
             TX_QUEUE => {
@@ -557,7 +550,7 @@ impl QueueHandler for NetHandler {
         }
     }
 
-    fn backend_ready(&mut self, ctx: &mut WorkerContext, _index: usize) {
+    fn backend_ready(&mut self, ctx: &mut WorkerContext<M>, _index: usize) {
         self.rx(ctx);
     }
 }

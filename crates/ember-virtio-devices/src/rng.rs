@@ -7,15 +7,15 @@
 use std::io;
 
 use ember_virtio::{
-    device_type, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
+    device_type, ActivateDevice, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use log::warn;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory};
 
 use crate::QUEUE_MAX_SIZE;
-use ember_virtio::worker::{drain_queue, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
+use ember_virtio::worker::{QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
 
 /// At most this many random bytes go into one chain (64 KiB).
 pub const MAX_BYTES_PER_CHAIN: usize = 64 * 1024;
@@ -114,7 +114,15 @@ impl VirtioDevice for Rng {
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
-    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+    fn reset(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+        }
+    }
+}
+
+impl<M: GuestAddressSpace + Send + 'static> ActivateDevice<M> for Rng {
+    fn activate(&mut self, activation: Activation<M>) -> Result<(), ActivateError> {
         if self.worker.is_some() {
             return Err(ActivateError::Other("virtio-rng is already active".into()));
         }
@@ -124,36 +132,18 @@ impl VirtioDevice for Rng {
                 got: activation.queues.len(),
             });
         }
-        let worker = Worker::spawn("rng", RngHandler, activation)
-            .map_err(|(e, _)| ActivateError::Start(e))?;
-        self.worker = Some(worker);
+        self.worker = Some(Worker::spawn("rng", RngHandler, activation)?);
         Ok(())
-    }
-
-    fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
     }
 }
 
 struct RngHandler;
 
-impl QueueHandler for RngHandler {
-    fn queue_notified(&mut self, ctx: &mut WorkerContext, queue: usize) {
-        let Some(q) = ctx.queues.get_mut(queue) else {
-            return;
-        };
-        let mem = &ctx.mem;
-        let drained = drain_queue(mem, &mut q.queue, QUEUE_BUDGET, |chain| {
+impl<M: GuestAddressSpace> QueueHandler<M> for RngHandler {
+    fn queue_notified(&mut self, ctx: &mut WorkerContext<M>, queue: usize) {
+        ctx.process_queue(queue, QUEUE_BUDGET, |mem, chain| {
             process_request(mem, chain)
         });
-        if drained.handled > 0 {
-            ctx.signal_used(queue);
-        }
-        if drained.more {
-            ctx.kick(queue);
-        }
     }
 }
 
@@ -225,7 +215,7 @@ mod tests {
         assert_eq!(rng.device_type(), device_type::RNG);
         assert_eq!(rng.queue_max_sizes(), &[256]);
         rng.activate(Activation {
-            mem: m.clone(),
+            mem: std::sync::Arc::new(m.clone()),
             queues: vec![aq],
             interrupt: irq.clone(),
             features: rng.device_features(),
@@ -241,7 +231,7 @@ mod tests {
         let d2 = Driver::new(&m, 0x8000, 16);
         let (aq2, _kick2): (ActiveQueue, _) = active_queue(0, &d2);
         rng.activate(Activation {
-            mem: m.clone(),
+            mem: std::sync::Arc::new(m.clone()),
             queues: vec![aq2],
             interrupt: irq,
             features: 0,

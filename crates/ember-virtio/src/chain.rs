@@ -1,6 +1,41 @@
 //! Bounded, validating walks over guest descriptor chains, and copies to and from the
 //! byte streams they describe.
 //!
+//! A device handler turns each chain into a [`ChainLayout`] with [`walk_into`]: the
+//! device-readable and device-writable buffers ([`Segment`]s), their total lengths, and
+//! what is wrong with the chain, if anything. A [`Cursor`] then reads the readable
+//! stream (a request header, data to send) and writes the writable one (data, a status
+//! byte), across buffer boundaries, or hands out host slices of guest memory for
+//! zero-copy I/O. One layout per queue, reused, means no allocation per request.
+//!
+//! ```
+//! use ember_virtio::chain::{walk_into, ChainLayout, Cursor};
+//! use ember_virtio::virtio_queue::desc::split::Descriptor;
+//! use ember_virtio::vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+//!
+//! const WRITE: u16 = 2; // VRING_DESC_F_WRITE
+//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+//! mem.write_slice(b"ping", GuestAddress(0x1000)).unwrap();
+//! // A request in one readable buffer, room for the reply in two writable ones.
+//! let chain = [
+//!     Descriptor::new(0x1000, 4, 0, 0),
+//!     Descriptor::new(0x2000, 2, WRITE, 0),
+//!     Descriptor::new(0x3000, 8, WRITE, 0),
+//! ];
+//!
+//! let mut layout = ChainLayout::default();
+//! walk_into(&mut layout, &mem, chain);
+//! assert!(layout.is_sound());
+//! assert_eq!((layout.readable_len, layout.writable_len), (4, 10));
+//!
+//! let mut request = [0u8; 4];
+//! Cursor::new(&layout.readable).read(&mem, &mut request).unwrap();
+//! assert_eq!(&request, b"ping");
+//! Cursor::new(&layout.writable).write(&mem, b"pong").unwrap();
+//! assert_eq!(mem.read_obj::<[u8; 2]>(GuestAddress(0x2000)).unwrap(), *b"po");
+//! assert_eq!(mem.read_obj::<[u8; 2]>(GuestAddress(0x3000)).unwrap(), *b"ng");
+//! ```
+//!
 //! Everything here is guest-controlled input. [`walk_into`] never trusts a length: it sums in
 //! `u64`, stores at most [`MAX_CHAIN_SEGMENTS`] segments (so a chain's memory footprint
 //! on the host is bounded whatever the guest writes), and checks every segment against
@@ -76,6 +111,11 @@ impl ChainLayout {
 /// Walks a chain (any iterator of descriptors, normally a
 /// [`virtio_queue::DescriptorChain`]) into `layout` (cleared first, its allocations
 /// reused), validating each segment against `mem`.
+///
+/// Empty descriptors are skipped. The layout records what is wrong rather than failing:
+/// a device decides how to complete a chain that is not
+/// [`is_sound`](ChainLayout::is_sound) (block, for one, still writes an error status
+/// into [`last_writable`](ChainLayout::last_writable)).
 pub fn walk_into<M, I>(layout: &mut ChainLayout, mem: &M, chain: I)
 where
     M: GuestMemory + ?Sized,
@@ -130,6 +170,10 @@ where
 /// The host slice of `[addr, addr + len)` when the range lies inside one region: one
 /// binary search, where vm-memory's general range iterator costs several times that.
 /// `None` when it does not (it may still be valid across adjacent regions).
+///
+/// Writes through the slice's methods mark the region's dirty bitmap; a caller that
+/// hands the slice's pointer to the kernel (`preadv(2)`) must mark it itself, with
+/// `slice.bitmap().mark_dirty(0, len)`.
 pub fn region_slice<M: GuestMemoryBackend + ?Sized>(
     mem: &M,
     addr: GuestAddress,
@@ -149,15 +193,18 @@ fn in_one_region<M: GuestMemory + ?Sized>(mem: &M, addr: GuestAddress, len: usiz
 }
 
 /// Why a copy through a [`Cursor`] stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum CopyError {
     /// The segments ended before the requested number of bytes.
+    #[error("the descriptor chain's buffers end before the bytes requested")]
     Short,
     /// Guest memory refused the access.
+    #[error("a descriptor chain's buffer is not in guest memory")]
     Memory,
 }
 
-/// A position in the byte stream formed by a list of segments.
+/// A position in the byte stream formed by a list of segments (a [`ChainLayout`]'s
+/// `readable` or `writable` ones). Cloning it saves the position.
 #[derive(Debug, Clone)]
 pub struct Cursor<'a> {
     segs: &'a [Segment],
@@ -205,7 +252,8 @@ impl<'a> Cursor<'a> {
         Ok(())
     }
 
-    /// Copies the next `buf.len()` bytes of the stream into `buf`.
+    /// Copies the next `buf.len()` bytes of the stream into `buf`. On error the cursor
+    /// is somewhere inside the range and `buf` may be partly filled.
     pub fn read<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
@@ -222,6 +270,10 @@ impl<'a> Cursor<'a> {
     /// the stream, in order, then moves past them. Errors with [`CopyError::Memory`] when
     /// part of the range is not guest memory, and [`CopyError::Short`] when the segments
     /// end first; `f` may have seen a prefix of the range by then.
+    ///
+    /// This is the zero-copy path: `f` can hand the slices' host addresses to a system
+    /// call. Such writes bypass vm-memory, so the caller marks them dirty (see
+    /// [`region_slice`]).
     pub fn slices<M, F>(&mut self, mem: &M, total: usize, mut f: F) -> Result<(), CopyError>
     where
         M: GuestMemoryBackend + ?Sized,
@@ -239,7 +291,8 @@ impl<'a> Cursor<'a> {
         })
     }
 
-    /// Copies `buf` into the next `buf.len()` bytes of the stream.
+    /// Copies `buf` into the next `buf.len()` bytes of the stream, marking the pages
+    /// written dirty. On error a prefix of `buf` may have been written.
     pub fn write<M: GuestMemory + ?Sized>(&mut self, mem: &M, buf: &[u8]) -> Result<(), CopyError> {
         self.for_each_piece(buf.len(), |addr, n, at| {
             mem.write_slice(&buf[at..at + n], addr)

@@ -3,14 +3,16 @@
 //! A transport (virtio-mmio here; a PCI transport later) owns the registers the driver
 //! sees: feature selection, queue set-up, status. It calls the device only to learn what
 //! the device offers, to reach its configuration space, and to start and stop it. Queue
-//! processing never happens on a vCPU's exit path: [`VirtioDevice::activate`] hands the
+//! processing never happens on a vCPU's exit path: [`ActivateDevice::activate`] hands the
 //! device its queues with one notification [`EventFd`] each (signalled by KVM through an
 //! ioeventfd, or by the transport), and the device serves them on a thread of its own.
+//!
+//! Devices are generic over how guest memory is held (see the crate docs).
 
 use std::sync::Arc;
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Feature bit: the device conforms to virtio 1.x. Ember's transports require it.
@@ -60,9 +62,10 @@ pub struct ActiveQueue {
 }
 
 /// What a device gets when the driver sets DRIVER_OK.
-pub struct Activation {
-    /// Guest memory.
-    pub mem: GuestMemoryMmap,
+pub struct Activation<M: GuestAddressSpace> {
+    /// Guest memory: the address space the transport was built with. Take a snapshot
+    /// with [`GuestAddressSpace::memory`] when handling requests.
+    pub mem: M,
     /// The queues the driver enabled, in index order.
     pub queues: Vec<ActiveQueue>,
     /// Raises interrupts.
@@ -90,7 +93,19 @@ pub enum ActivateError {
     Other(String),
 }
 
-/// A virtio device, independent of its transport.
+impl<M: GuestAddressSpace> std::fmt::Debug for Activation<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Activation")
+            .field("queues", &self.queues)
+            .field("features", &format_args!("{:#x}", self.features))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A virtio device, independent of its transport and of how guest memory is held: what
+/// the transport asks the device (identity, queues, features, configuration space) and
+/// tells it (reset). Starting it is [`ActivateDevice`], the one part that sees guest
+/// memory.
 pub trait VirtioDevice: Send {
     /// The virtio device ID ([`device_type`]).
     fn device_type(&self) -> u32;
@@ -117,11 +132,21 @@ pub trait VirtioDevice: Send {
         0
     }
 
-    /// Starts the device: called once, when the driver sets DRIVER_OK.
-    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
-
     /// Stops the device (its worker has finished when this returns) and forgets the
     /// queues, so that it can be activated again. Called when the driver writes 0 to
     /// the status register.
     fn reset(&mut self);
+}
+
+/// Starting a [`VirtioDevice`] on guest memory held as `M` (a vm-memory
+/// [`GuestAddressSpace`]); transports hold devices as `Box<dyn ActivateDevice<M>>`.
+///
+/// Kept apart from [`VirtioDevice`] so that a device implements it for every `M`
+/// (`impl<M: GuestAddressSpace + Send + 'static> ActivateDevice<M> for MyDevice`) and
+/// serves VMMs with and without dirty-page tracking or memory hotplug, while calls such
+/// as `device.device_features()` stay unambiguous.
+pub trait ActivateDevice<M: GuestAddressSpace>: VirtioDevice {
+    /// Starts the device: called once, when the driver sets DRIVER_OK, and again only
+    /// after a [`reset`](VirtioDevice::reset).
+    fn activate(&mut self, activation: Activation<M>) -> Result<(), ActivateError>;
 }

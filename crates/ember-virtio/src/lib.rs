@@ -4,6 +4,29 @@
 //! * [`mmio`]: the virtio-mmio (version 2, virtio 1.x) transport, an
 //!   [`ember_bus::BusDevice`] that owns the registers and the device status state
 //!   machine and hands validated queues to the device.
+//! * [`worker`]: the thread that serves an activated device's queues (notifications,
+//!   EVENT_IDX, work budgets, clean stop); a device supplies a [`worker::QueueHandler`].
+//! * [`chain`]: bounded, validating walks over descriptor chains and copies to and from
+//!   the buffers they describe.
+//!
+//! The rust-vmm crates in this API are re-exported ([`virtio_queue`], [`vm_memory`],
+//! [`vmm_sys_util`]) so that users get matching versions.
+//!
+//! # Guest memory
+//!
+//! Transports and devices are generic over how guest memory is held: any vm-memory
+//! [`GuestAddressSpace`](vm_memory::GuestAddressSpace) `M`, as in rust-vmm's
+//! vm-virtio. `Arc<GuestMemoryMmap<B>>` is the plain choice;
+//! `GuestMemoryAtomic<GuestMemoryMmap<B>>` lets the VMM swap the memory map (hotplug),
+//! and a device's worker sees the new map at its next wake-up. The bitmap `B` is `()`
+//! for no dirty-page tracking, or `AtomicBitmap` to record the pages devices write (for
+//! snapshots and live migration): writes through vm-memory mark them, and a device that
+//! writes through host pointers (a `preadv(2)` into guest memory) marks them itself.
+//!
+//! A device implements [`VirtioDevice`] (what does not depend on `M`) and
+//! [`ActivateDevice<M>`](ActivateDevice), normally for every `M`.
+//!
+//! # Example
 //!
 //! A transport on an MMIO bus, driven the way a guest driver would:
 //!
@@ -12,9 +35,9 @@
 //!
 //! use ember_bus::{Bus, BusKind};
 //! use ember_virtio::mmio::{reg, status, MmioTransport, MMIO_WINDOW_SIZE};
-//! use ember_virtio::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
-//! use vm_memory::{GuestAddress, GuestMemoryMmap};
-//! use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+//! use ember_virtio::vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap};
+//! use ember_virtio::vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+//! use ember_virtio::{ActivateDevice, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
 //!
 //! /// An entropy device with one queue; it only counts its activations.
 //! #[derive(Default)]
@@ -34,15 +57,18 @@
 //!     }
 //!     fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
 //!     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-//!     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+//!     fn reset(&mut self) {}
+//! }
+//!
+//! impl<M: GuestAddressSpace> ActivateDevice<M> for TinyRng {
+//!     fn activate(&mut self, activation: Activation<M>) -> Result<(), ActivateError> {
 //!         assert_eq!(activation.queues.len(), 1);
 //!         self.activations += 1;
 //!         Ok(())
 //!     }
-//!     fn reset(&mut self) {}
 //! }
 //!
-//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+//! let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
 //! let irq = EventFd::new(EFD_NONBLOCK).unwrap();
 //! let transport = Arc::new(MmioTransport::new(Box::new(TinyRng::default()), mem, irq).unwrap());
 //! // A VMM registers these as KVM ioeventfds at base + QUEUE_NOTIFY_OFFSET.
@@ -102,9 +128,22 @@ pub mod mmio;
 pub mod worker;
 
 pub use device::{
-    device_type, ActivateError, Activation, ActiveQueue, InterruptKind, VirtioDevice,
-    VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    device_type, ActivateDevice, ActivateError, Activation, ActiveQueue, InterruptKind,
+    VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
 };
 pub use mmio::{
     MmioTransport, TransportError, TransportStats, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
 };
+
+/// The virtio-queue crate this crate is built on (its `Queue` is in [`ActiveQueue`]).
+pub use virtio_queue;
+/// The vm-memory crate this crate is built on (guest memory, [`Activation::mem`]).
+pub use vm_memory;
+/// The vmm-sys-util crate this crate is built on (the `EventFd`s of the API).
+pub use vmm_sys_util;
+
+/// The README's example, compiled and run as a doc test.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -30,11 +30,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{
-    Activation, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    ActivateDevice, Activation, ActiveQueue, InterruptKind, VirtioInterrupt, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
 
@@ -298,32 +298,35 @@ impl Registers {
     }
 }
 
-struct Inner {
-    device: Box<dyn VirtioDevice>,
+struct Inner<M: GuestAddressSpace> {
+    device: Box<dyn ActivateDevice<M>>,
     regs: Registers,
 }
 
 /// A virtio device behind the virtio-mmio (version 2) register interface.
 ///
+/// `M` is how guest memory is held (see the [crate docs](crate#guest-memory)):
+/// `Arc<GuestMemoryMmap<B>>`, or `GuestMemoryAtomic<GuestMemoryMmap<B>>`.
+///
 /// All methods take `&self`; the driver-visible state is behind one `Mutex`. QueueNotify
 /// and InterruptACK do not take it.
-pub struct MmioTransport {
+pub struct MmioTransport<M: GuestAddressSpace> {
     device_type: u32,
     /// What the driver is offered: the device's features, plus VERSION_1, minus
     /// [`UNSUPPORTED_FEATURES`].
     offered_features: u64,
     queue_max_sizes: Vec<u16>,
-    mem: GuestMemoryMmap,
+    mem: M,
     /// One per queue, nonblocking; kept across resets.
     notify: Vec<EventFd>,
     interrupt: Arc<MmioInterrupt>,
-    inner: Mutex<Inner>,
+    inner: Mutex<Inner<M>>,
     /// Mirrors `Registers::activated`, readable without the lock.
     activated: AtomicBool,
     stats: Stats,
 }
 
-impl fmt::Debug for MmioTransport {
+impl<M: GuestAddressSpace> fmt::Debug for MmioTransport<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MmioTransport")
             .field("device_type", &self.device_type)
@@ -338,15 +341,16 @@ impl fmt::Debug for MmioTransport {
     }
 }
 
-impl MmioTransport {
+impl<M: GuestAddressSpace> MmioTransport<M> {
     /// Wraps `device`. `irq` is written on every interrupt (register it as a KVM irqfd);
-    /// `mem` is handed to the device on activation and used to validate queues.
+    /// `mem` (for instance `Arc<GuestMemoryMmap<B>>`, or a `GuestMemoryAtomic` for
+    /// hotplug) is handed to the device on activation and used to validate queues.
     ///
     /// Creates one nonblocking notification `EventFd` per queue. Fails if the device has
     /// no queues or a queue's maximum size is not a power of two in `1..=32768`.
     pub fn new(
-        device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
+        device: Box<dyn ActivateDevice<M>>,
+        mem: M,
         irq: EventFd,
     ) -> Result<Self, TransportError> {
         let queue_max_sizes = device.queue_max_sizes().to_vec();
@@ -445,7 +449,7 @@ impl MmioTransport {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    fn lock(&self) -> MutexGuard<'_, Inner<M>> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -527,7 +531,7 @@ impl MmioTransport {
 
     /// Writes a register that needs the state lock; returns whether the write was
     /// accepted.
-    fn write_locked(&self, inner: &mut Inner, offset: u64, value: u32) -> bool {
+    fn write_locked(&self, inner: &mut Inner<M>, offset: u64, value: u32) -> bool {
         let regs = &mut inner.regs;
         match offset {
             reg::DEVICE_FEATURES_SEL => regs.device_features_sel = value,
@@ -618,7 +622,7 @@ impl MmioTransport {
     }
 
     /// The Status register's state machine; returns whether the whole write was taken.
-    fn write_status(&self, inner: &mut Inner, value: u32) -> bool {
+    fn write_status(&self, inner: &mut Inner<M>, value: u32) -> bool {
         use status::*;
 
         if value == 0 {
@@ -675,7 +679,7 @@ impl MmioTransport {
 
     /// Hands the ready queues to the device. On failure sets DEVICE_NEEDS_RESET and
     /// raises a configuration interrupt; the device stays inactive until a reset.
-    fn activate(&self, inner: &mut Inner) {
+    fn activate(&self, inner: &mut Inner<M>) {
         if inner.regs.activated {
             return;
         }
@@ -712,6 +716,7 @@ impl MmioTransport {
     /// A `Queue` per ready queue, in index order, validated against guest memory.
     fn build_queues(&self, regs: &Registers) -> Result<Vec<ActiveQueue>, String> {
         let event_idx = regs.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let mem = self.mem.memory();
         let mut active = Vec::new();
         for ((i, config), &max_size) in regs.queues.iter().enumerate().zip(&self.queue_max_sizes) {
             if !config.ready {
@@ -734,7 +739,7 @@ impl MmioTransport {
                 .map_err(|e| fail("used ring", &e))?;
             queue.set_event_idx(event_idx);
             queue.set_ready(true);
-            if !queue.is_valid(&self.mem) {
+            if !queue.is_valid(&*mem) {
                 return Err(format!(
                     "queue {index}: rings (descriptors {:#x}, available {:#x}, used {:#x}, size {}) \
                      are not inside guest memory",
@@ -754,7 +759,7 @@ impl MmioTransport {
     }
 
     /// Status 0: stops the device and puts every register back to its initial value.
-    fn reset(&self, inner: &mut Inner) {
+    fn reset(&self, inner: &mut Inner<M>) {
         inner.device.reset();
         inner.regs = Registers::new(self.queue_max_sizes.len());
         self.activated.store(false, Ordering::Release);
@@ -781,7 +786,7 @@ fn register_access(offset: u64, len: usize) -> bool {
     len == 4 && offset % 4 == 0
 }
 
-impl ember_bus::BusDevice for MmioTransport {
+impl<M: GuestAddressSpace + Send + Sync> ember_bus::BusDevice for MmioTransport<M> {
     fn read(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         if offset >= reg::CONFIG {

@@ -1,9 +1,30 @@
 //! The error type of VM-level KVM calls.
 
+use kvm_ioctls::IoEventAddress;
+
 /// Errors from creating a VM or from its VM-level KVM calls. Each names the call and the
 /// value it was given.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// `KVM_CREATE_VM` failed.
+    #[error("KVM_CREATE_VM failed: {0}")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    /// `KVM_SET_TSS_ADDR` failed.
+    #[error("KVM_SET_TSS_ADDR at {addr:#x} failed: {source}")]
+    SetTssAddress {
+        /// The guest physical address given.
+        addr: u64,
+        /// The error KVM returned.
+        source: kvm_ioctls::Error,
+    },
+    /// `KVM_SET_IDENTITY_MAP_ADDR` failed.
+    #[error("KVM_SET_IDENTITY_MAP_ADDR at {addr:#x} failed: {source}")]
+    SetIdentityMapAddress {
+        /// The guest physical address given.
+        addr: u64,
+        /// The error KVM returned.
+        source: kvm_ioctls::Error,
+    },
     /// A region does not own its host mapping, so nothing guarantees it outlives the VM.
     #[error(
         "guest memory region at {addr:#x} does not own its host mapping, so it cannot be \
@@ -13,7 +34,7 @@ pub enum VmError {
         /// Guest physical address of the region.
         addr: u64,
     },
-    /// A memory slot number is at or above what KVM supports.
+    /// The guest memory has more regions than KVM has memory slots.
     #[error("memory slot {slot} is out of range: KVM supports slots below {limit}")]
     SlotOutOfRange {
         /// The slot that would have been used.
@@ -48,5 +69,41 @@ pub enum VmError {
         /// The error from KVM.
         #[source]
         source: kvm_ioctls::Error,
+    },
+    /// `KVM_IRQFD` (assigning or, with `assign: false`, deassigning) failed.
+    #[error("KVM_IRQFD ({}) for GSI {gsi} failed: {source}", if *assign { "assign" } else { "deassign" })]
+    Irqfd {
+        /// The GSI given.
+        gsi: u32,
+        /// Whether the irqfd was being assigned (`false`: deassigned).
+        assign: bool,
+        /// The error KVM returned.
+        source: kvm_ioctls::Error,
+    },
+    /// `KVM_IOEVENTFD` (assigning or, with `assign: false`, deassigning) failed.
+    #[error(
+        "KVM_IOEVENTFD ({}) at {addr:x?} with datamatch {datamatch:?} failed: {source}",
+        if *assign { "assign" } else { "deassign" }
+    )]
+    Ioeventfd {
+        /// The address given.
+        addr: IoEventAddress,
+        /// The value given to match, if any.
+        datamatch: Option<u64>,
+        /// Whether the ioeventfd was being assigned (`false`: deassigned).
+        assign: bool,
+        /// The error KVM returned.
+        source: kvm_ioctls::Error,
+    },
+    /// A VM needs at least one vCPU.
+    #[error("a VM needs at least one vCPU (0 requested)")]
+    NoVcpus,
+    /// More vCPUs were asked for than this host's KVM (or Ember) supports.
+    #[error("{requested} vCPUs requested, but at most {max} are supported here")]
+    TooManyVcpus {
+        /// Number asked for.
+        requested: u32,
+        /// Maximum supported.
+        max: u32,
     },
 }

@@ -8,11 +8,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ember_arch::layout;
-use ember_boot::initrd::{copy_initrd, DEFAULT_INITRD_ADDR_MAX};
+use ember_boot::initrd::{copy_initrd, load_initrd_below, DEFAULT_INITRD_ADDR_MAX};
 use ember_boot::{
     configure_bzimage_boot, configure_linux_boot, configure_pvh_boot, load_bzimage, load_elf,
-    load_initrd_below, parse_bzimage, setup_acpi, setup_mptable, AcpiConfig, AcpiDevice,
-    AcpiShutdown as AcpiShutdownRegister, BootError, Cmdline, CMDLINE_MAX_SIZE, HIMEM_START,
+    parse_bzimage, BzImageError, Cmdline, CmdlineError, ElfError,
 };
 use ember_bus::{Bus, BusError, BusKind};
 use ember_devices::{
@@ -21,15 +20,19 @@ use ember_devices::{
     BOOT_DONE_PORT_SIZE, COM1_GSI, COM1_PORT, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_SIZE, I8042,
     I8042_PORT, I8042_PORT_SIZE, S5_SLEEP_TYPE, SERIAL_PORT_SIZE,
 };
+use ember_firmware::acpi::{setup_acpi, AcpiConfig, AcpiShutdown as AcpiShutdownRegister};
+use ember_firmware::aml::Aml;
+use ember_firmware::devices::{Serial16550, VirtioMmio};
+use ember_firmware::mptable::setup_mptable;
 use ember_memory::{create_guest_memory, HugePages, MemoryError, MemoryLayout};
 use ember_memory::{AddressAllocator, GsiAllocator};
 use ember_vcpu::{regs, BootRegs, Vcpu, VcpuError};
 use ember_virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
-use ember_virtio::{TransportError, VirtioDevice};
+use ember_virtio::{ActivateDevice, TransportError};
 use ember_virtio_devices::{Block, BlockOptions, Net, Rng, VirtioDeviceError};
 use ember_vm::VmError;
 use kvm_ioctls::IoEventAddress;
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::Kvm;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -51,6 +54,9 @@ const _: () = assert!(RESERVED_PAGES * layout::PAGE_SIZE <= layout::VMM_RESERVED
 /// The guest-physical page behind the syscall trap's data page, whose stores must exit:
 /// the start of the 32-bit MMIO hole, below the device window, where nothing lives.
 const SYSCALL_TRAP_MMIO: u64 = layout::SYSCALL_TRAP_MMIO_START;
+
+/// How devices hold guest memory: shared, without dirty-page tracking.
+type GuestMemory = Arc<GuestMemoryMmap>;
 
 /// Why a VM could not be built. Each message names what was wrong.
 #[derive(Debug, thiserror::Error)]
@@ -83,20 +89,20 @@ pub enum BuildError {
         /// Which kernel.
         kernel: String,
         /// What was wrong.
-        source: BootError,
+        source: ember_boot::Error,
     },
     /// The command line was rejected.
     #[error("kernel command line: {0}")]
-    Cmdline(BootError),
+    Cmdline(CmdlineError),
     /// The kernel is neither a 64-bit ELF nor a bzImage.
     #[error("kernel {kernel}: not a 64-bit ELF vmlinux ({elf}) nor a bzImage ({bzimage})")]
     UnknownKernelFormat {
         /// Which kernel.
         kernel: String,
         /// Why it is not an ELF.
-        elf: BootError,
+        elf: ElfError,
         /// Why it is not a bzImage.
-        bzimage: BootError,
+        bzimage: BzImageError,
     },
     /// PVH was asked for, but the kernel has no PVH entry.
     #[error(
@@ -111,7 +117,7 @@ pub enum BuildError {
     EventFd(String, std::io::Error),
     /// The MP or ACPI tables could not be written.
     #[error("firmware tables: {0}")]
-    Firmware(BootError),
+    Firmware(ember_firmware::Error),
     /// Memory size or set-up.
     #[error("guest memory: {0}")]
     Memory(#[from] MemoryError),
@@ -134,12 +140,8 @@ pub enum BuildError {
 
 /// A VM ready to run: everything created, nothing running yet.
 pub struct Vm {
-    /// `/dev/kvm`, the VM and its RAM: held for as long as the VM runs.
-    pub _kvm: Kvm,
-    /// The VM file descriptor.
-    pub _vm: VmFd,
-    /// Guest RAM.
-    pub _memory: GuestMemoryMmap,
+    /// The KVM VM and its guest RAM (each vCPU holds it too).
+    pub vm: ember_vm::Vm,
     /// vCPUs, configured and not yet started.
     pub vcpus: Vec<Vcpu>,
     /// Port I/O bus.
@@ -187,7 +189,8 @@ fn load_kernel(
     choice: EntryChoice,
     rsdp: GuestAddress,
 ) -> Result<Entry, BuildError> {
-    let boot_error = |source| BuildError::Boot {
+    // Any loader or boot-protocol error, with the kernel's name.
+    let boot_error = |source: ember_boot::Error| BuildError::Boot {
         kernel: name.to_string(),
         source,
     };
@@ -196,8 +199,8 @@ fn load_kernel(
             Ok(bz) => bz,
             Err(bzimage) => {
                 let elf = match image.first_chunk::<4>() {
-                    Some(magic) => BootError::ElfBadMagic { magic: *magic },
-                    None => BootError::ElfTruncatedHeader { len: image.len() },
+                    Some(magic) => ElfError::BadMagic { magic: *magic },
+                    None => ElfError::TruncatedHeader { len: image.len() },
                 };
                 return Err(BuildError::UnknownKernelFormat {
                     kernel: name.to_string(),
@@ -209,7 +212,7 @@ fn load_kernel(
         if choice == EntryChoice::Pvh {
             return Err(BuildError::NoPvhEntry(name.to_string()));
         }
-        let loaded = load_bzimage(memory, &bz, image).map_err(boot_error)?;
+        let loaded = load_bzimage(memory, &bz, image).map_err(|e| boot_error(e.into()))?;
         log::info!(
             "loaded bzImage {name} (boot protocol {}.{:02}) at {:#x}..{:#x}; 64-bit entry {:#x}",
             bz.version() >> 8,
@@ -218,11 +221,11 @@ fn load_kernel(
             loaded.end.0,
             loaded.entry.0
         );
-        let zero_page =
-            configure_bzimage_boot(memory, &bz, cmdline, Some(rsdp)).map_err(boot_error)?;
+        let zero_page = configure_bzimage_boot(memory, &bz, cmdline, Some(rsdp))
+            .map_err(|e| boot_error(e.into()))?;
         if let Some(initrd) = initrd {
             let at = load_initrd_below(memory, zero_page, initrd, loaded.end, bz.initrd_addr_max())
-                .map_err(boot_error)?;
+                .map_err(|e| boot_error(e.into()))?;
             log::info!("initrd: {:#x} bytes at {:#x}", initrd.len(), at.0);
         }
         return Ok(Entry::Linux64 {
@@ -231,7 +234,8 @@ fn load_kernel(
         });
     }
 
-    let kernel = load_elf(memory, image, GuestAddress(HIMEM_START)).map_err(boot_error)?;
+    let kernel = load_elf(memory, image, GuestAddress(layout::HIMEM_START))
+        .map_err(|e| boot_error(e.into()))?;
     log::info!(
         "loaded ELF {name}: {:#x}..{:#x}, entry {:#x}",
         kernel.start.0,
@@ -247,14 +251,14 @@ fn load_kernel(
         let initrd = match initrd {
             Some(initrd) => {
                 let at = copy_initrd(memory, initrd, kernel.end, DEFAULT_INITRD_ADDR_MAX)
-                    .map_err(boot_error)?;
+                    .map_err(|e| boot_error(e.into()))?;
                 log::info!("initrd: {:#x} bytes at {:#x}", initrd.len(), at.0);
                 Some((at, initrd.len() as u64))
             }
             None => None,
         };
-        let start_info =
-            configure_pvh_boot(memory, cmdline, initrd, Some(rsdp)).map_err(boot_error)?;
+        let start_info = configure_pvh_boot(memory, cmdline, initrd, Some(rsdp))
+            .map_err(|e| boot_error(e.into()))?;
         log::info!(
             "entering through PVH at {:#x}, start info at {:#x}",
             entry.0,
@@ -262,7 +266,8 @@ fn load_kernel(
         );
         return Ok(Entry::Pvh { entry, start_info });
     }
-    let zero_page = configure_linux_boot(memory, cmdline, Some(rsdp)).map_err(boot_error)?;
+    let zero_page =
+        configure_linux_boot(memory, cmdline, Some(rsdp)).map_err(|e| boot_error(e.into()))?;
     if let Some(initrd) = initrd {
         let at = load_initrd_below(
             memory,
@@ -271,7 +276,7 @@ fn load_kernel(
             kernel.end,
             DEFAULT_INITRD_ADDR_MAX,
         )
-        .map_err(boot_error)?;
+        .map_err(|e| boot_error(e.into()))?;
         log::info!("initrd: {:#x} bytes at {:#x}", initrd.len(), at.0);
     }
     log::info!("entering through the 64-bit entry at {:#x}", kernel.entry.0);
@@ -325,7 +330,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
              host's KVM cannot emulate them"
         );
     }
-    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BuildError::Cmdline)?;
+    let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(BuildError::Cmdline)?;
     cmdline
         .insert_str(config.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE))
         .map_err(BuildError::Cmdline)?;
@@ -348,25 +353,22 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
     }
 
     let kvm = Kvm::new().map_err(BuildError::OpenKvm)?;
-    ember_vcpu::vm::check_vcpu_count(&kvm, config.vcpus)?;
-    let vm = kvm
-        .create_vm()
-        .map_err(|e| BuildError::Kvm("KVM_CREATE_VM", e))?;
-    ember_vcpu::vm::setup_vm(&vm)?;
+    ember_vm::check_vcpu_count(&kvm, config.vcpus)?;
 
-    // Memory, before the irqchip and the PIT. Each of these calls waits in the kernel
+    // The VM with its memory slot, before the irqchip and the PIT. Each of these calls waits in the kernel
     // for SRCU grace periods (workqueue round trips), which dominate start-up on a busy
     // host, and they wait less this way round: on the nested development host (load
     // 3.6, 20 interleaved runs of each order) the three calls took 5.7 ms (median; mean
     // 5.4) with the memory slot first, 9.6 ms (mean 11.8) with it last.
-    let memory = create_guest_memory(&layout, HugePages::None)?;
-    ember_vm::register_memory_slots(&vm, &memory, 0)?;
+    let vm = ember_vm::Vm::new(&kvm, create_guest_memory(&layout, HugePages::None)?)?;
+    // A handle of the builder's own on guest RAM (cheap: the regions are shared).
+    let memory = vm.memory().clone();
     log::info!(
         "guest memory: {:#x} bytes in {:x?}",
         layout.ram_size(),
         layout.ram_regions()
     );
-    ember_vm::create_irqchip_and_pit(&vm)?;
+    vm.create_irqchip_and_pit()?;
     // The syscall trap, where the host needs it: the VM's MSR filter, and the trap's code
     // page in reserved memory. Without it, a Linux guest's first system call faults.
     // Setting the MSR filter waits for an SRCU grace period (12-21 ms measured here, most
@@ -374,7 +376,6 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
     let syscall_trap = if template.syscall_trap() && config.kernel != KernelSource::Demo {
         match SyscallTrap::new(
             &vm,
-            &memory,
             GuestAddress(SYSCALL_TRAP_PAGES),
             GuestAddress(SYSCALL_TRAP_MMIO),
         ) {
@@ -403,8 +404,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
     let mmio = Arc::new(Bus::new(BusKind::Mmio));
     let exit = Arc::new(ExitSignal::new()?);
     let serial_irq = IrqLine::new()?;
-    vm.register_irqfd(serial_irq.event_fd(), COM1_GSI)
-        .map_err(|e| BuildError::Kvm("KVM_IRQFD for COM1", e))?;
+    vm.register_irqfd(serial_irq.event_fd(), COM1_GSI)?;
     let serial_output = match &config.serial {
         SerialConfig::Stdio => SerialOutput::Stdout,
         SerialConfig::File(path) => SerialOutput::File(path.clone()),
@@ -440,7 +440,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
     // its interrupts reach the guest through an irqfd: the vCPU only ever touches the
     // transport's registers. Kernels learn of the devices from the DSDT, or from
     // `virtio_mmio.device=` for those built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES.
-    let mut virtio: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+    let mut virtio: Vec<(String, Box<dyn ActivateDevice<GuestMemory>>)> = Vec::new();
     for disk in &config.disks {
         let block = Block::new(
             &disk.path,
@@ -462,30 +462,31 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
     let (window, window_size) = layout.device_mmio_window();
     let mut mmio_space = AddressAllocator::new(window, window_size)?;
     let mut gsis = GsiAllocator::new(layout::DEVICE_GSI_START, layout::DEVICE_GSI_END)?;
-    let mut acpi_devices = vec![AcpiDevice::Com1];
+    // Their DSDT descriptions, `V000`, `V001`, ... in order.
+    let mut virtio_acpi: Vec<VirtioMmio> = Vec::new();
+    // The devices share one handle on guest memory.
+    let virtio_memory = Arc::new(memory.clone());
     for (name, device) in virtio {
         let addr = mmio_space.allocate(MMIO_WINDOW_SIZE, MMIO_WINDOW_SIZE)?;
         let gsi = gsis.allocate()?;
         let irq =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::EventFd(name.clone(), e))?;
-        vm.register_irqfd(&irq, gsi)
-            .map_err(|e| BuildError::Kvm("KVM_IRQFD for a virtio device", e))?;
-        let transport = MmioTransport::new(device, memory.clone(), irq)
+        vm.register_irqfd(&irq, gsi)?;
+        let transport = MmioTransport::new(device, virtio_memory.clone(), irq)
             .map_err(|e| BuildError::Transport(name.clone(), e))?;
         for (queue, notify) in transport.queue_notify_events() {
             let at = IoEventAddress::Mmio(addr.0 + QUEUE_NOTIFY_OFFSET);
-            vm.register_ioevent(&notify, &at, u32::from(queue))
-                .map_err(|e| BuildError::Kvm("KVM_IOEVENTFD for a virtio queue", e))?;
+            vm.register_ioeventfd(&notify, at, u32::from(queue))?;
         }
         mmio.insert(addr.0, MMIO_WINDOW_SIZE, Arc::new(transport))?;
         cmdline
             .insert_str(&format!("virtio_mmio.device=4K@{:#x}:{gsi}", addr.0))
             .map_err(BuildError::Cmdline)?;
-        acpi_devices.push(AcpiDevice::VirtioMmio {
-            addr: addr.0,
-            len: MMIO_WINDOW_SIZE,
-            gsi,
-        });
+        let uid = u16::try_from(virtio_acpi.len()).unwrap_or(u16::MAX);
+        virtio_acpi.push(
+            VirtioMmio::new(uid, addr.0, MMIO_WINDOW_SIZE, gsi)
+                .map_err(|e| BuildError::Firmware(e.into()))?,
+        );
         log::info!("{name}: virtio-mmio at {:#x}, GSI {gsi}", addr.0);
     }
 
@@ -493,7 +494,9 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
     // only read the MADT (Debian's). The FADT says hardware-reduced ACPI, so Linux
     // wires no legacy IRQs by itself: every device with an interrupt is in the DSDT.
     let num_cpus = u8::try_from(config.vcpus).unwrap_or(u8::MAX);
-    setup_mptable(&memory, num_cpus).map_err(BuildError::Firmware)?;
+    setup_mptable(&memory, num_cpus).map_err(|e| BuildError::Firmware(e.into()))?;
+    let mut acpi_devices: Vec<&dyn Aml> = vec![&Serial16550::COM1];
+    acpi_devices.extend(virtio_acpi.iter().map(|d| d as &dyn Aml));
     let rsdp = setup_acpi(
         &memory,
         &AcpiConfig {
@@ -507,7 +510,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
             }),
         },
     )
-    .map_err(BuildError::Firmware)?;
+    .map_err(|e| BuildError::Firmware(e.into()))?;
 
     // Kernel, command line, boot structures, boot page tables.
     let entry = load_kernel(
@@ -530,7 +533,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
     template.apply(&mut supported);
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for index in 0..config.vcpus {
-        let mut vcpu = Vcpu::new(&vm, index, pio.clone(), mmio.clone(), memory.clone())?;
+        let mut vcpu = Vcpu::new(&vm, index, pio.clone(), mmio.clone())?;
         if config.exit_stats {
             vcpu.enable_exit_timing();
         }
@@ -558,9 +561,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
     }
 
     Ok(Vm {
-        _kvm: kvm,
-        _vm: vm,
-        _memory: memory,
+        vm,
         vcpus,
         pio,
         mmio,

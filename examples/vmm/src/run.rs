@@ -8,9 +8,11 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use ember_devices::{ExitRequest, Serial};
-use ember_vcpu::{ExitKind, ExitProfile, RunningVcpu, SystemEvent, VcpuError, VcpuOutcome};
+use ember_vcpu::{
+    ExitKind, ExitProfile, RunningVcpu, SystemEvent, UnhandledExit, VcpuError, VcpuGroup,
+    VcpuOutcome,
+};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::builder::Vm;
 use crate::console::{ConsoleEvent, EscapeParser, RawTerminal};
@@ -41,6 +43,14 @@ pub enum RunError {
     /// The guest reported a crash.
     #[error("vCPU {0}: the guest reported a crash (KVM_SYSTEM_EVENT_CRASH)")]
     GuestCrash(u32),
+    /// A vCPU exited for a reason this VMM does not handle.
+    #[error("vCPU {vcpu}: unexpected KVM exit {exit}")]
+    UnhandledExit {
+        /// vCPU index.
+        vcpu: u32,
+        /// The exit.
+        exit: UnhandledExit,
+    },
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(String),
@@ -80,7 +90,8 @@ pub struct RunReport {
 /// Wakes the loop when a device asks to end the VM or a vCPU's run loop ends.
 struct EndWatcher {
     exit_fd: i32,
-    vcpu_done: EventFd,
+    /// [`VcpuGroup::ended_event`].
+    vcpus_ended: i32,
     ended: Rc<Cell<bool>>,
 }
 
@@ -143,7 +154,7 @@ impl MutEventSubscriber for EndWatcher {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [self.exit_fd, self.vcpu_done.as_raw_fd()] {
+        for fd in [self.exit_fd, self.vcpus_ended] {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                 log::error!("cannot watch fd {fd}: {e}");
                 self.ended.set(true);
@@ -218,23 +229,16 @@ pub fn run_vm(
     profile: &mut ExitProfile,
 ) -> Result<RunReport, RunError> {
     let loop_err = |e: &dyn std::fmt::Display| RunError::EventLoop(e.to_string());
-    let vcpu_done = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| loop_err(&e))?;
-    let mut running: Vec<RunningVcpu> = Vec::with_capacity(vm.vcpus.len());
+    // On every early return below, dropping `vcpus` stops and joins the vCPUs.
+    let mut vcpus = VcpuGroup::new()?;
     for (i, vcpu) in vm.vcpus.drain(..).enumerate() {
-        let done = vcpu_done.try_clone().map_err(|e| loop_err(&e))?;
         // The boot vCPU's thread starts on this CPU (see `LocalStart`).
         let local = if i == 0 { LocalStart::begin() } else { None };
-        let spawned = vcpu.spawn(Some(done));
+        let spawned = vcpus.spawn(vcpu);
         if let Some(local) = local {
-            local.end(spawned.as_ref().ok());
+            local.end(spawned.as_ref().ok().copied());
         }
-        match spawned {
-            Ok(r) => running.push(r),
-            Err(e) => {
-                stop_all(&running);
-                return Err(e.into());
-            }
-        }
+        spawned?;
     }
 
     let ended = Rc::new(Cell::new(false));
@@ -242,7 +246,7 @@ pub fn run_vm(
         EventManager::new().map_err(|e| loop_err(&e))?;
     events.add_subscriber(Box::new(EndWatcher {
         exit_fd: vm.exit.event_fd().as_raw_fd(),
-        vcpu_done,
+        vcpus_ended: vcpus.ended_event().as_raw_fd(),
         ended: ended.clone(),
     }));
     let received = Rc::new(Cell::new(None));
@@ -266,23 +270,23 @@ pub fn run_vm(
         }));
     }
     while !ended.get() {
-        if let Err(e) = events.run() {
-            stop_all(&running);
-            return Err(loop_err(&e));
-        }
+        events.run().map_err(|e| loop_err(&e))?;
     }
     drop(terminal);
 
-    stop_all(&running);
+    let results = vcpus.join();
     let mut merged = ExitProfile::default();
-    let mut outcomes = Vec::with_capacity(running.len());
-    for r in running {
-        let index = r.index();
-        let stats = r.shared_stats();
-        outcomes.push((index, r.join()));
+    let mut outcomes = Vec::with_capacity(results.len());
+    for vcpu in results {
         // After the join, the counters are final.
-        merged.merge(&stats.profile());
+        merged.merge(&vcpu.stats.profile());
+        outcomes.push((vcpu.index, vcpu.result));
     }
+    // `ember` exits right after this: leave the VM to the process's exit, which frees it
+    // in one go, instead of deleting its memory slots first; guest RAM then also stays
+    // mapped to the end for tools that read an exiting process's memory maps (the
+    // exit-rate benchmark's footprint).
+    std::mem::forget(vm.vm);
     let exits = ExitKind::ALL
         .iter()
         .map(|&k| (k, merged.count(k)))
@@ -366,6 +370,9 @@ pub fn run_vm(
                     unclaimed,
                 })
             }
+            VcpuOutcome::Unhandled(exit) => {
+                return Err(RunError::UnhandledExit { vcpu: index, exit })
+            }
         }
     }
     Ok(RunReport {
@@ -374,12 +381,6 @@ pub fn run_vm(
         exits,
         unclaimed,
     })
-}
-
-fn stop_all(running: &[RunningVcpu]) {
-    for r in running {
-        r.stop();
-    }
 }
 
 /// Starts a thread on the CPU this thread runs on, rather than on another, idle one.

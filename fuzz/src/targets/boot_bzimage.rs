@@ -1,7 +1,7 @@
 //! bzImage parsing and loading ([`ember_boot::parse_bzimage`],
 //! [`ember_boot::load_bzimage`]) from raw bytes into a small guest memory (12 MiB at 0,
 //! 4 MiB at 16 MiB), then the zero page ([`ember_boot::configure_bzimage_boot`]) and an
-//! initrd below the kernel's `initrd_addr_max` ([`ember_boot::load_initrd_below`]).
+//! initrd below the kernel's `initrd_addr_max` ([`ember_boot::initrd::load_initrd_below`]).
 //!
 //! Checked: accessors agree with the image; a rejected load leaves guest memory
 //! untouched; a load puts the protected-mode kernel at 1 MiB with its entry at
@@ -9,11 +9,10 @@
 //! zero page carries the image's setup header; the initrd lands between the kernel's
 //! end and its limit; an image of another length is refused.
 
+use ember_arch::layout::{HIMEM_START, ZERO_PAGE_SIZE};
+use ember_boot::initrd::load_initrd_below;
 use ember_boot::zero_page::{BOOT_FLAG_MAGIC, HEADER_MAGIC};
-use ember_boot::{
-    configure_bzimage_boot, load_bzimage, load_initrd_below, parse_bzimage, BootParams, Cmdline,
-    HIMEM_START, ZERO_PAGE_SIZE,
-};
+use ember_boot::{configure_bzimage_boot, load_bzimage, parse_bzimage, BootParams, Cmdline};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::common::{any_page_written, tracked_memory};

@@ -6,7 +6,8 @@
 //! one lies at or above 1 MiB, has its entry point (and PVH entry point, the one
 //! `find_pvh_entry` reports) inside what was loaded, and its file bytes are in memory.
 
-use ember_boot::{find_pvh_entry, load_elf, HIMEM_START};
+use ember_arch::layout::HIMEM_START;
+use ember_boot::{find_pvh_entry, load_elf};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::common::{any_page_written, tracked_memory};

@@ -1,14 +1,17 @@
 //! The firmware tables a VMM writes from its configuration: ACPI
-//! ([`ember_boot::setup_acpi`], any CPU count and any list of devices for the DSDT)
-//! and the MP table ([`ember_boot::setup_mptable`]), into guest memories that may be
-//! too small for them.
+//! ([`ember_firmware::setup_acpi`], any CPU count and any list of devices for the
+//! DSDT, described by [`ember_firmware::devices`] from any window, GSI, port and
+//! `_UID`) and the MP table ([`ember_firmware::setup_mptable`]), into guest memories
+//! that may be too small for them.
 //!
-//! Checked: failures write nothing; written ACPI tables have valid checksums (the RSDP
+//! Checked: a refused device description names a value; failures write nothing; written ACPI tables have valid checksums (the RSDP
 //! and every table the XSDT lists, including the DSDT); with a shutdown register, the
 //! FADT's reset, sleep control and sleep status registers point at its port and the
 //! DSDT has `\_S5_`, and without one they are zero and it has none.
 
-use ember_boot::{setup_acpi, setup_mptable, AcpiConfig, AcpiDevice, AcpiShutdown};
+use ember_firmware::aml::{Aml, NameSeg};
+use ember_firmware::devices::{Serial16550, VirtioMmio};
+use ember_firmware::{setup_acpi, setup_mptable, AcpiConfig, AcpiShutdown};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::common::{any_page_written, tracked_memory, TrackedMemory};
@@ -35,8 +38,9 @@ input_struct! {
 }
 
 input_struct! {
-    /// `kind % 4`: 0-1 a virtio-mmio window below 4 GiB-ish, 2 COM1, 3 a window at
-    /// any address with any length and GSI.
+    /// `kind % 4`: 0-1 a virtio-mmio window below 4 GiB-ish, 2 COM1 (`len` even) or
+    /// a 16550 at port `addr` on any GSI, 3 a window at any address with any length
+    /// and GSI. Virtio devices get `_UID`s 0, 1, ... in order.
     pub struct Device {
         pub kind: u8,
         pub addr: u64,
@@ -139,24 +143,34 @@ pub fn run(data: &[u8]) {
         );
     }
 
-    let devices: Vec<AcpiDevice> = input
-        .devices
-        .iter()
-        .take(0x1001)
-        .map(|d| match d.kind % 4 {
-            0 | 1 => AcpiDevice::VirtioMmio {
-                addr: 0xd000_0000 + (d.addr % 0x1000) * 0x1000,
-                len: d.len % 0x2000,
-                gsi: d.gsi % 32,
-            },
-            2 => AcpiDevice::Com1,
-            _ => AcpiDevice::VirtioMmio {
-                addr: d.addr,
-                len: d.len,
-                gsi: d.gsi,
-            },
-        })
-        .collect();
+    let com2 = NameSeg::new(b"COM2").expect("a NameSeg");
+    let mut described: Vec<Box<dyn Aml>> = Vec::new();
+    let mut virtio_uid = 0u16;
+    for d in input.devices.iter().take(0x1001) {
+        let description = match d.kind % 4 {
+            2 if d.len % 2 == 0 => Ok(Box::new(Serial16550::COM1) as Box<dyn Aml>),
+            2 => Serial16550::new(com2, d.addr as u32, d.addr as u16, d.gsi % 32)
+                .map(|s| Box::new(s) as Box<dyn Aml>),
+            kind => {
+                let (addr, len, gsi) = match kind {
+                    0 | 1 => (
+                        0xd000_0000 + (d.addr % 0x1000) * 0x1000,
+                        d.len % 0x2000,
+                        d.gsi % 32,
+                    ),
+                    _ => (d.addr, d.len, d.gsi),
+                };
+                let uid = virtio_uid;
+                virtio_uid = virtio_uid.saturating_add(1);
+                VirtioMmio::new(uid, addr, len, gsi).map(|v| Box::new(v) as Box<dyn Aml>)
+            }
+        };
+        match description {
+            Ok(device) => described.push(device),
+            Err(e) => assert!(!e.to_string().is_empty()),
+        }
+    }
+    let devices: Vec<&dyn Aml> = described.iter().map(|d| d.as_ref()).collect();
     let shutdown = input.shutdown.as_ref().map(|s| AcpiShutdown {
         port: s.port,
         s5_sleep_type: s.s5_sleep_type,

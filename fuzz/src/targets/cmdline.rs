@@ -1,6 +1,6 @@
 //! The command-line builder ([`ember_boot::Cmdline`]): any capacity, any parts
 //! (printable, with NULs, control bytes, non-ASCII text, empty), then writing it to
-//! guest memory at any address ([`ember_boot::load_cmdline`]) and the boot structures
+//! guest memory at any address ([`ember_boot::cmdline::load_cmdline`]) and the boot structures
 //! that point at it ([`ember_boot::configure_linux_boot`],
 //! [`ember_boot::configure_pvh_boot`], with any initrd and RSDP addresses).
 //!
@@ -8,10 +8,10 @@
 //! part leaves it unchanged; what is written reads back NUL-terminated; failures write
 //! nothing; the zero page and `hvm_start_info` point at the line.
 
-use ember_boot::{
-    configure_linux_boot, configure_pvh_boot, load_cmdline, BootParams, Cmdline, HvmStartInfo,
-    CMDLINE_START, ZERO_PAGE_SIZE,
-};
+use ember_arch::layout::{CMDLINE_START, ZERO_PAGE_SIZE};
+use ember_boot::cmdline::load_cmdline;
+use ember_boot::configurator::pvh::HvmStartInfo;
+use ember_boot::{configure_linux_boot, configure_pvh_boot, BootParams, Cmdline};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::common::{any_page_written, tracked_memory};

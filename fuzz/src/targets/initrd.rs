@@ -1,5 +1,5 @@
 //! Initrd placement ([`ember_boot::initrd::place_initrd`],
-//! [`ember_boot::load_initrd_below`], [`ember_boot::initrd::copy_initrd`]) in guest
+//! [`ember_boot::initrd::load_initrd_below`], [`ember_boot::initrd::copy_initrd`]) in guest
 //! memories of up to six regions at any (even unaligned) addresses, with any size,
 //! lower bound, upper limit and zero-page address.
 //!
@@ -7,11 +7,10 @@
 //! the limit and lies inside one region; a failed load writes nothing; a load writes
 //! the image there and records it in the zero page.
 
-use ember_boot::initrd::{copy_initrd, place_initrd, DEFAULT_INITRD_ADDR_MAX};
-use ember_boot::{
-    configure_linux_boot, e820_map, load_initrd_below, BootParams, Cmdline, E820_MAX_ENTRIES,
-    ZERO_PAGE_SIZE,
-};
+use ember_arch::layout::ZERO_PAGE_SIZE;
+use ember_boot::e820::E820_MAX_ENTRIES;
+use ember_boot::initrd::{copy_initrd, load_initrd_below, place_initrd, DEFAULT_INITRD_ADDR_MAX};
+use ember_boot::{configure_linux_boot, e820_map, BootParams, Cmdline};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::common::{any_page_written, tracked_memory};

@@ -18,14 +18,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ember_bus::BusDevice;
-use ember_virtio_devices::{Block, Net, NetBackend, Rng};
 use ember_virtio::mmio::{reg, status, MmioTransport, MMIO_MAGIC_VALUE};
-use ember_virtio::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
+use ember_virtio::{ActivateDevice, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
+use ember_virtio_devices::{Block, Net, NetBackend, Rng};
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::common::{place_chain, poke, virtio_memory, Addr, Chain, Ring};
+
+/// Guest memory as the transport and the devices hold it.
+type Mem = Arc<GuestMemoryMmap>;
 use crate::{decode, input_struct};
 
 input_struct! {
@@ -105,7 +108,14 @@ impl VirtioDevice for Mock {
         }
     }
 
-    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+    fn reset(&mut self) {
+        *self.log.active.lock().unwrap() = false;
+        self.log.resets.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl ActivateDevice<Mem> for Mock {
+    fn activate(&mut self, activation: Activation<Mem>) -> Result<(), ActivateError> {
         let mut active = self.log.active.lock().unwrap();
         assert!(!*active, "activated twice without a reset");
         assert!(
@@ -133,11 +143,6 @@ impl VirtioDevice for Mock {
         *active = true;
         self.log.activations.fetch_add(1, Ordering::Relaxed);
         Ok(())
-    }
-
-    fn reset(&mut self) {
-        *self.log.active.lock().unwrap() = false;
-        self.log.resets.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -176,7 +181,7 @@ fn width_of(raw: u8) -> usize {
 }
 
 struct Driver<'a> {
-    t: &'a MmioTransport,
+    t: &'a MmioTransport<Mem>,
 }
 
 impl Driver<'_> {
@@ -237,7 +242,7 @@ pub fn run(data: &[u8]) {
     let mem = virtio_memory();
     let log = Arc::new(MockLog::default());
     let nqueues = usize::from(input.queues[0] % 3) + 1;
-    let device: Box<dyn VirtioDevice> = match input.device % 8 {
+    let device: Box<dyn ActivateDevice<Mem>> = match input.device % 8 {
         5 => Box::new(Rng::new()),
         6 => Box::new(Net::with_backend(Box::new(Quiet), Some([2, 0, 0, 0, 0, 1]))),
         7 => Box::new(Block::from_disk(super::virtio_blk::scratch_disk())),
@@ -255,7 +260,7 @@ pub fn run(data: &[u8]) {
     };
     let mock = input.device % 8 < 5;
     let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-    let t = match MmioTransport::new(device, mem.clone(), irq) {
+    let t = match MmioTransport::new(device, Arc::new(mem.clone()), irq) {
         Ok(t) => t,
         Err(_) => return,
     };

@@ -5,16 +5,16 @@
 //! The queue implementation is virtio-queue's; what Ember adds on top is exercised
 //! here: its devices consume the chains ([`ember_virtio_devices::rng::process_request`]
 //! and [`ember_virtio_devices::net::process_rx`], which pops, gives back and completes
-//! chains itself), and [`drain`] is the loop of the device worker's `drain_queue`
-//! (crate-private in ember-devices, mirrored here), whose termination is checked.
+//! chains itself), and the device worker's loop, [`ember_virtio::worker::drain_queue`],
+//! which must end (a hang is a libFuzzer timeout) within its budget.
 
 use std::io;
 
+use ember_virtio::worker::drain_queue;
 use ember_virtio_devices::net::{process_rx, FrameBuffer, NetBackend};
 use ember_virtio_devices::rng;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::{QueueOwnedT, QueueT};
 
 use crate::common::{
     place_chain, poke, virtio_memory, write_desc, Addr, Chain, Ring, DATA_START, REGION1_LEN,
@@ -79,48 +79,6 @@ fn walk_chain<I: Iterator<Item = Descriptor>>(chain: I, size: u16) -> usize {
         );
     }
     n
-}
-
-/// The device worker's `drain_queue` loop: pops and completes chains until the ring is
-/// empty (notifications re-enabled) or `budget` chains are done; gives up after two
-/// rounds that pop nothing. Returns the chains handled.
-pub fn drain(
-    mem: &GuestMemoryMmap,
-    queue: &mut Queue,
-    budget: usize,
-    mut handle: impl FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32,
-) -> usize {
-    let mut handled = 0;
-    let mut empty_rounds = 0;
-    let mut rounds = 0;
-    let _ = queue.disable_notification(mem);
-    loop {
-        rounds += 1;
-        assert!(rounds <= budget + 3, "drain loop does not terminate");
-        let mut popped = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            popped = true;
-            let head = chain.head_index();
-            let len = handle(chain);
-            let _ = queue.add_used(mem, head, len);
-            handled += 1;
-            if handled >= budget {
-                return handled;
-            }
-        }
-        match queue.enable_notification(mem) {
-            Ok(true) => {
-                if !popped {
-                    empty_rounds += 1;
-                    if empty_rounds >= 2 {
-                        break;
-                    }
-                }
-            }
-            Ok(false) | Err(_) => break,
-        }
-    }
-    handled
 }
 
 /// The rings of a layout, or `None` for one virtio-queue refuses.
@@ -203,14 +161,16 @@ pub fn run(data: &[u8]) {
             }
             5 => {
                 let budget = (op.value % 300) as usize + 1;
-                let handled = drain(&mem, &mut queue, budget, |chain| {
+                let drained = drain_queue(&mem, &mut queue, budget, |chain| {
                     if op.index & 1 == 0 {
                         rng::process_request(&mem, chain)
                     } else {
                         walk_chain(chain, size) as u32
                     }
                 });
-                assert!(handled <= budget);
+                assert!(drained.handled <= budget);
+                // "More" exactly when the budget stopped it.
+                assert_eq!(drained.more, drained.handled == budget);
             }
             6 => {
                 let _ = queue.add_used(&mem, op.index, op.value);

@@ -706,7 +706,7 @@ fn worker_serves_requests_with_event_idx() {
     // Bad activations are refused.
     let err = dev
         .activate(Activation {
-            mem: m.clone(),
+            mem: std::sync::Arc::new(m.clone()),
             queues: vec![],
             interrupt: irq.clone(),
             features: 0,
@@ -721,7 +721,7 @@ fn worker_serves_requests_with_event_idx() {
     ));
 
     dev.activate(Activation {
-        mem: m.clone(),
+        mem: std::sync::Arc::new(m.clone()),
         queues: vec![aq],
         interrupt: irq.clone(),
         features: dev.device_features(),
@@ -767,7 +767,7 @@ fn worker_serves_requests_with_event_idx() {
 
     let err = dev
         .activate(Activation {
-            mem: m.clone(),
+            mem: std::sync::Arc::new(m.clone()),
             queues: vec![],
             interrupt: irq.clone(),
             features: 0,

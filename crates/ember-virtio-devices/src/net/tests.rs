@@ -392,7 +392,7 @@ fn backend_hang_up_does_not_spin() {
     let (rxq, _k1) = active_queue(0, &rxd);
     let (txq, _k2) = active_queue(1, &txd);
     net.activate(Activation {
-        mem: m.clone(),
+        mem: std::sync::Arc::new(m.clone()),
         queues: vec![rxq, txq],
         interrupt: RecordingInterrupt::new(),
         features: 0,
@@ -425,7 +425,7 @@ fn worker_moves_frames_both_ways() {
     let (txq, tx_kick) = active_queue(1, &txd);
     let irq = RecordingInterrupt::new();
     net.activate(Activation {
-        mem: m.clone(),
+        mem: std::sync::Arc::new(m.clone()),
         queues: vec![rxq, txq],
         interrupt: irq.clone(),
         features: net.device_features(),
@@ -481,7 +481,7 @@ fn worker_moves_frames_both_ways() {
     let (rxq, _k1) = active_queue(0, &rxd2);
     let (txq, _k2) = active_queue(1, &txd2);
     net.activate(Activation {
-        mem: m.clone(),
+        mem: std::sync::Arc::new(m.clone()),
         queues: vec![rxq, txq],
         interrupt: irq,
         features: 0,

@@ -3,12 +3,13 @@ use std::sync::{Arc, Mutex};
 use ember_bus::BusDevice;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::status::*;
 use super::*;
-use crate::device::{ActivateError, VIRTIO_RING_F_INDIRECT_DESC};
+use crate::device::{ActivateError, VirtioDevice, VIRTIO_RING_F_INDIRECT_DESC};
 
 const MEM_SIZE: usize = 0x10_0000;
 const RING_PACKED: u64 = 1 << 34;
@@ -79,7 +80,16 @@ impl VirtioDevice for MockDevice {
     fn config_generation(&self) -> u32 {
         7
     }
-    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+    fn reset(&mut self) {
+        let mut log = self.log.lock().unwrap();
+        log.resets += 1;
+        log.interrupt = None;
+        log.notifies.clear();
+    }
+}
+
+impl<M: GuestAddressSpace> ActivateDevice<M> for MockDevice {
+    fn activate(&mut self, activation: Activation<M>) -> Result<(), ActivateError> {
         let mut log = self.log.lock().unwrap();
         if log.fail_activate {
             return Err(ActivateError::Other("told to fail".into()));
@@ -103,26 +113,23 @@ impl VirtioDevice for MockDevice {
         log.notifies = activation.queues.into_iter().map(|q| q.notify).collect();
         Ok(())
     }
-    fn reset(&mut self) {
-        let mut log = self.log.lock().unwrap();
-        log.resets += 1;
-        log.interrupt = None;
-        log.notifies.clear();
-    }
 }
 
+/// Guest memory as the tests hold it.
+type Mem = Arc<GuestMemoryMmap>;
+
 struct Harness {
-    t: MmioTransport,
+    t: MmioTransport<Mem>,
     log: Arc<Mutex<Log>>,
     irq: EventFd,
-    mem: GuestMemoryMmap,
+    mem: Mem,
 }
 
 const DEVICE_FEATURES: u64 =
     VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC | 1;
 
-fn memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+fn memory() -> Mem {
+    Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap())
 }
 
 fn harness_with(max_sizes: &[u16], features: u64) -> Harness {
@@ -192,7 +199,7 @@ impl Harness {
 
     /// Lays out queue `index` with `MockSplitQueue` at `start` and sets it up.
     fn setup_mock_queue(&self, index: u32, size: u16, start: u64) -> (u64, u64, u64) {
-        let q = MockSplitQueue::create(&self.mem, GuestAddress(start), size);
+        let q = MockSplitQueue::create(&*self.mem, GuestAddress(start), size);
         let addrs = (q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0);
         self.setup_queue(index, u32::from(size), addrs.0, addrs.1, addrs.2);
         addrs
@@ -244,7 +251,9 @@ impl XorShift {
 #[test]
 fn transport_is_send_and_sync() {
     fn check<T: Send + Sync>() {}
-    check::<MmioTransport>();
+    check::<MmioTransport<Mem>>();
+    check::<MmioTransport<Arc<GuestMemoryMmap<AtomicBitmap>>>>();
+    check::<MmioTransport<GuestMemoryAtomic<GuestMemoryMmap<AtomicBitmap>>>>();
 }
 
 #[test]

@@ -12,30 +12,152 @@
 //! real-mode setup code is never run.
 //!
 //! Only kernels that support this are accepted: boot protocol 2.12 or newer
-//! (for `xloadflags`), `LOADED_HIGH` and `XLF_KERNEL_64`.
+//! (for `xloadflags`), `LOADED_HIGH` and `XLF_KERNEL_64`. The zero page for
+//! the entry is built by the
+//! [Linux configurator](crate::configurator::linux::configure_bzimage_boot).
 
+use ember_arch::layout::HIMEM_START;
 use vm_memory::{GuestAddress, GuestMemory};
 
-use crate::acpi::rsdp_paddr;
-use crate::guest::{range_in_memory, write_bytes};
-use crate::linux::write_cmdline_and_zero_page;
+use crate::guest::{range_in_memory, write_bytes, GuestWriteError};
+use crate::le;
 use crate::zero_page::{
-    BOOT_FLAG, BOOT_FLAG_MAGIC, CAN_USE_HEAP, CMDLINE_SIZE, EDD_MBR_SIG_BUFFER, HEADER,
-    HEADER_MAGIC, INITRD_ADDR_MAX, INIT_SIZE, JUMP, KERNEL_ALIGNMENT, LOADED_HIGH, LOADFLAGS,
-    PREF_ADDRESS, RELOCATABLE_KERNEL, SETUP_HEADER, SETUP_SECTS, TYPE_OF_LOADER_UNDEFINED, VERSION,
-    XLF_CAN_BE_LOADED_ABOVE_4G, XLF_KERNEL_64, XLOADFLAGS,
+    BOOT_FLAG, BOOT_FLAG_MAGIC, CMDLINE_SIZE, EDD_MBR_SIG_BUFFER, HEADER, HEADER_MAGIC,
+    INITRD_ADDR_MAX, INIT_SIZE, JUMP, KERNEL_ALIGNMENT, LOADED_HIGH, LOADFLAGS, PREF_ADDRESS,
+    RELOCATABLE_KERNEL, SETUP_HEADER, SETUP_SECTS, VERSION, XLF_CAN_BE_LOADED_ABOVE_4G,
+    XLF_KERNEL_64, XLOADFLAGS,
 };
-use crate::{
-    e820_map, le, BootError, BootParams, Cmdline, CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START,
-};
+
+/// Why a bzImage was rejected or could not be loaded.
+///
+/// Every malformed field has its own variant naming the offending value. A
+/// rejected image leaves guest memory untouched.
+#[derive(Debug, thiserror::Error)]
+pub enum BzImageError {
+    /// The bzImage is too short for what its header says it holds.
+    #[error("bzImage is {len} bytes, too short: it needs at least {needed}")]
+    Truncated {
+        /// Length of the image in bytes.
+        len: usize,
+        /// Bytes needed.
+        needed: usize,
+    },
+    /// `boot_flag` (offset `0x1fe`) is not `0xaa55`.
+    #[error("bzImage boot_flag is {flag:#06x} (expected 0xaa55)")]
+    BadBootFlag {
+        /// The `boot_flag` field.
+        flag: u16,
+    },
+    /// `header` (offset `0x202`) is not `"HdrS"`.
+    #[error("bzImage setup header magic is {magic:02x?} (expected \"HdrS\")")]
+    BadHeaderMagic {
+        /// The four bytes at `0x202`.
+        magic: [u8; 4],
+    },
+    /// The boot protocol version is too old.
+    #[error(
+        "bzImage boot protocol version {}.{} ({version:#06x}) is older than the \
+         minimum {}.{} ({min:#06x}), which the 64-bit entry needs",
+        .version >> 8, .version & 0xff, .min >> 8, .min & 0xff
+    )]
+    UnsupportedVersion {
+        /// The `version` field.
+        version: u16,
+        /// The lowest supported version, [`MIN_BOOT_PROTOCOL`].
+        min: u16,
+    },
+    /// The setup header (ending at `0x202` + the byte at `0x201`) ends
+    /// before the last field the loader reads.
+    #[error("bzImage setup header ends at {end:#x}, before {min:#x} (the end of init_size)")]
+    SetupHeaderTooShort {
+        /// Exclusive end of the setup header.
+        end: usize,
+        /// The smallest end accepted.
+        min: usize,
+    },
+    /// The setup header runs past the room `struct boot_params` has for it.
+    #[error("bzImage setup header ends at {end:#x}, past the zero page's limit {max:#x}")]
+    SetupHeaderTooLong {
+        /// Exclusive end of the setup header.
+        end: usize,
+        /// The largest end accepted.
+        max: usize,
+    },
+    /// `loadflags` lacks `LOADED_HIGH`: the kernel wants to be loaded at
+    /// `0x10000`, which this loader does not do.
+    #[error("bzImage loadflags {loadflags:#04x} lack LOADED_HIGH (bit 0)")]
+    NotLoadedHigh {
+        /// The `loadflags` field.
+        loadflags: u8,
+    },
+    /// `xloadflags` lacks `XLF_KERNEL_64`: there is no 64-bit entry point.
+    #[error("bzImage xloadflags {xloadflags:#06x} lack XLF_KERNEL_64 (bit 0): no 64-bit entry")]
+    No64BitEntry {
+        /// The `xloadflags` field.
+        xloadflags: u16,
+    },
+    /// The protected-mode kernel, after `setup_sects` sectors of setup code,
+    /// starts at or past the end of the image.
+    #[error(
+        "bzImage protected-mode kernel at offset {offset:#x} (setup_sects {setup_sects}) \
+         is not inside the {image_len}-byte image"
+    )]
+    KernelOutOfImage {
+        /// The effective `setup_sects` (0 read as 4).
+        setup_sects: u8,
+        /// Offset of the protected-mode kernel, `(setup_sects + 1) * 512`.
+        offset: usize,
+        /// Length of the image in bytes.
+        image_len: usize,
+    },
+    /// The protected-mode kernel is too short to hold its 64-bit entry
+    /// point at offset `0x200`.
+    #[error("bzImage protected-mode kernel is {len} bytes; its 64-bit entry at 0x200 needs {min}")]
+    KernelTooSmall {
+        /// Length of the protected-mode kernel.
+        len: usize,
+        /// The smallest length accepted.
+        min: usize,
+    },
+    /// The image handed to the loader is not the one that was parsed.
+    #[error("bzImage of {len} bytes is not the parsed image of {expected} bytes")]
+    ImageMismatch {
+        /// Length of the parsed image.
+        expected: usize,
+        /// Length of the image given.
+        len: usize,
+    },
+    /// The kernel, or the memory it needs while it decompresses
+    /// (`init_size`), does not fit in guest memory.
+    #[error("bzImage kernel at {addr:#x} needs {size:#x} bytes, which do not fit in guest memory")]
+    KernelOutsideMemory {
+        /// Guest physical start address.
+        addr: u64,
+        /// Bytes needed.
+        size: u64,
+    },
+    /// A relocatable kernel's `kernel_alignment` is not a power of two.
+    #[error("bzImage kernel_alignment {alignment:#x} is not a power of two")]
+    BadKernelAlignment {
+        /// The `kernel_alignment` field.
+        alignment: u32,
+    },
+    /// The kernel would decompress itself below 1 MiB.
+    #[error("bzImage runtime start {runtime_start:#x} lies below {himem:#x}")]
+    RuntimeBelowHimem {
+        /// The kernel's runtime start address (boot.rst's algorithm).
+        runtime_start: u64,
+        /// [`HIMEM_START`].
+        himem: u64,
+    },
+    /// Guest memory rejected a write of the validated kernel.
+    #[error(transparent)]
+    Memory(#[from] GuestWriteError),
+}
 
 /// Oldest supported boot protocol version, 2.12: the first with
 /// `xloadflags`, which announces the 64-bit entry point.
 pub const MIN_BOOT_PROTOCOL: u16 = 0x020c;
-
-/// `heap_end_ptr` written to the zero page: the conventional end of the
-/// setup heap, `0xfe00` (`0x10000` minus `0x200`).
-pub const HEAP_END_PTR_VALUE: u16 = 0xfe00;
 
 /// Offset of the 64-bit entry point from the start of the protected-mode
 /// kernel.
@@ -199,37 +321,37 @@ fn get_u32(image: &[u8], off: usize) -> u32 {
 ///
 /// # Errors
 ///
-/// A `Bz*` variant of [`BootError`] naming the bad field.
+/// A variant of [`BzImageError`] naming the bad field.
 ///
 /// # Example
 ///
 /// ```
-/// use ember_boot::{parse_bzimage, BootError};
+/// use ember_boot::loader::bzimage::{parse_bzimage, BzImageError};
 ///
 /// // An ELF vmlinux is not a bzImage.
 /// let mut image = vec![0u8; 0x1000];
 /// image[..4].copy_from_slice(b"\x7fELF");
-/// assert!(matches!(parse_bzimage(&image), Err(BootError::BzBadBootFlag { flag: 0 })));
+/// assert!(matches!(parse_bzimage(&image), Err(BzImageError::BadBootFlag { flag: 0 })));
 /// ```
-pub fn parse_bzimage(image: &[u8]) -> Result<BzImage, BootError> {
+pub fn parse_bzimage(image: &[u8]) -> Result<BzImage, BzImageError> {
     let len = image.len();
     if len < MIN_HEADER_END {
-        return Err(BootError::BzImageTruncated {
+        return Err(BzImageError::Truncated {
             len,
             needed: MIN_HEADER_END,
         });
     }
     let flag = get_u16(image, BOOT_FLAG);
     if flag != BOOT_FLAG_MAGIC {
-        return Err(BootError::BzBadBootFlag { flag });
+        return Err(BzImageError::BadBootFlag { flag });
     }
     let magic: [u8; 4] = le::get(image, HEADER);
     if u32::from_le_bytes(magic) != HEADER_MAGIC {
-        return Err(BootError::BzBadHeaderMagic { magic });
+        return Err(BzImageError::BadHeaderMagic { magic });
     }
     let version = get_u16(image, VERSION);
     if version < MIN_BOOT_PROTOCOL {
-        return Err(BootError::BzUnsupportedVersion {
+        return Err(BzImageError::UnsupportedVersion {
             version,
             min: MIN_BOOT_PROTOCOL,
         });
@@ -238,35 +360,35 @@ pub fn parse_bzimage(image: &[u8]) -> Result<BzImage, BootError> {
     // The header ends at 0x202 plus the jump offset at 0x201 (at most 0x301).
     let end = HEADER + usize::from(get_u8(image, JUMP + 1));
     if end < MIN_HEADER_END {
-        return Err(BootError::BzSetupHeaderTooShort {
+        return Err(BzImageError::SetupHeaderTooShort {
             end,
             min: MIN_HEADER_END,
         });
     }
     if end > EDD_MBR_SIG_BUFFER {
-        return Err(BootError::BzSetupHeaderTooLong {
+        return Err(BzImageError::SetupHeaderTooLong {
             end,
             max: EDD_MBR_SIG_BUFFER,
         });
     }
     let source = image
         .get(SETUP_HEADER..end)
-        .ok_or(BootError::BzImageTruncated { len, needed: end })?;
+        .ok_or(BzImageError::Truncated { len, needed: end })?;
     let mut header = [0u8; MAX_HEADER_LEN];
     le::put(&mut header, 0, source);
 
     let loadflags = get_u8(image, LOADFLAGS);
     if loadflags & LOADED_HIGH == 0 {
-        return Err(BootError::BzNotLoadedHigh { loadflags });
+        return Err(BzImageError::NotLoadedHigh { loadflags });
     }
     let xloadflags = get_u16(image, XLOADFLAGS);
     if xloadflags & XLF_KERNEL_64 == 0 {
-        return Err(BootError::BzNo64BitEntry { xloadflags });
+        return Err(BzImageError::No64BitEntry { xloadflags });
     }
     let relocatable = get_u8(image, RELOCATABLE_KERNEL) != 0;
     let kernel_alignment = get_u32(image, KERNEL_ALIGNMENT);
     if relocatable && !kernel_alignment.is_power_of_two() {
-        return Err(BootError::BzBadKernelAlignment {
+        return Err(BzImageError::BadKernelAlignment {
             alignment: kernel_alignment,
         });
     }
@@ -278,7 +400,7 @@ pub fn parse_bzimage(image: &[u8]) -> Result<BzImage, BootError> {
     // At most 256 * 512: no overflow.
     let offset = (usize::from(setup_sects) + 1) * SECTOR_SIZE;
     if offset >= len {
-        return Err(BootError::BzKernelOutOfImage {
+        return Err(BzImageError::KernelOutOfImage {
             setup_sects,
             offset,
             image_len: len,
@@ -287,7 +409,7 @@ pub fn parse_bzimage(image: &[u8]) -> Result<BzImage, BootError> {
     let kernel_len = len - offset;
     let min_kernel_len = ENTRY_64_OFFSET as usize + 1;
     if kernel_len < min_kernel_len {
-        return Err(BootError::BzKernelTooSmall {
+        return Err(BzImageError::KernelTooSmall {
             len: kernel_len,
             min: min_kernel_len,
         });
@@ -345,15 +467,15 @@ pub struct BzImageLoad {
 ///
 /// # Errors
 ///
-/// [`BootError::BzImageMismatch`] if `image` is not the image `bz` was parsed
-/// from (by length), [`BootError::BzKernelOutsideMemory`],
-/// [`BootError::BzRuntimeBelowHimem`], or [`BootError::GuestMemoryWrite`].
+/// [`BzImageError::ImageMismatch`] if `image` is not the image `bz` was parsed
+/// from (by length), [`BzImageError::KernelOutsideMemory`],
+/// [`BzImageError::RuntimeBelowHimem`], or [`BzImageError::Memory`].
 ///
 /// # Example
 ///
 /// ```
-/// use ember_boot::{load_bzimage, parse_bzimage};
-/// use vm_memory::{GuestAddress, GuestMemoryMmap};
+/// use ember_boot::loader::bzimage::{load_bzimage, parse_bzimage};
+/// use ember_boot::vm_memory::{GuestAddress, GuestMemoryMmap};
 ///
 /// # fn tiny_bzimage() -> Vec<u8> {
 /// #     let mut img = vec![0u8; 5 * 512];
@@ -379,14 +501,14 @@ pub struct BzImageLoad {
 /// assert_eq!(load.entry, GuestAddress(0x10_0200));
 /// assert_eq!(load.runtime_start, GuestAddress(0x100_0000));
 /// assert_eq!(load.end, GuestAddress(0x140_0000));
-/// # Ok::<(), ember_boot::BootError>(())
+/// # Ok::<(), ember_boot::loader::bzimage::BzImageError>(())
 /// ```
 pub fn load_bzimage<M: GuestMemory>(
     mem: &M,
     bz: &BzImage,
     image: &[u8],
-) -> Result<BzImageLoad, BootError> {
-    let mismatch = BootError::BzImageMismatch {
+) -> Result<BzImageLoad, BzImageError> {
+    let mismatch = BzImageError::ImageMismatch {
         expected: bz.image_len,
         len: image.len(),
     };
@@ -399,19 +521,19 @@ pub fn load_bzimage<M: GuestMemory>(
     let init_size = u64::from(bz.init_size);
     let footprint = (kernel.len() as u64).max(init_size);
     if !range_in_memory(mem, load, footprint) {
-        return Err(BootError::BzKernelOutsideMemory {
+        return Err(BzImageError::KernelOutsideMemory {
             addr: load,
             size: footprint,
         });
     }
     let runtime_start = bz
         .runtime_start(load)
-        .ok_or(BootError::BzKernelOutsideMemory {
+        .ok_or(BzImageError::KernelOutsideMemory {
             addr: bz.pref_address,
             size: init_size,
         })?;
     if runtime_start < HIMEM_START {
-        return Err(BootError::BzRuntimeBelowHimem {
+        return Err(BzImageError::RuntimeBelowHimem {
             runtime_start,
             himem: HIMEM_START,
         });
@@ -419,7 +541,7 @@ pub fn load_bzimage<M: GuestMemory>(
     // At least one byte, so that a zero init_size cannot put the runtime
     // start outside memory (or near 2^64).
     if !range_in_memory(mem, runtime_start, init_size.max(1)) {
-        return Err(BootError::BzKernelOutsideMemory {
+        return Err(BzImageError::KernelOutsideMemory {
             addr: runtime_start,
             size: init_size,
         });
@@ -442,124 +564,16 @@ pub fn load_bzimage<M: GuestMemory>(
     })
 }
 
-/// Builds the zero page for entering a bzImage at its 64-bit entry point,
-/// without writing anything.
-///
-/// Starts from an all-zero page, copies in the image's setup header at
-/// `0x1f1`, then sets `type_of_loader` to `0xff`, adds `CAN_USE_HEAP` to
-/// `loadflags`, sets `heap_end_ptr` to [`HEAP_END_PTR_VALUE`],
-/// `code32_start` to the load address, points `cmd_line_ptr` at
-/// [`CMDLINE_START`] (keeping the kernel's `cmdline_size`) and fills the
-/// e820 map from [`e820_map`].
-///
-/// # Errors
-///
-/// [`BootError::BzCmdlineTooLong`] if the command line is longer than the
-/// kernel's `cmdline_size`, [`BootError::CmdlineTooLong`] if with its NUL it
-/// exceeds [`CMDLINE_MAX_SIZE`], or an error of [`e820_map`].
-///
-/// # Example
-///
-/// ```no_run
-/// use ember_boot::{bzimage_boot_params, parse_bzimage, Cmdline};
-/// use vm_memory::{GuestAddress, GuestMemoryMmap};
-///
-/// let image = std::fs::read("bzImage").unwrap();
-/// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 256 << 20)]).unwrap();
-/// let bz = parse_bzimage(&image)?;
-/// let params = bzimage_boot_params(&mem, &bz, &Cmdline::default())?;
-/// assert_eq!(params.header(), 0x5372_6448); // "HdrS", from the image
-/// # Ok::<(), ember_boot::BootError>(())
-/// ```
-pub fn bzimage_boot_params<M: GuestMemory>(
-    mem: &M,
-    bz: &BzImage,
-    cmdline: &Cmdline,
-) -> Result<BootParams, BootError> {
-    let len = cmdline.len();
-    if len > usize::try_from(bz.cmdline_size).unwrap_or(usize::MAX) {
-        return Err(BootError::BzCmdlineTooLong {
-            len,
-            max: bz.cmdline_size,
-        });
-    }
-    if len >= CMDLINE_MAX_SIZE {
-        return Err(BootError::CmdlineTooLong {
-            len: len.saturating_add(1),
-            limit: CMDLINE_MAX_SIZE,
-        });
-    }
-    let e820 = e820_map(mem)?;
-
-    let mut params = BootParams::new();
-    params.set_setup_header(bz.setup_header())?;
-    params.set_type_of_loader(TYPE_OF_LOADER_UNDEFINED);
-    params.set_loadflags(params.loadflags() | CAN_USE_HEAP);
-    params.set_heap_end_ptr(HEAP_END_PTR_VALUE);
-    // HIMEM_START is 1 MiB: it fits in 32 bits.
-    params.set_code32_start(HIMEM_START as u32);
-    params.set_cmd_line_ptr(GuestAddress(CMDLINE_START));
-    params.set_e820(&e820)?;
-    Ok(params)
-}
-
-/// Prepares guest memory for entering a bzImage at its 64-bit entry point:
-/// writes the command line at [`CMDLINE_START`] and the zero page built by
-/// [`bzimage_boot_params`] at [`ZERO_PAGE_START`](crate::ZERO_PAGE_START),
-/// and returns the zero page's address (the VMM passes it in `rsi`).
-///
-/// `rsdp` is the address of the ACPI RSDP, if the VMM wrote ACPI tables
-/// (as returned by [`setup_acpi`](crate::setup_acpi)); it goes into the
-/// zero page's `acpi_rsdp_addr`. With `None` the field is 0 and the kernel
-/// scans the BIOS area for an RSDP.
-///
-/// Everything is checked before anything is written.
-///
-/// # Errors
-///
-/// Those of [`bzimage_boot_params`], [`BootError::OutsideGuestMemory`] if
-/// the command line or zero page would not fit or an RSDP at `rsdp` would
-/// not lie in guest memory, or [`BootError::GuestMemoryWrite`].
-///
-/// # Example
-///
-/// ```no_run
-/// use ember_boot::{configure_bzimage_boot, initrd, load_bzimage, parse_bzimage, Cmdline};
-/// use vm_memory::{GuestAddress, GuestMemoryMmap};
-///
-/// let image = std::fs::read("bzImage").unwrap();
-/// let ramdisk = std::fs::read("initrd.img").unwrap();
-/// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 256 << 20)]).unwrap();
-/// let bz = parse_bzimage(&image)?;
-/// let kernel = load_bzimage(&mem, &bz, &image)?;
-/// let zero_page = configure_bzimage_boot(&mem, &bz, &Cmdline::default(), None)?;
-/// initrd::load_initrd_below(&mem, zero_page, &ramdisk, kernel.end, bz.initrd_addr_max())?;
-/// // Start the vCPU at `kernel.entry` in 64-bit mode with rsi = zero_page.
-/// # Ok::<(), ember_boot::BootError>(())
-/// ```
-pub fn configure_bzimage_boot<M: GuestMemory>(
-    mem: &M,
-    bz: &BzImage,
-    cmdline: &Cmdline,
-    rsdp: Option<GuestAddress>,
-) -> Result<GuestAddress, BootError> {
-    let mut params = bzimage_boot_params(mem, bz, cmdline)?;
-    params.set_acpi_rsdp_addr(GuestAddress(rsdp_paddr(mem, rsdp)?));
-    write_cmdline_and_zero_page(mem, cmdline, &params)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testing::{bz_kernel_byte, filled_mem, read, BzSpec};
-    use crate::zero_page::HEAP_END_PTR;
-    use crate::{E820_MAX_ENTRIES, ZERO_PAGE_SIZE, ZERO_PAGE_START};
     use vm_memory::GuestMemoryMmap;
 
     const MEM_SIZE: usize = 32 << 20;
     const FILL: u8 = 0xa5;
 
-    fn parse_err(image: &[u8]) -> BootError {
+    fn parse_err(image: &[u8]) -> BzImageError {
         let err = parse_bzimage(image).unwrap_err();
         assert!(!err.to_string().is_empty());
         err
@@ -567,7 +581,7 @@ mod tests {
 
     /// Asserts that parsing and loading `spec` fails at load time and that
     /// guest memory is untouched.
-    fn load_err(spec: &BzSpec, mem_size: usize) -> BootError {
+    fn load_err(spec: &BzSpec, mem_size: usize) -> BzImageError {
         let mem = filled_mem(mem_size, FILL);
         let image = spec.build();
         let bz = parse_bzimage(&image).unwrap();
@@ -696,14 +710,14 @@ mod tests {
         for len in [0, 1, 0x1ff, 0x202, 0x263] {
             assert!(matches!(
                 parse_err(&image[..len]),
-                BootError::BzImageTruncated { len: l, needed: 0x264 } if l == len
+                BzImageError::Truncated { len: l, needed: 0x264 } if l == len
             ));
         }
         // Long enough for init_size but not for the whole header.
         let image = &image[..0x268];
         assert!(matches!(
             parse_err(image),
-            BootError::BzImageTruncated {
+            BzImageError::Truncated {
                 len: 0x268,
                 needed: 0x26c
             }
@@ -718,7 +732,7 @@ mod tests {
         };
         assert!(matches!(
             parse_err(&spec.build()),
-            BootError::BzBadBootFlag { flag: 0x55aa }
+            BzImageError::BadBootFlag { flag: 0x55aa }
         ));
     }
 
@@ -731,7 +745,7 @@ mod tests {
         let err = parse_err(&spec.build());
         assert!(matches!(
             err,
-            BootError::BzBadHeaderMagic { magic } if &magic == b"HdrZ"
+            BzImageError::BadHeaderMagic { magic } if &magic == b"HdrZ"
         ));
     }
 
@@ -745,7 +759,7 @@ mod tests {
             let err = parse_err(&spec.build());
             assert!(matches!(
                 err,
-                BootError::BzUnsupportedVersion { version: v, min: 0x020c } if v == version
+                BzImageError::UnsupportedVersion { version: v, min: 0x020c } if v == version
             ));
             if version == 0x020b {
                 let msg = err.to_string();
@@ -768,7 +782,7 @@ mod tests {
         };
         assert!(matches!(
             parse_err(&spec.build()),
-            BootError::BzSetupHeaderTooShort {
+            BzImageError::SetupHeaderTooShort {
                 end: 0x263,
                 min: 0x264
             }
@@ -789,7 +803,7 @@ mod tests {
             };
             assert!(matches!(
                 parse_err(&spec.build()),
-                BootError::BzSetupHeaderTooLong { end, max: 0x290 } if end == 0x202 + usize::from(jump)
+                BzImageError::SetupHeaderTooLong { end, max: 0x290 } if end == 0x202 + usize::from(jump)
             ));
         }
     }
@@ -802,7 +816,7 @@ mod tests {
         };
         assert!(matches!(
             parse_err(&spec.build()),
-            BootError::BzNotLoadedHigh { loadflags: 0x80 }
+            BzImageError::NotLoadedHigh { loadflags: 0x80 }
         ));
     }
 
@@ -814,7 +828,7 @@ mod tests {
         };
         assert!(matches!(
             parse_err(&spec.build()),
-            BootError::BzNo64BitEntry { xloadflags: 0x1e }
+            BzImageError::No64BitEntry { xloadflags: 0x1e }
         ));
     }
 
@@ -827,7 +841,7 @@ mod tests {
             };
             assert!(matches!(
                 parse_err(&spec.build()),
-                BootError::BzBadKernelAlignment { alignment: a } if a == alignment
+                BzImageError::BadKernelAlignment { alignment: a } if a == alignment
             ));
         }
     }
@@ -839,7 +853,7 @@ mod tests {
         image[0x1f1] = 200;
         assert!(matches!(
             parse_err(&image),
-            BootError::BzKernelOutOfImage { setup_sects: 200, offset, image_len }
+            BzImageError::KernelOutOfImage { setup_sects: 200, offset, image_len }
                 if offset == 201 * 512 && image_len == len
         ));
         // Exactly at the end: an empty kernel.
@@ -849,7 +863,7 @@ mod tests {
         };
         assert!(matches!(
             parse_err(&spec.build()),
-            BootError::BzKernelOutOfImage {
+            BzImageError::KernelOutOfImage {
                 setup_sects: 4,
                 offset: 2560,
                 image_len: 2560
@@ -862,7 +876,7 @@ mod tests {
         };
         assert!(matches!(
             parse_err(&spec.build()),
-            BootError::BzKernelTooSmall {
+            BzImageError::KernelTooSmall {
                 len: 0x200,
                 min: 0x201
             }
@@ -878,7 +892,7 @@ mod tests {
         };
         assert!(matches!(
             load_err(&spec, MEM_SIZE),
-            BootError::BzKernelOutsideMemory {
+            BzImageError::KernelOutsideMemory {
                 addr: 0x100_0000,
                 size: 0x100_0001
             }
@@ -890,7 +904,7 @@ mod tests {
         };
         assert!(matches!(
             load_err(&spec, MEM_SIZE),
-            BootError::BzKernelOutsideMemory {
+            BzImageError::KernelOutsideMemory {
                 addr: 0x10_0000,
                 size: 0xffff_ffff
             }
@@ -905,7 +919,7 @@ mod tests {
         let bz = parse_bzimage(&image).unwrap();
         assert!(matches!(
             load_bzimage(&mem, &bz, &image),
-            Err(BootError::BzKernelOutsideMemory {
+            Err(BzImageError::KernelOutsideMemory {
                 addr: 0x10_0000,
                 size: 0x400
             })
@@ -920,7 +934,7 @@ mod tests {
         };
         assert!(matches!(
             load_err(&spec, MEM_SIZE),
-            BootError::BzKernelOutsideMemory { .. }
+            BzImageError::KernelOutsideMemory { .. }
         ));
         let spec = BzSpec {
             relocatable: 0,
@@ -929,7 +943,7 @@ mod tests {
         };
         assert!(matches!(
             load_err(&spec, MEM_SIZE),
-            BootError::BzRuntimeBelowHimem {
+            BzImageError::RuntimeBelowHimem {
                 runtime_start: 0x8_0000,
                 himem: HIMEM_START
             }
@@ -946,7 +960,7 @@ mod tests {
         };
         assert!(matches!(
             load_err(&spec, MEM_SIZE),
-            BootError::BzKernelOutsideMemory {
+            BzImageError::KernelOutsideMemory {
                 addr: u64::MAX,
                 size: 0
             }
@@ -960,94 +974,7 @@ mod tests {
         let bz = parse_bzimage(&image).unwrap();
         assert!(matches!(
             load_bzimage(&mem, &bz, &image[..100]),
-            Err(BootError::BzImageMismatch { len: 100, .. })
-        ));
-    }
-
-    fn zero_page(mem: &GuestMemoryMmap<()>) -> BootParams {
-        let page = read(mem, ZERO_PAGE_START, ZERO_PAGE_SIZE);
-        BootParams::from_bytes(page.try_into().unwrap())
-    }
-
-    #[test]
-    fn zero_page_holds_the_image_header() {
-        let mem = filled_mem(MEM_SIZE, 0xcc);
-        let image = BzSpec::default().build();
-        let bz = parse_bzimage(&image).unwrap();
-        let mut cmdline = Cmdline::default();
-        cmdline.insert_str("console=ttyS0").unwrap();
-        let addr =
-            configure_bzimage_boot(&mem, &bz, &cmdline, Some(GuestAddress(0xe0000))).unwrap();
-        assert_eq!(addr, GuestAddress(ZERO_PAGE_START));
-        assert_eq!(read(&mem, CMDLINE_START, 14), b"console=ttyS0\0");
-
-        let z = ZERO_PAGE_START;
-        // Copied from the image.
-        assert_eq!(read(&mem, z + 0x1f1, 1), [4]);
-        assert_eq!(read(&mem, z + 0x1fe, 2), [0x55, 0xaa]);
-        assert_eq!(read(&mem, z + 0x200, 2), [0xeb, 0x6a]);
-        assert_eq!(read(&mem, z + 0x202, 4), b"HdrS");
-        assert_eq!(read(&mem, z + 0x206, 2), 0x020fu16.to_le_bytes());
-        assert_eq!(read(&mem, z + 0x236, 2), 3u16.to_le_bytes());
-        assert_eq!(read(&mem, z + 0x238, 4), 2047u32.to_le_bytes()); // kept
-        assert_eq!(read(&mem, z + 0x258, 8), 0x100_0000u64.to_le_bytes());
-        assert_eq!(read(&mem, z + 0x260, 4), 0x40_0000u32.to_le_bytes());
-        // Set by the loader.
-        assert_eq!(read(&mem, z + 0x210, 1), [0xff]);
-        assert_eq!(read(&mem, z + 0x211, 1), [LOADED_HIGH | CAN_USE_HEAP]);
-        assert_eq!(read(&mem, z + HEAP_END_PTR as u64, 2), [0x00, 0xfe]);
-        assert_eq!(read(&mem, z + 0x214, 4), 0x10_0000u32.to_le_bytes());
-        assert_eq!(read(&mem, z + 0x228, 4), 0x20000u32.to_le_bytes());
-        assert_eq!(read(&mem, z + 0x070, 8), 0xe0000u64.to_le_bytes());
-        // The setup code after the header (0xcc in the image) is not copied,
-        // and nothing before 0x1f1 comes from the image.
-        let page = zero_page(&mem);
-        assert!(page.as_bytes()[0x26c..0x290].iter().all(|&b| b == 0));
-        assert_eq!(page.as_bytes()[0x1ef], 0); // sentinel
-        assert_eq!(page.version(), 0x020f);
-        assert_eq!(page.heap_end_ptr(), 0xfe00);
-        assert_eq!(page.code32_start(), 0x10_0000);
-        assert_eq!(page.cmd_line_ptr(), CMDLINE_START);
-        assert_eq!(page.e820_table(), e820_map(&mem).unwrap());
-        assert_eq!(page.acpi_rsdp_addr(), 0xe0000);
-        let mut expected = bzimage_boot_params(&mem, &bz, &cmdline).unwrap();
-        expected.set_acpi_rsdp_addr(GuestAddress(0xe0000));
-        assert_eq!(page, expected);
-        assert!(page.e820_table().len() <= E820_MAX_ENTRIES);
-    }
-
-    #[test]
-    fn command_line_longer_than_cmdline_size() {
-        let mem = filled_mem(MEM_SIZE, 0xcc);
-        let spec = BzSpec {
-            cmdline_size: 8,
-            ..BzSpec::default()
-        };
-        let bz = parse_bzimage(&spec.build()).unwrap();
-        let mut cmdline = Cmdline::default();
-        cmdline.insert_str("12345678").unwrap();
-        configure_bzimage_boot(&mem, &bz, &cmdline, None).unwrap();
-        cmdline.insert_str("9").unwrap();
-        let mem = filled_mem(MEM_SIZE, 0xcc);
-        assert!(matches!(
-            configure_bzimage_boot(&mem, &bz, &cmdline, None),
-            Err(BootError::BzCmdlineTooLong { len: 10, max: 8 })
-        ));
-        assert!(read(&mem, 0, 1 << 20).iter().all(|&b| b == 0xcc));
-        // The kernel allows more than the layout's 2 KiB: the layout wins.
-        let spec = BzSpec {
-            cmdline_size: 0x10_0000,
-            ..BzSpec::default()
-        };
-        let bz = parse_bzimage(&spec.build()).unwrap();
-        let mut cmdline = Cmdline::new(8192).unwrap();
-        cmdline.insert_str(&"x".repeat(CMDLINE_MAX_SIZE)).unwrap();
-        assert!(matches!(
-            configure_bzimage_boot(&mem, &bz, &cmdline, None),
-            Err(BootError::CmdlineTooLong {
-                len: 2049,
-                limit: 2048
-            })
+            Err(BzImageError::ImageMismatch { len: 100, .. })
         ));
     }
 
@@ -1062,7 +989,6 @@ mod tests {
             ..BzSpec::default()
         };
         let base = spec.build();
-        let cmdline = Cmdline::default();
         let mut state = 0xd1b5_4a32_d192_ed03u64;
         let mut next = || {
             state ^= state << 13;
@@ -1097,9 +1023,6 @@ mod tests {
                 assert_eq!(load.entry.0, HIMEM_START + 0x200);
                 assert!(load.end.0 <= 24 << 20);
                 assert!(load.runtime_start.0 >= HIMEM_START);
-            }
-            if let Err(err) = bzimage_boot_params(&mem, &bz, &cmdline) {
-                assert!(!err.to_string().is_empty());
             }
         }
         assert!(loaded > 0);

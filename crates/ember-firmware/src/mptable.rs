@@ -28,20 +28,50 @@
 //! a VMM that does so must describe it with an interrupt source override
 //! (which this table does not carry).
 
+use ember_arch::layout::{HIMEM_START, IOAPIC_START, LAPIC_START, MPTABLE_LIMIT, MPTABLE_START};
 use vm_memory::GuestMemory;
 
-use crate::guest::write_bytes;
-use crate::layout::MPTABLE_START;
-use crate::{le, BootError, HIMEM_START};
+use crate::guest::{write_bytes, GuestWriteError};
+use crate::le;
+
+/// Why the MP table could not be written. Nothing was written.
+#[derive(Debug, thiserror::Error)]
+pub enum MpTableError {
+    /// An MP table needs at least one CPU.
+    #[error("an MP table needs at least one CPU")]
+    NoCpus,
+    /// Too many CPUs for xAPIC IDs: the IOAPIC takes the ID after the last
+    /// CPU, and `0xff` is the broadcast ID.
+    #[error("{num_cpus} CPUs exceed the MP table's limit of {max}")]
+    TooManyCpus {
+        /// The number of CPUs asked for.
+        num_cpus: u8,
+        /// The limit, [`MPTABLE_MAX_CPUS`].
+        max: u8,
+    },
+    /// The MP table would reach 1 MiB.
+    #[error("MP table would end at {end:#x}, past its limit {limit:#x}")]
+    TooLarge {
+        /// Exclusive end of the table.
+        end: u64,
+        /// The limit, [`HIMEM_START`].
+        limit: u64,
+    },
+    /// Guest memory does not hold the table, or a write failed.
+    #[error(transparent)]
+    Memory(#[from] GuestWriteError),
+}
 
 /// The most CPUs an MP table can describe: xAPIC IDs are 8 bits, the IOAPIC
 /// takes the ID after the last CPU, and `0xff` is the broadcast ID.
 pub const MPTABLE_MAX_CPUS: u8 = 254;
 
-/// Physical address of the local APICs.
-pub const APIC_DEFAULT_PHYS_BASE: u32 = ember_arch::layout::LAPIC_START as u32;
-/// Physical address of the IOAPIC.
-pub const IO_APIC_DEFAULT_PHYS_BASE: u32 = ember_arch::layout::IOAPIC_START as u32;
+/// Physical address of the local APICs, [`LAPIC_START`].
+pub const APIC_DEFAULT_PHYS_BASE: u32 = LAPIC_START as u32;
+const _: () = assert!(LAPIC_START <= u32::MAX as u64);
+/// Physical address of the IOAPIC, [`IOAPIC_START`].
+pub const IO_APIC_DEFAULT_PHYS_BASE: u32 = IOAPIC_START as u32;
+const _: () = assert!(IOAPIC_START <= u32::MAX as u64);
 /// Local APIC version reported for each processor (an integrated xAPIC, as
 /// KVM emulates).
 pub const APIC_VERSION: u8 = 0x14;
@@ -99,7 +129,7 @@ const BUS_TYPE_ISA: &[u8; 6] = b"ISA   ";
 /// table header and entries) for `num_cpus` CPUs: `220 + 20 * num_cpus`.
 ///
 /// ```
-/// assert_eq!(ember_boot::mptable_size(1), 240);
+/// assert_eq!(ember_firmware::mptable::mptable_size(1), 240);
 /// ```
 pub const fn mptable_size(num_cpus: u8) -> usize {
     MPF_SIZE
@@ -111,8 +141,10 @@ pub const fn mptable_size(num_cpus: u8) -> usize {
         + LINT_SIZE * 2
 }
 
-// Even the largest table ends below 1 MiB, inside the reserved EBDA/VGA area.
-const _: () = assert!(MPTABLE_START + mptable_size(MPTABLE_MAX_CPUS) as u64 <= HIMEM_START);
+// Even the largest table ends in the room the layout gives it (the reserved EBDA,
+// below the VMM's pages and the ACPI tables).
+const _: () = assert!(MPTABLE_START + mptable_size(MPTABLE_MAX_CPUS) as u64 <= MPTABLE_LIMIT);
+const _: () = assert!(MPTABLE_LIMIT <= HIMEM_START);
 // The configuration table's address fits the floating pointer's 32 bits.
 const _: () = assert!(MPTABLE_START + MPF_SIZE as u64 <= u32::MAX as u64);
 
@@ -236,16 +268,16 @@ fn build_mptable(num_cpus: u8) -> Vec<u8> {
 ///
 /// # Errors
 ///
-/// [`BootError::MpTableNoCpus`] for 0 CPUs,
-/// [`BootError::MpTableTooManyCpus`] for more than [`MPTABLE_MAX_CPUS`],
-/// [`BootError::OutsideGuestMemory`] if the table does not fit in guest
-/// memory, or [`BootError::GuestMemoryWrite`].
+/// [`MpTableError::NoCpus`] for 0 CPUs, [`MpTableError::TooManyCpus`] for more
+/// than [`MPTABLE_MAX_CPUS`], or [`MpTableError::Memory`] if the table does not
+/// fit in guest memory or a write fails.
 ///
 /// # Example
 ///
 /// ```
-/// use ember_boot::{setup_mptable, MPTABLE_START};
-/// use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+/// use ember_arch::layout::MPTABLE_START;
+/// use ember_firmware::mptable::setup_mptable;
+/// use ember_firmware::vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 ///
 /// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
 /// setup_mptable(&mem, 4)?;
@@ -253,35 +285,37 @@ fn build_mptable(num_cpus: u8) -> Vec<u8> {
 /// mem.read_slice(&mut signature, GuestAddress(MPTABLE_START)).unwrap();
 /// assert_eq!(&signature, b"_MP_");
 /// assert!(setup_mptable(&mem, 0).is_err());
-/// # Ok::<(), ember_boot::BootError>(())
+/// # Ok::<(), ember_firmware::mptable::MpTableError>(())
 /// ```
-pub fn setup_mptable<M: GuestMemory>(mem: &M, num_cpus: u8) -> Result<(), BootError> {
+pub fn setup_mptable<M: GuestMemory>(mem: &M, num_cpus: u8) -> Result<(), MpTableError> {
     if num_cpus == 0 {
-        return Err(BootError::MpTableNoCpus);
+        return Err(MpTableError::NoCpus);
     }
     if num_cpus > MPTABLE_MAX_CPUS {
-        return Err(BootError::MpTableTooManyCpus {
+        return Err(MpTableError::TooManyCpus {
             num_cpus,
             max: MPTABLE_MAX_CPUS,
         });
     }
     let end = MPTABLE_START + mptable_size(num_cpus) as u64;
     if end > HIMEM_START {
-        return Err(BootError::MpTableTooLarge {
+        return Err(MpTableError::TooLarge {
             end,
             limit: HIMEM_START,
         });
     }
     let table = build_mptable(num_cpus);
     // Checks the whole range before writing any of it.
-    write_bytes(mem, "MP table", &table, MPTABLE_START)
+    write_bytes(mem, "MP table", &table, MPTABLE_START)?;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testing::{filled_mem, read};
-    use crate::{e820_map, E820_RESERVED, EBDA_START};
+    use ember_arch::layout::EBDA_START;
+    use ember_boot::e820::{e820_map, E820_RESERVED};
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
     fn sum(bytes: &[u8]) -> u8 {
@@ -423,14 +457,11 @@ mod tests {
     #[test]
     fn zero_and_too_many_cpus_rejected() {
         let mem = filled_mem(2 << 20, 0xcc);
-        assert!(matches!(
-            setup_mptable(&mem, 0),
-            Err(BootError::MpTableNoCpus)
-        ));
+        assert!(matches!(setup_mptable(&mem, 0), Err(MpTableError::NoCpus)));
         let err = setup_mptable(&mem, 255).unwrap_err();
         assert!(matches!(
             err,
-            BootError::MpTableTooManyCpus {
+            MpTableError::TooManyCpus {
                 num_cpus: 255,
                 max: 254
             }
@@ -447,8 +478,11 @@ mod tests {
             GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(MPTABLE_START), size - 1)]).unwrap();
         assert!(matches!(
             setup_mptable(&mem, 4),
-            Err(BootError::OutsideGuestMemory { what: "MP table", addr: MPTABLE_START, len })
-                if len == size as u64
+            Err(MpTableError::Memory(GuestWriteError::OutsideGuestMemory {
+                what: "MP table",
+                addr: MPTABLE_START,
+                len
+            })) if len == size as u64
         ));
         assert!(read(&mem, MPTABLE_START, size - 1).iter().all(|&b| b == 0));
         // Exactly enough.
@@ -460,7 +494,9 @@ mod tests {
             GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), EBDA_START as usize)]).unwrap();
         assert!(matches!(
             setup_mptable(&mem, 1),
-            Err(BootError::OutsideGuestMemory { .. })
+            Err(MpTableError::Memory(
+                GuestWriteError::OutsideGuestMemory { .. }
+            ))
         ));
     }
 
