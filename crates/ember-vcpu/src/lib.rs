@@ -104,3 +104,8 @@ pub use stats::{
 pub use vcpu::{ExitHandler, RunningVcpu, SystemEvent, Vcpu, VcpuOutcome};
 /// The crates this crate's API uses, so users get the matching versions.
 pub use {ember_bus, ember_vm, kvm_bindings, kvm_ioctls, vm_memory, vmm_sys_util};
+
+/// The README's example, compiled as a doc test.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

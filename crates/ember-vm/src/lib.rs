@@ -31,3 +31,8 @@ pub use vcpus::{check_vcpu_count, max_vcpus, MAX_VCPUS};
 pub use vm::Vm;
 /// The rust-vmm crates this crate's API uses, so users get the matching versions.
 pub use {kvm_bindings, kvm_ioctls, vm_memory, vmm_sys_util};
+
+/// The README's example, compiled as a doc test.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

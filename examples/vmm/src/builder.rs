@@ -1,4 +1,5 @@
-//! Assembles a VM from a [`VmConfig`]: the whole machine, in one place.
+//! Assembles a VM from a [`VmConfig`]: the whole machine, in one place, in named stages
+//! (see [`build_vm`]).
 //!
 //! Order matters to KVM: the irqchip and the TSS address must exist before vCPUs, and
 //! the LAPIC can only be programmed once the irqchip exists.
@@ -57,6 +58,12 @@ const SYSCALL_TRAP_MMIO: u64 = layout::SYSCALL_TRAP_MMIO_START;
 
 /// How devices hold guest memory: shared, without dirty-page tracking.
 type GuestMemory = Arc<GuestMemoryMmap>;
+
+/// A virtio device to attach, with a name for messages.
+type NamedVirtioDevice = (String, Box<dyn ActivateDevice<GuestMemory>>);
+
+/// The vCPU a Linux kernel starts on; it wakes the others itself.
+const BOOT_VCPU: u32 = 0;
 
 /// Why a VM could not be built. Each message names what was wrong.
 #[derive(Debug, thiserror::Error)]
@@ -173,8 +180,8 @@ enum Entry {
     },
 }
 
-/// Loads the kernel (and initrd), writes the boot structures its entry protocol needs,
-/// and says how to enter it.
+/// Stage 5: loads the kernel (and initrd), writes the boot structures its entry protocol
+/// needs, and says how to enter it.
 ///
 /// PVH is preferred for an ELF kernel that has the note: the kernel starts in 32-bit
 /// mode with paging off and builds its own page tables and GDT, so it depends on less
@@ -213,10 +220,9 @@ fn load_kernel(
             return Err(BuildError::NoPvhEntry(name.to_string()));
         }
         let loaded = load_bzimage(memory, &bz, image).map_err(|e| boot_error(e.into()))?;
+        let [major, minor] = bz.version().to_be_bytes();
         log::info!(
-            "loaded bzImage {name} (boot protocol {}.{:02}) at {:#x}..{:#x}; 64-bit entry {:#x}",
-            bz.version() >> 8,
-            bz.version() & 0xff,
+            "loaded bzImage {name} (boot protocol {major}.{minor:02}) at {:#x}..{:#x}; 64-bit entry {:#x}",
             loaded.start.0,
             loaded.end.0,
             loaded.entry.0
@@ -286,10 +292,108 @@ fn load_kernel(
     })
 }
 
-/// Builds the VM described by `config`. `start` is when the VMM started, for the
-/// boot-done device.
+/// Builds the VM described by `config`, in the order KVM needs. `start` is when the VMM
+/// started, for the boot-done device.
+///
+/// Each stage is a function of its own: [`read_boot_inputs`] (everything the user gave,
+/// checked before KVM is touched), [`create_vm`], [`attach_legacy_devices`],
+/// [`attach_virtio_device`] (once per disk, tap and rng), [`write_firmware_tables`],
+/// [`load_kernel`] and [`create_vcpus`].
 pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
-    // Check what the user gave before touching KVM, so a typo fails fast.
+    let mut inputs = read_boot_inputs(config)?;
+    let kvm = Kvm::new().map_err(BuildError::OpenKvm)?;
+    let vm = create_vm(&kvm, config, &inputs)?;
+    let buses = Buses {
+        pio: Arc::new(Bus::new(BusKind::Pio)),
+        mmio: Arc::new(Bus::new(BusKind::Mmio)),
+    };
+    let legacy = attach_legacy_devices(&vm, &buses.pio, &config.serial, start)?;
+
+    let mut resources = DeviceResources::new(&inputs.layout)?;
+    // The devices share one handle on guest memory.
+    let virtio_memory: GuestMemory = Arc::new(vm.memory().clone());
+    let mut virtio_descriptions = Vec::new();
+    for (uid, (name, device)) in (0..).zip(virtio_devices(config)?) {
+        virtio_descriptions.push(attach_virtio_device(
+            uid,
+            &vm,
+            &buses.mmio,
+            &mut resources,
+            &mut inputs.cmdline,
+            &virtio_memory,
+            &name,
+            device,
+        )?);
+    }
+
+    let rsdp = write_firmware_tables(vm.memory(), config.vcpus, &virtio_descriptions)?;
+    let entry = load_kernel(
+        vm.memory(),
+        &inputs.kernel_name,
+        &inputs.kernel_image,
+        &inputs.cmdline,
+        inputs.initrd.as_deref(),
+        config.entry,
+        rsdp,
+    )?;
+    regs::write_boot_tables(vm.memory())?;
+    let vcpus = create_vcpus(&kvm, &vm, config, inputs.template, &buses, entry)?;
+
+    Ok(Vm {
+        vm,
+        vcpus,
+        pio: buses.pio,
+        mmio: buses.mmio,
+        exit: legacy.exit,
+        serial: legacy.serial,
+        serial_stdin: config.serial == SerialConfig::Stdio,
+        boot_done: legacy.boot_done,
+    })
+}
+
+/// Everything the guest is made from that the user gave: read and checked before KVM is
+/// touched, so a typo fails fast.
+struct BootInputs {
+    layout: MemoryLayout,
+    kernel_name: String,
+    kernel_image: Cow<'static, [u8]>,
+    initrd: Option<Vec<u8>>,
+    template: CpuTemplate,
+    cmdline: Cmdline,
+}
+
+/// The two buses every vCPU dispatches its exits to.
+struct Buses {
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+}
+
+/// The legacy devices the rest of the VMM talks to.
+struct LegacyDevices {
+    exit: Arc<ExitSignal>,
+    serial: Arc<Serial>,
+    boot_done: Arc<BootDone>,
+}
+
+/// Where devices get their MMIO windows and interrupt lines.
+struct DeviceResources {
+    mmio: AddressAllocator,
+    gsis: GsiAllocator,
+}
+
+impl DeviceResources {
+    fn new(layout: &MemoryLayout) -> Result<Self, BuildError> {
+        let (window, window_size) = layout.device_mmio_window();
+        Ok(DeviceResources {
+            mmio: AddressAllocator::new(window, window_size)?,
+            gsis: GsiAllocator::new(layout::DEVICE_GSI_START, layout::DEVICE_GSI_END)?,
+        })
+    }
+}
+
+/// Stage 0: reads the kernel and initrd, picks the CPU template and builds the command
+/// line (the user's, plus the template's parameters for a real kernel).
+fn read_boot_inputs(config: &VmConfig) -> Result<BootInputs, BuildError> {
     let layout = MemoryLayout::new(config.memory_bytes)?;
     let (kernel_name, kernel_image) = match &config.kernel {
         KernelSource::Demo => (
@@ -351,61 +455,51 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
             }
         }
     }
+    Ok(BootInputs {
+        layout,
+        kernel_name,
+        kernel_image,
+        initrd,
+        template,
+        cmdline,
+    })
+}
 
-    let kvm = Kvm::new().map_err(BuildError::OpenKvm)?;
-    ember_vm::check_vcpu_count(&kvm, config.vcpus)?;
-
-    // The VM with its memory slot, before the irqchip and the PIT. Each of these calls waits in the kernel
-    // for SRCU grace periods (workqueue round trips), which dominate start-up on a busy
-    // host, and they wait less this way round: on the nested development host (load
-    // 3.6, 20 interleaved runs of each order) the three calls took 5.7 ms (median; mean
-    // 5.4) with the memory slot first, 9.6 ms (mean 11.8) with it last.
-    let vm = ember_vm::Vm::new(&kvm, create_guest_memory(&layout, HugePages::None)?)?;
-    // A handle of the builder's own on guest RAM (cheap: the regions are shared).
-    let memory = vm.memory().clone();
+/// Stage 1: the KVM VM with its guest RAM, the in-kernel irqchip and PIT.
+///
+/// The memory slot goes in before the irqchip and the PIT. Each of these calls waits in
+/// the kernel for SRCU grace periods (workqueue round trips), which dominate start-up on
+/// a busy host, and they wait less this way round: on the nested development host (load
+/// 3.6, 20 interleaved runs of each order) the three calls took 5.7 ms (median; mean 5.4)
+/// with the memory slot first, 9.6 ms (mean 11.8) with it last.
+fn create_vm(
+    kvm: &Kvm,
+    config: &VmConfig,
+    inputs: &BootInputs,
+) -> Result<ember_vm::Vm, BuildError> {
+    ember_vm::check_vcpu_count(kvm, config.vcpus)?;
+    let vm = ember_vm::Vm::new(kvm, create_guest_memory(&inputs.layout, HugePages::None)?)?;
     log::info!(
         "guest memory: {:#x} bytes in {:x?}",
-        layout.ram_size(),
-        layout.ram_regions()
+        inputs.layout.ram_size(),
+        inputs.layout.ram_regions()
     );
     vm.create_irqchip_and_pit()?;
-    // The syscall trap, where the host needs it: the VM's MSR filter, and the trap's code
-    // page in reserved memory. Without it, a Linux guest's first system call faults.
-    // Setting the MSR filter waits for an SRCU grace period (12-21 ms measured here, most
-    // of start-up), so the embedded demo guest, which never leaves kernel mode, skips it.
-    let syscall_trap = if template.syscall_trap() && config.kernel != KernelSource::Demo {
-        match SyscallTrap::new(
-            &vm,
-            GuestAddress(SYSCALL_TRAP_PAGES),
-            GuestAddress(SYSCALL_TRAP_MMIO),
-        ) {
-            Ok(trap) => {
-                log::info!(
-                    "syscall trap on: the run loop completes user-mode syscalls this host's \
-                     KVM leaves at CPL3 (pages at {SYSCALL_TRAP_PAGES:#x}, MMIO page \
-                     {SYSCALL_TRAP_MMIO:#x})"
-                );
-                Some(trap)
-            }
-            Err(e) => {
-                log::warn!(
-                    "syscall trap unavailable ({e}): system calls from guest user mode \
-                     will fault on this host"
-                );
-                None
-            }
-        }
-    } else {
-        None
-    };
+    Ok(vm)
+}
 
-    // Legacy devices.
-    let pio = Arc::new(Bus::new(BusKind::Pio));
-    let mmio = Arc::new(Bus::new(BusKind::Mmio));
+/// Stage 2: COM1, the i8042, the ACPI shutdown register, the debug-exit and boot-done
+/// ports, on the PIO bus at their [`layout`] ports; COM1 interrupts through an irqfd.
+fn attach_legacy_devices(
+    vm: &ember_vm::Vm,
+    pio: &Bus,
+    serial_config: &SerialConfig,
+    start: Instant,
+) -> Result<LegacyDevices, BuildError> {
     let exit = Arc::new(ExitSignal::new()?);
     let serial_irq = IrqLine::new()?;
     vm.register_irqfd(serial_irq.event_fd(), COM1_GSI)?;
-    let serial_output = match &config.serial {
+    let serial_output = match serial_config {
         SerialConfig::Stdio => SerialOutput::Stdout,
         SerialConfig::File(path) => SerialOutput::File(path.clone()),
         SerialConfig::None => SerialOutput::Sink,
@@ -417,7 +511,8 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
         I8042_PORT_SIZE,
         Arc::new(I8042::new(exit.clone())?),
     )?;
-    // The FADT's sleep control, sleep status and reset register (see `setup_acpi` below).
+    // The FADT's sleep control, sleep status and reset register (see
+    // `write_firmware_tables`).
     pio.insert(
         ACPI_SHUTDOWN_PORT.into(),
         ACPI_SHUTDOWN_PORT_SIZE,
@@ -434,13 +529,17 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
         BOOT_DONE_PORT_SIZE,
         boot_done.clone(),
     )?;
+    Ok(LegacyDevices {
+        exit,
+        serial,
+        boot_done,
+    })
+}
 
-    // Virtio devices, each in a 4 KiB MMIO window with its own GSI, both from the
-    // allocators. Queue notifications reach the device's worker through ioeventfds and
-    // its interrupts reach the guest through an irqfd: the vCPU only ever touches the
-    // transport's registers. Kernels learn of the devices from the DSDT, or from
-    // `virtio_mmio.device=` for those built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES.
-    let mut virtio: Vec<(String, Box<dyn ActivateDevice<GuestMemory>>)> = Vec::new();
+/// The virtio devices the configuration asks for, each with a name for messages: disks,
+/// then taps, then the entropy device.
+fn virtio_devices(config: &VmConfig) -> Result<Vec<NamedVirtioDevice>, BuildError> {
+    let mut devices: Vec<NamedVirtioDevice> = Vec::new();
     for disk in &config.disks {
         let block = Block::new(
             &disk.path,
@@ -448,60 +547,80 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
                 read_only: disk.read_only,
             },
         )?;
-        virtio.push((format!("disk {}", disk.path.display()), Box::new(block)));
+        devices.push((format!("disk {}", disk.path.display()), Box::new(block)));
     }
     for net in &config.nets {
-        virtio.push((
+        devices.push((
             format!("net tap={}", net.tap),
             Box::new(Net::new(&net.tap, net.mac)?),
         ));
     }
     if config.rng {
-        virtio.push(("rng".to_string(), Box::new(Rng::new())));
+        devices.push(("rng".to_string(), Box::new(Rng::new())));
     }
-    let (window, window_size) = layout.device_mmio_window();
-    let mut mmio_space = AddressAllocator::new(window, window_size)?;
-    let mut gsis = GsiAllocator::new(layout::DEVICE_GSI_START, layout::DEVICE_GSI_END)?;
-    // Their DSDT descriptions, `V000`, `V001`, ... in order.
-    let mut virtio_acpi: Vec<VirtioMmio> = Vec::new();
-    // The devices share one handle on guest memory.
-    let virtio_memory = Arc::new(memory.clone());
-    for (name, device) in virtio {
-        let addr = mmio_space.allocate(MMIO_WINDOW_SIZE, MMIO_WINDOW_SIZE)?;
-        let gsi = gsis.allocate()?;
-        let irq =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::EventFd(name.clone(), e))?;
-        vm.register_irqfd(&irq, gsi)?;
-        let transport = MmioTransport::new(device, virtio_memory.clone(), irq)
-            .map_err(|e| BuildError::Transport(name.clone(), e))?;
-        for (queue, notify) in transport.queue_notify_events() {
-            let at = IoEventAddress::Mmio(addr.0 + QUEUE_NOTIFY_OFFSET);
-            vm.register_ioeventfd(&notify, at, u32::from(queue))?;
-        }
-        mmio.insert(addr.0, MMIO_WINDOW_SIZE, Arc::new(transport))?;
-        cmdline
-            .insert_str(&format!("virtio_mmio.device=4K@{:#x}:{gsi}", addr.0))
-            .map_err(BuildError::Cmdline)?;
-        let uid = u16::try_from(virtio_acpi.len()).unwrap_or(u16::MAX);
-        virtio_acpi.push(
-            VirtioMmio::new(uid, addr.0, MMIO_WINDOW_SIZE, gsi)
-                .map_err(|e| BuildError::Firmware(e.into()))?,
-        );
-        log::info!("{name}: virtio-mmio at {:#x}, GSI {gsi}", addr.0);
-    }
+    Ok(devices)
+}
 
-    // Firmware tables: an MP table for kernels that read it, and ACPI for those that
-    // only read the MADT (Debian's). The FADT says hardware-reduced ACPI, so Linux
-    // wires no legacy IRQs by itself: every device with an interrupt is in the DSDT.
-    let num_cpus = u8::try_from(config.vcpus).unwrap_or(u8::MAX);
-    setup_mptable(&memory, num_cpus).map_err(|e| BuildError::Firmware(e.into()))?;
-    let mut acpi_devices: Vec<&dyn Aml> = vec![&Serial16550::COM1];
-    acpi_devices.extend(virtio_acpi.iter().map(|d| d as &dyn Aml));
-    let rsdp = setup_acpi(
-        &memory,
+/// Stage 3, once per device: a virtio-mmio transport in an MMIO window of its own with a
+/// GSI of its own, both from `resources`. Queue notifications reach the device's worker
+/// through ioeventfds and its interrupts reach the guest through an irqfd, so the vCPU
+/// only ever touches the transport's registers. Kernels learn of the device from the
+/// DSDT (the returned description) or, when built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES,
+/// from the `virtio_mmio.device=` parameter added to `cmdline`. `uid` tells the devices'
+/// DSDT entries apart (`V000`, `V001`, ...).
+#[allow(clippy::too_many_arguments)]
+fn attach_virtio_device(
+    uid: u16,
+    vm: &ember_vm::Vm,
+    mmio: &Bus,
+    resources: &mut DeviceResources,
+    cmdline: &mut Cmdline,
+    memory: &GuestMemory,
+    name: &str,
+    device: Box<dyn ActivateDevice<GuestMemory>>,
+) -> Result<VirtioMmio, BuildError> {
+    let addr = resources
+        .mmio
+        .allocate(MMIO_WINDOW_SIZE, MMIO_WINDOW_SIZE)?;
+    let gsi = resources.gsis.allocate()?;
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::EventFd(name.into(), e))?;
+    vm.register_irqfd(&irq, gsi)?;
+    let transport = MmioTransport::new(device, memory.clone(), irq)
+        .map_err(|e| BuildError::Transport(name.into(), e))?;
+    for (queue, notify) in transport.queue_notify_events() {
+        let at = IoEventAddress::Mmio(addr.0 + QUEUE_NOTIFY_OFFSET);
+        vm.register_ioeventfd(&notify, at, u32::from(queue))?;
+    }
+    mmio.insert(addr.0, MMIO_WINDOW_SIZE, Arc::new(transport))?;
+    cmdline
+        .insert_str(&format!(
+            "virtio_mmio.device={}K@{:#x}:{gsi}",
+            MMIO_WINDOW_SIZE / layout::KIB,
+            addr.0
+        ))
+        .map_err(BuildError::Cmdline)?;
+    log::info!("{name}: virtio-mmio at {:#x}, GSI {gsi}", addr.0);
+    VirtioMmio::new(uid, addr.0, MMIO_WINDOW_SIZE, gsi).map_err(|e| BuildError::Firmware(e.into()))
+}
+
+/// Stage 4: an MP table for kernels that read it, and ACPI for those that only read the
+/// MADT (Debian's). The FADT says hardware-reduced ACPI, so Linux wires no legacy IRQs by
+/// itself: every device with an interrupt is in the DSDT. Returns the RSDP's address.
+fn write_firmware_tables(
+    memory: &GuestMemoryMmap,
+    vcpus: u32,
+    virtio: &[VirtioMmio],
+) -> Result<GuestAddress, BuildError> {
+    // `check_vcpu_count` already held the count below the 8-bit APIC ID limit.
+    let num_cpus = u8::try_from(vcpus).unwrap_or(u8::MAX);
+    setup_mptable(memory, num_cpus).map_err(|e| BuildError::Firmware(e.into()))?;
+    let mut devices: Vec<&dyn Aml> = vec![&Serial16550::COM1];
+    devices.extend(virtio.iter().map(|d| d as &dyn Aml));
+    setup_acpi(
+        memory,
         &AcpiConfig {
             num_cpus,
-            devices: &acpi_devices,
+            devices: &devices,
             // Power-off (S5) and reset through the `AcpiShutdown` device.
             shutdown: Some(AcpiShutdownRegister {
                 port: ACPI_SHUTDOWN_PORT,
@@ -510,22 +629,21 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
             }),
         },
     )
-    .map_err(|e| BuildError::Firmware(e.into()))?;
+    .map_err(|e| BuildError::Firmware(e.into()))
+}
 
-    // Kernel, command line, boot structures, boot page tables.
-    let entry = load_kernel(
-        &memory,
-        &kernel_name,
-        &kernel_image,
-        &cmdline,
-        initrd.as_deref(),
-        config.entry,
-        rsdp,
-    )?;
-    regs::write_boot_tables(&memory)?;
-
-    // vCPUs. A Linux kernel starts on vCPU 0 and wakes the others itself (INIT/SIPI);
-    // the demo guest starts every vCPU at its entry point.
+/// Stage 6: the vCPUs, with CPUID from the template, boot MSRs, FPU and LAPIC, and the
+/// entry registers. A Linux kernel starts on the boot vCPU and wakes the others itself
+/// (INIT/SIPI); the demo guest starts every vCPU at its entry point.
+fn create_vcpus(
+    kvm: &Kvm,
+    vm: &ember_vm::Vm,
+    config: &VmConfig,
+    template: CpuTemplate,
+    buses: &Buses,
+    entry: Entry,
+) -> Result<Vec<Vcpu>, BuildError> {
+    let syscall_trap = create_syscall_trap(vm, config, template);
     let start_all = config.kernel == KernelSource::Demo;
     let mut supported = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -533,7 +651,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
     template.apply(&mut supported);
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for index in 0..config.vcpus {
-        let mut vcpu = Vcpu::new(&vm, index, pio.clone(), mmio.clone())?;
+        let mut vcpu = Vcpu::new(vm, index, buses.pio.clone(), buses.mmio.clone())?;
         if config.exit_stats {
             vcpu.enable_exit_timing();
         }
@@ -543,31 +661,57 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
         vcpu.set_boot_msrs()?;
         vcpu.set_fpu()?;
         vcpu.set_lapic()?;
-        if index == 0 || start_all {
+        let boot_vcpu = index == BOOT_VCPU;
+        if boot_vcpu || start_all {
             match entry {
                 Entry::Linux64 { entry, zero_page } => vcpu.set_long_mode_entry(&BootRegs {
                     entry,
-                    stack: GuestAddress(regs::BOOT_STACK_POINTER),
+                    stack: GuestAddress(layout::BOOT_STACK_POINTER),
                     rsi: zero_page.0,
                     rdi: u64::from(index),
                 })?,
                 Entry::Pvh { entry, start_info } => vcpu.set_pvh_entry(entry, start_info)?,
             }
         }
-        if index > 0 && start_all {
+        if !boot_vcpu && start_all {
             vcpu.set_runnable()?;
         }
         vcpus.push(vcpu);
     }
+    Ok(vcpus)
+}
 
-    Ok(Vm {
+/// The syscall trap, where the host needs it: the VM's MSR filter, and the trap's code
+/// page in reserved memory. Without it, a Linux guest's first system call faults.
+/// Setting the MSR filter waits for an SRCU grace period (12-21 ms measured here, most of
+/// start-up), so the embedded demo guest, which never leaves kernel mode, skips it.
+fn create_syscall_trap(
+    vm: &ember_vm::Vm,
+    config: &VmConfig,
+    template: CpuTemplate,
+) -> Option<Arc<SyscallTrap>> {
+    if !template.syscall_trap() || config.kernel == KernelSource::Demo {
+        return None;
+    }
+    match SyscallTrap::new(
         vm,
-        vcpus,
-        pio,
-        mmio,
-        exit,
-        serial,
-        serial_stdin: config.serial == SerialConfig::Stdio,
-        boot_done,
-    })
+        GuestAddress(SYSCALL_TRAP_PAGES),
+        GuestAddress(SYSCALL_TRAP_MMIO),
+    ) {
+        Ok(trap) => {
+            log::info!(
+                "syscall trap on: the run loop completes user-mode syscalls this host's \
+                 KVM leaves at CPL3 (pages at {SYSCALL_TRAP_PAGES:#x}, MMIO page \
+                 {SYSCALL_TRAP_MMIO:#x})"
+            );
+            Some(trap)
+        }
+        Err(e) => {
+            log::warn!(
+                "syscall trap unavailable ({e}): system calls from guest user mode will \
+                 fault on this host"
+            );
+            None
+        }
+    }
 }
