@@ -76,6 +76,9 @@ pub use exit::{ExitRequest, ExitSignal};
 pub use i8042::{I8042, I8042_PORT, I8042_PORT_SIZE};
 pub use irq::IrqLine;
 pub use serial::{Serial, SerialOutput, SerialStats, COM1_GSI, COM1_PORT, SERIAL_PORT_SIZE};
+/// The crates this crate's API uses (`BusDevice`, `Trigger`, the UART's error, `EventFd`),
+/// so users get the matching versions.
+pub use {ember_bus, vm_superio, vmm_sys_util};
 
 /// The README's example, compiled and run as a doc test.
 #[doc = include_str!("../README.md")]

@@ -35,27 +35,7 @@ impl Write for SharedBuf {
     }
 }
 
-/// A tiny xorshift64 generator: deterministic, no dependencies.
-pub struct XorShift(u64);
-
-impl XorShift {
-    pub fn new(seed: u64) -> Self {
-        XorShift(seed.max(1))
-    }
-
-    pub fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+pub use ember_guests::testing::XorShift;
 
 /// Hammers `device` with pseudo-random accesses: through a PIO bus around its range
 /// `[base, base + len)` (including bad widths and addresses just outside), and directly

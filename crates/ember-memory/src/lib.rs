@@ -35,6 +35,7 @@
 #![deny(missing_docs)]
 
 mod allocator;
+pub mod checked_write;
 mod error;
 mod guest;
 mod layout;

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use ember_bus::{Bus, BusDevice, BusKind};
-use ember_guests::testing::kvm_available;
+use ember_guests::testing::{kvm_available, rss_bytes};
 use ember_memory::{create_guest_memory, HugePages, MemoryLayout, MIB};
 use ember_vcpu::{regs, BootRegs, Vcpu, VcpuOutcome};
 use ember_vm::Vm;
@@ -29,15 +29,6 @@ impl BusDevice for Last {
             *self.0.lock().unwrap() = Some(u32::from_le_bytes(bytes));
         }
     }
-}
-
-/// Resident set size of this process, in bytes (`/proc/self/statm`, second field).
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-    // SAFETY: sysconf only reads a system constant.
-    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    pages * u64::try_from(page_size).unwrap()
 }
 
 /// A VM whose every page the VMM touches, and a vCPU that outlives the `Vm` handle:

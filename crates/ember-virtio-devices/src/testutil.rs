@@ -190,20 +190,4 @@ pub fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
     v
 }
 
-/// A tiny xorshift64 generator: deterministic, no dependencies.
-pub struct XorShift(u64);
-
-impl XorShift {
-    pub fn new(seed: u64) -> Self {
-        XorShift(seed.max(1))
-    }
-
-    pub fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-}
+pub use ember_guests::testing::XorShift;

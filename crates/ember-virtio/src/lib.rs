@@ -136,6 +136,8 @@ pub use mmio::{
     MmioTransport, TransportError, TransportStats, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
 };
 
+/// The bus crate whose `BusDevice` the transport implements.
+pub use ember_bus;
 /// The virtio-queue crate this crate is built on (its `Queue` is in [`ActiveQueue`]).
 pub use virtio_queue;
 /// The vm-memory crate this crate is built on (guest memory, [`Activation::mem`]).

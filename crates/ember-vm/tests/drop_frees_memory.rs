@@ -2,20 +2,11 @@
 //! process leave the resident set where it was. Alone in this file, so that no other
 //! test's allocations run in the same process while it measures.
 
-use ember_guests::testing::kvm_available;
+use ember_guests::testing::{kvm_available, rss_bytes};
 use ember_memory::{create_guest_memory, HugePages, MemoryLayout, MIB};
 use ember_vm::Vm;
 use kvm_ioctls::Kvm;
 use vm_memory::{Bytes, GuestAddress};
-
-/// Resident set size of this process, in bytes (`/proc/self/statm`, second field).
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-    // SAFETY: sysconf only reads a system constant.
-    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    pages * u64::try_from(page_size).unwrap()
-}
 
 /// Creates a VM with `size` bytes of RAM, writes to every page of it and drops it.
 fn create_touch_drop(kvm: &Kvm, size: u64) {
