@@ -203,8 +203,9 @@ fn fit(first: u64, last: u64, size: u64, align: u64) -> Option<u64> {
 
 /// Allocator of interrupt lines (GSIs) from the inclusive range `[first, last]`.
 ///
-/// It hands out the lowest free GSI. On x86 the VMM uses `GsiAllocator::new(5, 23)`: the
-/// IOAPIC has 24 pins and 0-4 are taken by the PIT, keyboard, PIC cascade and COM ports.
+/// It hands out the lowest free GSI. On x86 a VMM gives it
+/// `ember_arch::layout::{DEVICE_GSI_START, DEVICE_GSI_END}` (5 and 23): the IOAPIC has 24
+/// pins and 0-4 are taken by the PIT, keyboard, PIC cascade and COM ports.
 ///
 /// # Example
 ///

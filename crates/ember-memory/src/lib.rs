@@ -26,8 +26,9 @@
 //! let regs = mmio.allocate(0x1000, 0x1000)?;
 //! assert_eq!(regs, GuestAddress(0xD000_0000));
 //!
-//! // IOAPIC pins 0-4 belong to legacy devices.
-//! let mut gsis = GsiAllocator::new(5, 23)?;
+//! // IOAPIC pins 0-4 belong to legacy devices; the rest are handed out.
+//! use ember_arch::layout::{DEVICE_GSI_END, DEVICE_GSI_START};
+//! let mut gsis = GsiAllocator::new(DEVICE_GSI_START, DEVICE_GSI_END)?;
 //! assert_eq!(gsis.allocate()?, 5);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
