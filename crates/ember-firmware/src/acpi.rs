@@ -300,11 +300,6 @@ const _: () = assert!(ACPI_MADT_START + madt_size(ACPI_MAX_CPUS) as u64 <= ACPI_
 const _: () = assert!(ACPI_DSDT_START < HIMEM_START);
 const _: () = assert!(ACPI_DSDT_START <= u32::MAX as u64);
 
-/// The byte that makes `bytes` plus it sum to 0 mod 256.
-fn checksum(bytes: &[u8]) -> u8 {
-    0u8.wrapping_sub(bytes.iter().fold(0u8, |sum, &b| sum.wrapping_add(b)))
-}
-
 /// A zeroed table of `len` bytes with its standard header filled in, except
 /// the checksum (see [`seal`]).
 fn table(signature: &[u8; 4], len: usize, revision: u8) -> Vec<u8> {
@@ -324,7 +319,7 @@ fn table(signature: &[u8; 4], len: usize, revision: u8) -> Vec<u8> {
 /// Sets the header's checksum so that the table sums to 0.
 fn seal(mut t: Vec<u8>) -> Vec<u8> {
     le::put(&mut t, CHECKSUM, &[0]);
-    let sum = checksum(&t);
+    let sum = le::checksum(&t);
     le::put(&mut t, CHECKSUM, &[sum]);
     t
 }
@@ -338,9 +333,9 @@ fn build_rsdp(xsdt: u64) -> [u8; RSDP_SIZE] {
     // 16: RsdtAddress, 0: there is no RSDT.
     le::put(&mut r, 20, &(RSDP_SIZE as u32).to_le_bytes());
     le::put(&mut r, 24, &xsdt.to_le_bytes());
-    let sum = checksum(r.get(..RSDP_V1_SIZE).unwrap_or_default());
+    let sum = le::checksum(r.get(..RSDP_V1_SIZE).unwrap_or_default());
     le::put(&mut r, 8, &[sum]);
-    let sum = checksum(&r);
+    let sum = le::checksum(&r);
     le::put(&mut r, 32, &[sum]);
     r
 }

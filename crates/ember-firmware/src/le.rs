@@ -1,4 +1,4 @@
-//! Fixed-offset writes into packed little-endian tables.
+//! Fixed-offset writes into packed little-endian tables, and their byte checksum.
 
 /// Copies `src` to `off`; does nothing if that is out of bounds.
 ///
@@ -9,4 +9,10 @@ pub(crate) fn put(buf: &mut [u8], off: usize, src: &[u8]) {
     if let Some(dst) = buf.get_mut(off..end) {
         dst.copy_from_slice(src);
     }
+}
+
+/// The byte that makes `bytes` plus it sum to 0 mod 256: the checksum both ACPI tables
+/// and the MP table carry.
+pub(crate) fn checksum(bytes: &[u8]) -> u8 {
+    0u8.wrapping_sub(bytes.iter().fold(0u8, |sum, &b| sum.wrapping_add(b)))
 }

@@ -148,11 +148,6 @@ const _: () = assert!(MPTABLE_LIMIT <= HIMEM_START);
 // The configuration table's address fits the floating pointer's 32 bits.
 const _: () = assert!(MPTABLE_START + MPF_SIZE as u64 <= u32::MAX as u64);
 
-/// The byte that makes `bytes` plus it sum to 0 mod 256.
-fn checksum(bytes: &[u8]) -> u8 {
-    0u8.wrapping_sub(bytes.iter().fold(0u8, |sum, &b| sum.wrapping_add(b)))
-}
-
 fn processor_entry(apic_id: u8) -> [u8; PROCESSOR_SIZE] {
     let mut e = [0u8; PROCESSOR_SIZE];
     let flags = CPU_ENABLED | if apic_id == 0 { CPU_BOOTPROCESSOR } else { 0 };
@@ -231,7 +226,7 @@ fn build_mptable(num_cpus: u8) -> Vec<u8> {
     le::put(&mut header, 34, &entry_count.to_le_bytes());
     le::put(&mut header, 36, &APIC_DEFAULT_PHYS_BASE.to_le_bytes());
     // 40: extended table length (u16), 42: its checksum, 43: reserved.
-    let sum = checksum(&header).wrapping_add(checksum(&entries));
+    let sum = le::checksum(&header).wrapping_add(le::checksum(&entries));
     le::put(&mut header, 7, &[sum]);
 
     let mut mpf = [0u8; MPF_SIZE];
@@ -243,7 +238,7 @@ fn build_mptable(num_cpus: u8) -> Vec<u8> {
     le::put(&mut mpf, 8, &[1, SPEC_REV]);
     // 10: checksum; 11..16: feature bytes 1-5, all 0 (a configuration table
     // is present; no IMCR, virtual wire mode).
-    let sum = checksum(&mpf);
+    let sum = le::checksum(&mpf);
     le::put(&mut mpf, 10, &[sum]);
 
     let mut table = Vec::with_capacity(mptable_size(num_cpus));
