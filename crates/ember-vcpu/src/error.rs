@@ -107,6 +107,15 @@ pub enum VcpuError {
         /// The error from the OS.
         source: std::io::Error,
     },
+    /// The vCPU thread's [start hook](crate::Vcpu::set_thread_hook) failed; the guest
+    /// did not run on it.
+    #[error("vCPU {vcpu}: the thread start hook failed: {source}")]
+    ThreadStart {
+        /// vCPU index.
+        vcpu: u32,
+        /// What the hook reported.
+        source: std::io::Error,
+    },
     /// The vCPU thread panicked.
     #[error("the thread of vCPU {vcpu} panicked")]
     ThreadPanicked {

@@ -101,7 +101,7 @@ pub use stats::{
     format_ns, latency_bucket, latency_bucket_bound_ns, latency_bucket_label, ExitKind,
     ExitProfile, ExitStats, LatencyHistogram, LATENCY_BUCKETS,
 };
-pub use vcpu::{ExitHandler, RunningVcpu, SystemEvent, Vcpu, VcpuOutcome};
+pub use vcpu::{ExitHandler, RunningVcpu, SystemEvent, ThreadHook, Vcpu, VcpuOutcome};
 /// The crates this crate's API uses, so users get the matching versions.
 pub use {ember_bus, ember_vm, kvm_bindings, kvm_ioctls, vm_memory, vmm_sys_util};
 

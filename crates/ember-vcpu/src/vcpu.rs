@@ -122,10 +122,17 @@ pub struct Vcpu<B = ()> {
     syscall_trap_page: u64,
     /// Where exits the run loop does not handle go first, if anywhere.
     exit_handler: Option<ExitHandler<B>>,
+    /// Run first on the vCPU's thread by [`Vcpu::spawn`].
+    thread_hook: Option<ThreadHook>,
     /// The VM, and with it the guest memory: held for as long as `fd` is open, because
     /// the kernel VM (and KVM's access to the memory) lives on while any vCPU fd does.
     vm: Vm<B>,
 }
+
+/// A function [`Vcpu::spawn`] runs first on the vCPU's new thread, given the vCPU's
+/// index, before the guest runs: where a VMM installs the thread's seccomp filter. An
+/// error ends the thread with [`VcpuError::ThreadStart`] without running the guest.
+pub type ThreadHook = Arc<dyn Fn(u32) -> std::io::Result<()> + Send + Sync>;
 
 impl<B> std::fmt::Debug for Vcpu<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -159,6 +166,7 @@ impl<B: Bitmap> Vcpu<B> {
             syscall_trap: None,
             syscall_trap_page: NO_TRAP_PAGE,
             exit_handler: None,
+            thread_hook: None,
             vm: vm.clone(),
         })
     }
@@ -562,8 +570,27 @@ impl<B: Bitmap> Vcpu<B> {
 }
 
 impl<B: Bitmap + Send + Sync + 'static> Vcpu<B> {
-    /// Runs the vCPU on a thread of its own named `ember-vcpu-N`. When the run loop
-    /// ends, `done` (if given) is written, so an event loop can wake up.
+    /// Sets the function [`Vcpu::spawn`] runs first on the vCPU's thread, before the
+    /// guest runs (where a VMM installs that thread's seccomp filter).
+    ///
+    /// ```no_run
+    /// # fn f(vcpu: &mut ember_vcpu::Vcpu) {
+    /// use std::sync::Arc;
+    /// vcpu.set_thread_hook(Some(Arc::new(|index| {
+    ///     // Install the filter of vCPU thread `index` here.
+    ///     log::debug!("vCPU {index} starting");
+    ///     Ok(())
+    /// })));
+    /// # }
+    /// ```
+    pub fn set_thread_hook(&mut self, hook: Option<ThreadHook>) {
+        self.thread_hook = hook;
+    }
+
+    /// Runs the vCPU on a thread of its own named `ember-vcpu-N`. The thread runs the
+    /// [thread hook](Vcpu::set_thread_hook) first, if there is one. When the run loop
+    /// ends (or the hook fails), `done` (if given) is written, so an event loop can
+    /// wake up.
     pub fn spawn(mut self, done: Option<EventFd>) -> Result<RunningVcpu, VcpuError> {
         install_kick_handler()?;
         let index = self.index;
@@ -572,7 +599,14 @@ impl<B: Bitmap + Send + Sync + 'static> Vcpu<B> {
         let thread = std::thread::Builder::new()
             .name(format!("ember-vcpu-{index}"))
             .spawn(move || {
-                let result = self.run();
+                let result = match self.thread_hook.take() {
+                    Some(hook) => hook(index).map_err(|source| VcpuError::ThreadStart {
+                        vcpu: index,
+                        source,
+                    }),
+                    None => Ok(()),
+                }
+                .and_then(|()| self.run());
                 if let Some(done) = done {
                     // A full counter still wakes the reader; nothing to do on error.
                     let _ = done.write(1);

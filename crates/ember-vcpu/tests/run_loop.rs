@@ -283,6 +283,50 @@ fn two_vcpus_both_run_and_report_their_apic_ids() {
     assert_eq!(seen, vec![w(0, &[0, 0]), w(0, &[1, 1])]);
 }
 
+/// The thread hook runs first, on the vCPU's own thread; a failing hook ends the thread
+/// before the guest runs a single instruction.
+#[test]
+fn thread_hook_runs_first_and_a_failing_one_keeps_the_guest_from_running() {
+    let Some(t) =
+        TestVm::new("thread_hook_runs_first_and_a_failing_one_keeps_the_guest_from_running")
+    else {
+        return;
+    };
+    t.load(|a| {
+        a.mov(dx, REPORT_PORT as u32)?;
+        a.out(dx, al)?;
+        a.hlt()
+    });
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    let mut vcpu = t.vcpu(0, 2);
+    vcpu.set_thread_hook(Some(Arc::new(move |index| {
+        let name = std::thread::current().name().map(str::to_owned);
+        record.lock().unwrap().push((index, name));
+        Ok(())
+    })));
+    assert_eq!(
+        vcpu.spawn(None).unwrap().join().unwrap(),
+        VcpuOutcome::Halted
+    );
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [(0, Some("ember-vcpu-0".to_owned()))]
+    );
+    assert_eq!(t.report.take().len(), 1, "the guest ran once");
+
+    // A second vCPU of the same VM (index 0 is taken).
+    let mut vcpu = t.vcpu(1, 2);
+    vcpu.set_thread_hook(Some(Arc::new(|_| Err(std::io::Error::other("no filter")))));
+    match vcpu.spawn(None).unwrap().join() {
+        Err(VcpuError::ThreadStart { vcpu: 1, source }) => {
+            assert_eq!(source.to_string(), "no filter")
+        }
+        other => panic!("expected ThreadStart, got {other:?}"),
+    }
+    assert!(t.report.take().is_empty(), "the guest ran");
+}
+
 #[test]
 fn stop_a_spinning_vcpu_from_another_thread() {
     let Some(t) = TestVm::new("stop_a_spinning_vcpu_from_another_thread") else {

@@ -72,7 +72,17 @@ pub struct Activation<M: GuestAddressSpace> {
     pub interrupt: Arc<dyn VirtioInterrupt>,
     /// The features the driver accepted (a subset of [`VirtioDevice::device_features`]).
     pub features: u64,
+    /// Runs first on every thread the device starts for this activation, before the
+    /// thread touches a queue: where a VMM installs the thread's seccomp filter.
+    /// [`Worker::spawn`](crate::worker::Worker::spawn) runs it; a device that starts
+    /// threads of its own must run it too. Set by
+    /// [`MmioTransport::set_thread_hook`](crate::MmioTransport::set_thread_hook).
+    pub thread_hook: Option<ThreadHook>,
 }
+
+/// A function run first on a device thread, given the thread's name; an error stops the
+/// thread before it does anything else, and the activation fails.
+pub type ThreadHook = Arc<dyn Fn(&str) -> std::io::Result<()> + Send + Sync>;
 
 /// Why a device could not start. The transport then sets DEVICE_NEEDS_RESET.
 #[derive(Debug, thiserror::Error)]

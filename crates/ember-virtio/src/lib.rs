@@ -129,7 +129,7 @@ pub mod worker;
 
 pub use device::{
     device_type, ActivateDevice, ActivateError, Activation, ActiveQueue, InterruptKind,
-    VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    ThreadHook, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 pub use mmio::{

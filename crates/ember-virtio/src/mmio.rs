@@ -34,8 +34,8 @@ use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{
-    ActivateDevice, Activation, ActiveQueue, InterruptKind, VirtioInterrupt, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    ActivateDevice, Activation, ActiveQueue, InterruptKind, ThreadHook, VirtioInterrupt,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// Size of the MMIO window a transport occupies: registers and configuration space.
@@ -324,6 +324,8 @@ pub struct MmioTransport<M: GuestAddressSpace> {
     /// Mirrors `Registers::activated`, readable without the lock.
     activated: AtomicBool,
     stats: Stats,
+    /// Handed to the device in every [`Activation`].
+    thread_hook: Option<ThreadHook>,
 }
 
 impl<M: GuestAddressSpace> fmt::Debug for MmioTransport<M> {
@@ -388,7 +390,28 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
             inner: Mutex::new(Inner { device, regs }),
             activated: AtomicBool::new(false),
             stats: Stats::default(),
+            thread_hook: None,
         })
+    }
+
+    /// Sets the function every device thread runs first, before it touches a queue
+    /// (passed to the device as [`Activation::thread_hook`]): where a VMM installs the
+    /// seccomp filter of the device's worker threads.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use ember_virtio::{MmioTransport, ThreadHook};
+    /// fn confine_workers<M: vm_memory::GuestAddressSpace>(transport: &mut MmioTransport<M>) {
+    ///     let hook: ThreadHook = Arc::new(|name: &str| {
+    ///         // Install this thread's seccomp filter here.
+    ///         log::debug!("{name} starting");
+    ///         Ok(())
+    ///     });
+    ///     transport.set_thread_hook(Some(hook));
+    /// }
+    /// ```
+    pub fn set_thread_hook(&mut self, hook: Option<ThreadHook>) {
+        self.thread_hook = hook;
     }
 
     /// The virtio device ID of the device behind the transport.
@@ -691,6 +714,7 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
                     queues,
                     interrupt: self.interrupt.clone(),
                     features: inner.regs.driver_features,
+                    thread_hook: self.thread_hook.clone(),
                 })
                 .map_err(|e| format!("the device failed to start: {e}"))
         });

@@ -437,6 +437,8 @@ pub struct Worker<H> {
 
 impl<H: Send + 'static> Worker<H> {
     /// Starts thread `ember-virtio-<kind>` serving `activation`'s queues with `handler`.
+    /// The thread runs [`Activation::thread_hook`] first, if there is one; if the hook
+    /// fails, so does `spawn`, and the handler comes back in the [`SpawnError`].
     ///
     /// Each queue's EVENT_IDX is set according to the negotiated features. The handler's
     /// [`queue_notified`](QueueHandler::queue_notified) runs once for every queue first.
@@ -454,6 +456,7 @@ impl<H: Send + 'static> Worker<H> {
             mut queues,
             interrupt,
             features,
+            thread_hook,
         } = activation;
         for q in &mut queues {
             q.queue
@@ -474,18 +477,35 @@ impl<H: Send + 'static> Worker<H> {
             backend_fds,
         };
         // The handler travels through a channel, so that it is still ours if the thread
-        // cannot be created.
+        // cannot be created or its start hook fails; the hook's result comes back first.
         let (send, recv) = mpsc::channel::<(H, WorkerContext<M>)>();
-        let spawned = std::thread::Builder::new()
-            .name(format!("ember-virtio-{kind}"))
-            .spawn(move || {
-                let (handler, ctx) = recv.recv().ok()?;
-                Some(run(handler, ctx))
-            });
+        let (started_send, started) = mpsc::sync_channel::<io::Result<()>>(1);
+        let name = format!("ember-virtio-{kind}");
+        let thread_name = name.clone();
+        let spawned = std::thread::Builder::new().name(name).spawn(move || {
+            let hooked = match &thread_hook {
+                Some(hook) => hook(&thread_name),
+                None => Ok(()),
+            };
+            let go = hooked.is_ok();
+            let _ = started_send.send(hooked);
+            if !go {
+                return None;
+            }
+            let (handler, ctx) = recv.recv().ok()?;
+            Some(run(handler, ctx))
+        });
         let thread = match spawned {
             Ok(thread) => thread,
             Err(source) => return Err(SpawnError { handler, source }),
         };
+        let hooked = started
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the worker thread exited at once")));
+        if let Err(source) = hooked {
+            let _ = thread.join();
+            return Err(SpawnError { handler, source });
+        }
         if let Err(mpsc::SendError((handler, _))) = send.send((handler, ctx)) {
             let _ = thread.join();
             return Err(SpawnError {

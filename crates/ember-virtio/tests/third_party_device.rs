@@ -22,7 +22,7 @@ use ember_virtio::vm_memory::{
 use ember_virtio::vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use ember_virtio::worker::{drain_queue, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
 use ember_virtio::{
-    ActivateDevice, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
+    ActivateDevice, ActivateError, Activation, ThreadHook, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
 
@@ -273,10 +273,16 @@ struct Guest<M: GuestAddressSpace> {
 
 impl<M: GuestAddressSpace + Send + Sync + 'static> Guest<M> {
     fn new(mem: M) -> Self {
+        Self::with_thread_hook(mem, None)
+    }
+
+    fn with_thread_hook(mem: M, hook: Option<ThreadHook>) -> Self {
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let device = Box::new(UppercaseEcho::default());
-        let transport =
-            Arc::new(MmioTransport::new(device, mem.clone(), irq.try_clone().unwrap()).unwrap());
+        let mut transport =
+            MmioTransport::new(device, mem.clone(), irq.try_clone().unwrap()).unwrap();
+        transport.set_thread_hook(hook);
+        let transport = Arc::new(transport);
         let bus = Bus::new(BusKind::Mmio);
         bus.insert(BASE, MMIO_WINDOW_SIZE, transport.clone())
             .unwrap();
@@ -303,6 +309,14 @@ impl<M: GuestAddressSpace + Send + Sync + 'static> Guest<M> {
     /// Linux's virtio-mmio probe and virtio core, in order: identify, reset,
     /// ACKNOWLEDGE, DRIVER, features, FEATURES_OK, queues, DRIVER_OK.
     fn initialize(&self, wanted_features: u64) {
+        let features_ok = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        assert_eq!(self.start(wanted_features), features_ok | status::DRIVER_OK);
+        assert!(self.transport.is_activated());
+    }
+
+    /// Sets the device up as [`Guest::initialize`] does and returns the status read back
+    /// after DRIVER_OK.
+    fn start(&self, wanted_features: u64) -> u32 {
         assert_eq!(self.read(reg::MAGIC_VALUE), 0x7472_6976);
         assert_eq!(self.read(reg::VERSION), 2);
         assert_eq!(self.read(reg::DEVICE_ID), ECHO_DEVICE_ID);
@@ -342,8 +356,7 @@ impl<M: GuestAddressSpace + Send + Sync + 'static> Guest<M> {
             assert_eq!(self.read(reg::QUEUE_READY), 1);
         }
         self.write(reg::STATUS, features_ok | status::DRIVER_OK);
-        assert_eq!(self.read(reg::STATUS), features_ok | status::DRIVER_OK);
-        assert!(self.transport.is_activated());
+        self.read(reg::STATUS)
     }
 
     fn notify(&self, queue: &DriverQueue) {
@@ -422,6 +435,40 @@ fn echoes_text_in_upper_case() {
     guest.write(reg::STATUS, 0);
     assert!(!guest.transport.is_activated());
     assert_eq!(guest.transport.stats().refused_writes, 0);
+}
+
+/// The transport's thread hook runs on the worker thread, first, with the thread's name:
+/// where a VMM installs the worker's seccomp filter.
+#[test]
+fn thread_hook_runs_first_on_the_worker_thread() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    let hook: ThreadHook = Arc::new(move |name: &str| {
+        let current = std::thread::current().name().map(str::to_owned);
+        record.lock().unwrap().push((name.to_owned(), current));
+        Ok(())
+    });
+    let guest = Guest::with_thread_hook(plain_memory(), Some(hook));
+    guest.initialize(VIRTIO_F_VERSION_1);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [(
+            "ember-virtio-echo".to_owned(),
+            Some("ember-virtio-echo".to_owned())
+        )]
+    );
+}
+
+/// A hook that fails (a filter that cannot be installed) stops the worker before it
+/// serves anything: the activation fails and the driver sees DEVICE_NEEDS_RESET.
+#[test]
+fn failing_thread_hook_fails_the_activation() {
+    let hook: ThreadHook = Arc::new(|_: &str| Err(std::io::Error::other("no filter")));
+    let guest = Guest::with_thread_hook(plain_memory(), Some(hook));
+    let status = guest.start(VIRTIO_F_VERSION_1);
+    assert_ne!(status & status::DEVICE_NEEDS_RESET, 0, "status {status:#x}");
+    assert!(!guest.transport.is_activated());
 }
 
 #[test]
