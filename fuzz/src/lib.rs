@@ -127,6 +127,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("cmdline", targets::cmdline::run),
     ("initrd", targets::initrd::run),
     ("boot_tables", targets::boot_tables::run),
+    ("rate_limiter", targets::rate_limiter::run),
 ];
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use crate::targets::bus::{BusInput, BusOp};
 use crate::targets::cmdline::{CmdlineInput, Part};
 use crate::targets::i8042::{I8042Input, PortOp};
 use crate::targets::initrd::{InitrdInput, Region};
+use crate::targets::rate_limiter::{Bucket, LimiterInput, LimiterOp};
 use crate::targets::serial::{SerialInput, SerialOp};
 use crate::targets::virtio_blk::{BlkInput, BlkRequest, DwzSegment, Sector};
 use crate::targets::virtio_mmio::{MmioInput, MmioOp};
@@ -908,6 +909,63 @@ fn boot_seeds() -> Vec<Seed> {
     seeds
 }
 
+// ---- rate limiter ----------------------------------------------------------
+
+fn rate_limiter_seeds() -> Vec<Seed> {
+    let op = |kind, bytes, tokens| LimiterOp {
+        kind,
+        bytes,
+        tokens,
+    };
+    vec![
+        // 1 MiB/s with a 512 KiB burst, 1000 ops/s: a guest's 64 KiB requests until
+        // refused, then the timer.
+        structured(
+            "rate_limiter",
+            "disk",
+            LimiterInput {
+                bandwidth: Bucket {
+                    present: true,
+                    size: 262_144,
+                    one_time_burst: 524_288,
+                    refill_time_ms: 250,
+                },
+                ops: Bucket {
+                    present: true,
+                    size: 100,
+                    one_time_burst: 0,
+                    refill_time_ms: 100,
+                },
+                steps: (0..14)
+                    .flat_map(|_| [op(0, true, 65_536), op(0, false, 1)])
+                    .chain([op(4, true, 0), op(3, true, 0), op(2, true, 4096)])
+                    .collect(),
+            },
+        ),
+        // Charged after the work: a frame larger than the bucket, then debt.
+        structured(
+            "rate_limiter",
+            "net-debt",
+            LimiterInput {
+                bandwidth: Bucket {
+                    present: true,
+                    size: 1500,
+                    one_time_burst: 0,
+                    refill_time_ms: 1,
+                },
+                ops: Bucket::default(),
+                steps: vec![
+                    op(1, true, 65_550),
+                    op(4, true, 0),
+                    op(0, true, 64),
+                    op(1, true, u64::MAX),
+                    op(3, true, 0),
+                ],
+            },
+        ),
+    ]
+}
+
 /// Every seed of every target.
 pub fn all() -> Vec<Seed> {
     let mut seeds = Vec::new();
@@ -920,5 +978,6 @@ pub fn all() -> Vec<Seed> {
     seeds.extend(serial_seeds());
     seeds.extend(i8042_seeds());
     seeds.extend(boot_seeds());
+    seeds.extend(rate_limiter_seeds());
     seeds
 }

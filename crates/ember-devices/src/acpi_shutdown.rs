@@ -120,29 +120,31 @@ impl BusDevice for AcpiShutdown {
             return;
         };
         if offset != 0 {
-            log::debug!(
+            debug_limited!(
                 "ACPI shutdown register: ignoring write of {value:#04x} at offset {offset}"
             );
             return;
         }
         match decode(value) {
             Command::PowerOff => {
-                log::info!("guest powered off through ACPI (S5); ending the VM");
+                ember_rate_limiter::info_limited!(
+                    "guest powered off through ACPI (S5); ending the VM"
+                );
                 self.exit.request(ExitRequest::PowerOff);
             }
             Command::Reset => {
-                log::info!(
+                ember_rate_limiter::info_limited!(
                     "guest requested a reset through the ACPI reset register; ending the VM"
                 );
                 self.exit.request(ExitRequest::Reset);
             }
             Command::OtherSleep(sleep_type) => {
-                log::warn!(
+                ember_rate_limiter::warn_limited!(
                     "guest asked for ACPI sleep type {sleep_type}, which Ember lacks; ignored"
                 );
             }
             Command::Nothing => {
-                log::debug!("ACPI shutdown register: ignoring write of {value:#04x}");
+                debug_limited!("ACPI shutdown register: ignoring write of {value:#04x}");
             }
         }
     }

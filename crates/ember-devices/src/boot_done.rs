@@ -77,12 +77,12 @@ impl BusDevice for BootDone {
                         elapsed.subsec_micros() % 1000
                     );
                 } else {
-                    log::debug!("boot-done: repeated magic write ignored");
+                    debug_limited!("boot-done: repeated magic write ignored");
                 }
             }
             Some(&value) => {
                 self.ignored.fetch_add(1, Ordering::Relaxed);
-                log::debug!("boot-done: ignoring write of {value:#04x} at offset {offset}");
+                debug_limited!("boot-done: ignoring write of {value:#04x} at offset {offset}");
             }
             None => {
                 self.ignored.fetch_add(1, Ordering::Relaxed);

@@ -50,7 +50,7 @@ impl BusDevice for DebugExit {
             return;
         }
         if let Some(&code) = data.first() {
-            log::info!("guest wrote {code:#04x} to the debug-exit port");
+            ember_rate_limiter::info_limited!("guest wrote {code:#04x} to the debug-exit port");
             self.exit.request(ExitRequest::DebugExit(code));
         }
     }

@@ -28,6 +28,21 @@ pub enum DeviceError {
         #[source]
         source: io::Error,
     },
+    /// Duplicating standard output for the serial port's writer thread failed (stdout
+    /// closed, say).
+    #[error("failed to duplicate stdout for the serial output")]
+    DupStdout {
+        /// The underlying OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The serial port's output writer thread could not be started.
+    #[error("failed to start the serial output's writer thread")]
+    SpawnSerialOutput {
+        /// The underlying OS error.
+        #[source]
+        source: io::Error,
+    },
     /// Queuing host input for the guest on the serial port failed (the interrupt could
     /// not be raised).
     #[error("failed to enqueue {len} input bytes on the serial port")]

@@ -8,7 +8,7 @@
 
 use std::sync::OnceLock;
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::DeviceError;
 
@@ -49,10 +49,11 @@ pub struct ExitSignal {
 impl ExitSignal {
     /// Creates a signal with no request and a non-blocking eventfd.
     pub fn new() -> Result<Self, DeviceError> {
-        let event = EventFd::new(EFD_NONBLOCK).map_err(|source| DeviceError::EventFd {
-            op: "create the exit eventfd",
-            source,
-        })?;
+        let event =
+            EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(|source| DeviceError::EventFd {
+                op: "create the exit eventfd",
+                source,
+            })?;
         Ok(ExitSignal {
             event,
             request: OnceLock::new(),
@@ -65,12 +66,14 @@ impl ExitSignal {
     /// saturated) the request is still recorded and the failure is logged.
     pub fn request(&self, req: ExitRequest) {
         if self.request.set(req).is_err() {
-            log::debug!("exit already requested; ignoring {req:?}");
+            debug_limited!("exit already requested; ignoring {req:?}");
             return;
         }
         log::debug!("exit requested: {req:?}");
         if let Err(err) = self.event.write(1) {
-            log::warn!("failed to signal the exit eventfd for {req:?}: {err}");
+            ember_rate_limiter::warn_limited!(
+                "failed to signal the exit eventfd for {req:?}: {err}"
+            );
         }
     }
 

@@ -164,7 +164,7 @@ impl State {
             CMD_KBD_DISABLE => self.ctr |= CTR_KBD_DISABLED,
             CMD_KBD_ENABLE => self.ctr &= !CTR_KBD_DISABLED,
             CMD_RESET_CPU => return true,
-            other => log::debug!("i8042: ignoring unsupported command {other:#04x}"),
+            other => debug_limited!("i8042: ignoring unsupported command {other:#04x}"),
         }
         false
     }
@@ -180,9 +180,9 @@ impl State {
             // status register's AUX bit stays clear), which Linux's loop test reads as
             // "no AUX port".
             Some(CMD_WRITE_KBD_OUTPUT | CMD_WRITE_AUX_OUTPUT) => self.output = Some(value),
-            Some(_) => log::trace!("i8042: dropping {value:#04x} for the absent AUX device"),
+            Some(_) => trace_limited!("i8042: dropping {value:#04x} for the absent AUX device"),
             // No keyboard is emulated: nothing answers.
-            None => log::trace!("i8042: ignoring keyboard byte {value:#04x}"),
+            None => trace_limited!("i8042: ignoring keyboard byte {value:#04x}"),
         }
     }
 }
@@ -293,11 +293,13 @@ impl BusDevice for I8042 {
             COMMAND_OFFSET => {
                 let reset = self.lock().command(value);
                 if reset {
-                    log::info!("guest requested a reset through the i8042; ending the VM");
+                    ember_rate_limiter::info_limited!(
+                        "guest requested a reset through the i8042; ending the VM"
+                    );
                     self.exit.request(ExitRequest::Reset);
                 }
             }
-            _ => log::trace!("i8042: ignoring write of {value:#04x} at offset {offset}"),
+            _ => trace_limited!("i8042: ignoring write of {value:#04x} at offset {offset}"),
         }
     }
 }

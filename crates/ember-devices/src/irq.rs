@@ -3,7 +3,7 @@
 use std::io;
 
 use vm_superio::Trigger;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::DeviceError;
 
@@ -27,7 +27,7 @@ pub struct IrqLine(EventFd);
 impl IrqLine {
     /// Creates a line with a fresh non-blocking eventfd.
     pub fn new() -> Result<Self, DeviceError> {
-        EventFd::new(EFD_NONBLOCK)
+        EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
             .map(IrqLine)
             .map_err(|source| DeviceError::EventFd {
                 op: "create an interrupt eventfd",

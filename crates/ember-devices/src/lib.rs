@@ -54,6 +54,21 @@
 
 #![deny(missing_docs)]
 
+/// [`log::debug!`] for lines a guest can trigger at will: at most a few per call site
+/// per window ([`ember_rate_limiter::log_limited!`]).
+macro_rules! debug_limited {
+    ($($arg:tt)+) => {
+        ember_rate_limiter::log_limited!(ember_rate_limiter::log::Level::Debug, $($arg)+)
+    };
+}
+
+/// [`log::trace!`], rate-limited like [`debug_limited!`].
+macro_rules! trace_limited {
+    ($($arg:tt)+) => {
+        ember_rate_limiter::log_limited!(ember_rate_limiter::log::Level::Trace, $($arg)+)
+    };
+}
+
 pub mod acpi_shutdown;
 pub mod boot_done;
 pub mod debug_exit;
@@ -61,6 +76,7 @@ pub mod error;
 pub mod exit;
 pub mod i8042;
 pub mod irq;
+mod output;
 pub mod serial;
 
 #[cfg(test)]
@@ -75,7 +91,10 @@ pub use error::DeviceError;
 pub use exit::{ExitRequest, ExitSignal};
 pub use i8042::{I8042, I8042_PORT, I8042_PORT_SIZE};
 pub use irq::IrqLine;
-pub use serial::{Serial, SerialOutput, SerialStats, COM1_GSI, COM1_PORT, SERIAL_PORT_SIZE};
+pub use serial::{
+    Serial, SerialOutput, SerialStats, ThreadHook, COM1_GSI, COM1_PORT, DEFAULT_OUTPUT_BUFFER,
+    SERIAL_PORT_SIZE,
+};
 /// The crates this crate's API uses (`BusDevice`, `Trigger`, the UART's error, `EventFd`),
 /// so users get the matching versions.
 pub use {ember_bus, vm_superio, vmm_sys_util};

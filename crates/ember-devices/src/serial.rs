@@ -3,13 +3,16 @@
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use ember_bus::BusDevice;
 use vm_superio::serial::{Error as UartError, SerialEvents};
 
+use crate::output::{Counters, OutputQueue, QueueWriter};
 use crate::{DeviceError, IrqLine};
 
 /// Base I/O port of COM1.
@@ -19,13 +22,35 @@ pub const COM1_GSI: u32 = ember_arch::layout::COM1_GSI;
 /// Number of I/O ports a UART occupies.
 pub const SERIAL_PORT_SIZE: u64 = ember_arch::layout::SERIAL_PORT_SIZE;
 
+/// The size of the buffer between the guest and a background output
+/// ([`SerialOutput::Stdout`], [`SerialOutput::File`], [`SerialOutput::Background`]) when
+/// [`Serial::new`] makes it: 1 MiB, so that a reader that is merely slow loses nothing.
+pub const DEFAULT_OUTPUT_BUFFER: usize = 1 << 20;
+
 /// Where the bytes the guest transmits go.
+///
+/// [`Stdout`](Self::Stdout), [`File`](Self::File) and [`Background`](Self::Background)
+/// are written by a thread of their own, behind a bounded buffer the vCPU fills without
+/// ever blocking: a reader that stops reading costs the guest's output (the bytes that
+/// do not fit are dropped and counted, [`SerialStats::bytes_dropped`]), never a stalled
+/// vCPU. [`Writer`](Self::Writer) is called on the vCPU's thread, with the UART locked.
 pub enum SerialOutput {
-    /// The VMM's standard output.
+    /// The VMM's standard output (a duplicate of fd 1, so the writer thread never holds
+    /// `std::io::stdout`'s lock), through the background writer.
     Stdout,
-    /// A file, created or truncated by [`Serial::new`]; an error if it cannot be opened.
-    File(PathBuf),
-    /// Any writer, for example a pipe or a test buffer.
+    /// A file, created or truncated by [`Serial::new`], through the background writer;
+    /// an error if it cannot be opened.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// At most this many bytes are written; the rest is discarded and counted
+        /// ([`SerialStats::bytes_over_limit`]), with one warning. `None`: no limit.
+        max_bytes: Option<u64>,
+    },
+    /// Any writer, on the background writer thread: it may block.
+    Background(Box<dyn Write + Send>),
+    /// Any writer, called directly for each byte on the vCPU thread (with the UART
+    /// locked), so it must not block: a test buffer, say.
     Writer(Box<dyn Write + Send>),
     /// Discard the output.
     Sink,
@@ -35,52 +60,82 @@ impl fmt::Debug for SerialOutput {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SerialOutput::Stdout => f.write_str("Stdout"),
-            SerialOutput::File(path) => f.debug_tuple("File").field(path).finish(),
+            SerialOutput::File { path, max_bytes } => f
+                .debug_struct("File")
+                .field("path", path)
+                .field("max_bytes", max_bytes)
+                .finish(),
+            SerialOutput::Background(_) => f.write_str("Background(..)"),
             SerialOutput::Writer(_) => f.write_str("Writer(..)"),
             SerialOutput::Sink => f.write_str("Sink"),
         }
     }
 }
 
+/// A function a background output's writer thread runs first, given the thread's name
+/// ([`Serial::with_thread_hook`]); an error stops the thread before it writes anything.
+pub type ThreadHook = Arc<dyn Fn(&str) -> io::Result<()> + Send + Sync>;
+
+/// What [`SerialOutput::into_writer`] makes: the writer the UART calls and, for a
+/// background output, the queue behind it.
+type Output = (Box<dyn Write + Send>, Option<Arc<OutputQueue>>);
+
 impl SerialOutput {
-    fn into_writer(self) -> Result<Box<dyn Write + Send>, DeviceError> {
-        Ok(match self {
-            SerialOutput::Stdout => Box::new(io::stdout()),
-            SerialOutput::File(path) => match File::create(&path) {
-                Ok(file) => Box::new(file),
+    fn into_writer(
+        self,
+        buffer: usize,
+        counters: &Arc<Counters>,
+        hook: Option<ThreadHook>,
+    ) -> Result<Output, DeviceError> {
+        let (out, limit, name): (Box<dyn Write + Send>, _, _) = match self {
+            SerialOutput::Stdout => {
+                let fd = io::stdout()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|source| DeviceError::DupStdout { source })?;
+                (Box::new(File::from(fd)), None, "stdout".to_string())
+            }
+            SerialOutput::File { path, max_bytes } => match File::create(&path) {
+                Ok(file) => {
+                    let name = format!("output file {}", path.display());
+                    (Box::new(file), max_bytes, name)
+                }
                 Err(source) => return Err(DeviceError::OpenSerialOutput { path, source }),
             },
-            SerialOutput::Writer(writer) => writer,
-            SerialOutput::Sink => Box::new(io::sink()),
-        })
+            SerialOutput::Background(writer) => (writer, None, "output".to_string()),
+            SerialOutput::Writer(writer) => return Ok((writer, None)),
+            SerialOutput::Sink => return Ok((Box::new(io::sink()), None)),
+        };
+        let queue = OutputQueue::start(out, buffer, limit, name, Arc::clone(counters), hook)
+            .map_err(|source| DeviceError::SpawnSerialOutput { source })?;
+        Ok((Box::new(QueueWriter(Arc::clone(&queue))), Some(queue)))
     }
 }
 
 /// Counters of what happened to the bytes the guest transmitted.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SerialStats {
-    /// Bytes written and flushed to the output.
+    /// Bytes written to the output (for a background output: by its writer thread, so
+    /// far).
     pub bytes_out: u64,
     /// Bytes lost because writing or flushing the output failed.
     pub bytes_lost: u64,
-}
-
-/// `SerialEvents` backend: counts output bytes and logs the first lost one.
-#[derive(Debug, Default)]
-struct Counters {
-    bytes_out: AtomicU64,
-    bytes_lost: AtomicU64,
+    /// Bytes dropped because a background output's buffer was full (its reader did not
+    /// keep up), or after [`Serial::abandon_output`].
+    pub bytes_dropped: u64,
+    /// Bytes discarded past a file's size limit ([`SerialOutput::File`]'s `max_bytes`).
+    pub bytes_over_limit: u64,
 }
 
 impl SerialEvents for Counters {
     fn buffer_read(&self) {}
 
     fn out_byte(&self) {
-        self.bytes_out.fetch_add(1, Ordering::Relaxed);
+        self.accepted.fetch_add(1, Ordering::Relaxed);
     }
 
     fn tx_lost_byte(&self) {
-        if self.bytes_lost.fetch_add(1, Ordering::Relaxed) == 0 {
+        if self.lost.fetch_add(1, Ordering::Relaxed) == 0 {
             log::warn!(
                 "serial: writing guest output failed; byte lost (further losses are only counted)"
             );
@@ -99,13 +154,21 @@ type Uart = vm_superio::Serial<IrqLine, Arc<Counters>, Box<dyn Write + Send>>;
 /// `data[0]` to the register at `offset`, a read puts the register in `data[0]` and
 /// leaves the other bytes all ones. Offsets outside `0..8` are ignored.
 ///
-/// Output is flushed after every byte the guest transmits (vm-superio writes and then
-/// flushes each byte), so a guest crash or a VMM abort loses nothing already sent.
-/// If the output fails the byte is dropped and counted ([`Serial::stats`]); the guest
-/// is never stalled.
+/// The guest is never stalled by its output. Stdout and files are written by a thread
+/// of their own behind a bounded buffer ([`SerialOutput`]); what does not fit is
+/// dropped and counted ([`Serial::stats`]), with a warning when dropping starts. A
+/// [`SerialOutput::Writer`] is written and flushed after every byte (vm-superio writes
+/// and then flushes each byte); if it fails the byte is dropped and counted.
+///
+/// Before the VMM exits, [`Serial::flush_output`] waits for the buffered output to be
+/// written, and [`Serial::abandon_output`] gives up on it (for a reader that never
+/// reads). Dropping the UART waits for buffered output only while its writer makes
+/// progress.
 pub struct Serial {
     uart: Mutex<Uart>,
     counters: Arc<Counters>,
+    /// The background output's queue, if it has one.
+    queue: Option<Arc<OutputQueue>>,
 }
 
 impl fmt::Debug for Serial {
@@ -117,16 +180,40 @@ impl fmt::Debug for Serial {
 }
 
 impl Serial {
-    /// Creates a UART sending guest output to `output` and raising interrupts on `irq`.
+    /// Creates a UART sending guest output to `output` and raising interrupts on `irq`;
+    /// a background output gets a buffer of [`DEFAULT_OUTPUT_BUFFER`] bytes.
     ///
-    /// Fails only if `output` is a file that cannot be created or truncated.
+    /// Fails if `output` is a file that cannot be created or truncated, stdout cannot
+    /// be duplicated, or the writer thread cannot be started.
     pub fn new(output: SerialOutput, irq: IrqLine) -> Result<Self, DeviceError> {
-        let writer = output.into_writer()?;
+        Self::with_buffer_size(output, irq, DEFAULT_OUTPUT_BUFFER)
+    }
+
+    /// [`Serial::new`] with a background output buffer of `buffer_bytes` bytes.
+    pub fn with_buffer_size(
+        output: SerialOutput,
+        irq: IrqLine,
+        buffer_bytes: usize,
+    ) -> Result<Self, DeviceError> {
+        Self::with_thread_hook(output, irq, buffer_bytes, None)
+    }
+
+    /// [`Serial::with_buffer_size`], and a background output's writer thread runs
+    /// `hook` first, given its name (`serial-output`): where a VMM installs the
+    /// thread's seccomp filter. If the hook fails, so does this.
+    pub fn with_thread_hook(
+        output: SerialOutput,
+        irq: IrqLine,
+        buffer_bytes: usize,
+        hook: Option<ThreadHook>,
+    ) -> Result<Self, DeviceError> {
         let counters = Arc::new(Counters::default());
+        let (writer, queue) = output.into_writer(buffer_bytes, &counters, hook)?;
         let uart = vm_superio::Serial::with_events(irq, Arc::clone(&counters), writer);
         Ok(Serial {
             uart: Mutex::new(uart),
             counters,
+            queue,
         })
     }
 
@@ -152,7 +239,9 @@ impl Serial {
             Ok(accepted) => Ok(accepted),
             Err(UartError::FullFifo) => Ok(0),
             Err(UartError::Trigger(err)) => {
-                log::warn!("serial: input queued but raising the interrupt failed: {err}");
+                ember_rate_limiter::warn_limited!(
+                    "serial: input queued but raising the interrupt failed: {err}"
+                );
                 Ok(take)
             }
             Err(source) => Err(DeviceError::SerialInput {
@@ -167,11 +256,42 @@ impl Serial {
         self.lock().fifo_capacity()
     }
 
-    /// Counters of output bytes written and lost.
+    /// Counters of output bytes written, lost, dropped and discarded.
     pub fn stats(&self) -> SerialStats {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let c = &self.counters;
         SerialStats {
-            bytes_out: self.counters.bytes_out.load(Ordering::Relaxed),
-            bytes_lost: self.counters.bytes_lost.load(Ordering::Relaxed),
+            bytes_out: match self.queue {
+                Some(_) => load(&c.written),
+                None => load(&c.accepted),
+            },
+            bytes_lost: load(&c.lost),
+            bytes_dropped: load(&c.dropped),
+            bytes_over_limit: load(&c.over_limit),
+        }
+    }
+
+    /// Bytes of guest output buffered and not written yet (0 for an output with no
+    /// background writer). Takes no lock the vCPUs or the writer hold for long.
+    pub fn pending_output(&self) -> usize {
+        self.queue.as_ref().map_or(0, |q| q.pending())
+    }
+
+    /// Waits up to `timeout` for the buffered guest output to be written; returns
+    /// whether all of it was (at once for an output with no background writer, and
+    /// `false` at once after [`Serial::abandon_output`] while a write is still stuck).
+    /// Call it once the vCPUs are stopped, before the VMM exits.
+    pub fn flush_output(&self, timeout: Duration) -> bool {
+        self.queue.as_ref().is_none_or(|q| q.flush(timeout))
+    }
+
+    /// Gives up on the buffered guest output: what is queued is dropped and counted
+    /// ([`SerialStats::bytes_dropped`]), so are later bytes, and dropping the UART no
+    /// longer waits. For a VMM that must exit now (SIGTERM) or whose reader stopped
+    /// reading. The writer thread ends by itself after the write it may be stuck in.
+    pub fn abandon_output(&self) {
+        if let Some(queue) = &self.queue {
+            queue.abandon();
         }
     }
 
@@ -207,7 +327,9 @@ impl BusDevice for Serial {
             Ok(()) => {}
             // Already counted (and logged once) by `Counters::tx_lost_byte`.
             Err(UartError::IOError(_)) => {}
-            Err(err) => log::warn!("serial: write of {value:#04x} to register {reg}: {err}"),
+            Err(err) => ember_rate_limiter::warn_limited!(
+                "serial: write of {value:#04x} to register {reg}: {err}"
+            ),
         }
     }
 }
@@ -262,7 +384,7 @@ mod tests {
             serial.stats(),
             SerialStats {
                 bytes_out: 6,
-                bytes_lost: 0
+                ..SerialStats::default()
             }
         );
     }
@@ -365,14 +487,19 @@ mod tests {
         let file = vmm_sys_util::tempfile::TempFile::new().unwrap();
         std::fs::write(file.as_path(), b"old contents").unwrap();
         let serial = Serial::new(
-            SerialOutput::File(file.as_path().into()),
+            SerialOutput::File {
+                path: file.as_path().into(),
+                max_bytes: None,
+            },
             IrqLine::new().unwrap(),
         )
         .unwrap();
-        let (bus, _serial) = bus_with(serial);
+        let (bus, serial) = bus_with(serial);
         for &b in b"boot\n" {
             bus.write(THR, &[b]).unwrap();
         }
+        assert!(serial.flush_output(Duration::from_secs(30)));
+        assert_eq!(serial.stats().bytes_out, 5);
         let mut contents = String::new();
         File::open(file.as_path())
             .unwrap()
@@ -384,8 +511,11 @@ mod tests {
     #[test]
     fn bad_file_path_is_an_error() {
         let path = PathBuf::from("/nonexistent-ember-dir/serial.log");
-        let err =
-            Serial::new(SerialOutput::File(path.clone()), IrqLine::new().unwrap()).unwrap_err();
+        let output = SerialOutput::File {
+            path: path.clone(),
+            max_bytes: None,
+        };
+        let err = Serial::new(output, IrqLine::new().unwrap()).unwrap_err();
         match &err {
             DeviceError::OpenSerialOutput { path: p, .. } => assert_eq!(p, &path),
             other => panic!("unexpected error {other:?}"),
@@ -393,6 +523,115 @@ mod tests {
         assert!(err
             .to_string()
             .contains("/nonexistent-ember-dir/serial.log"));
+    }
+
+    /// A writer stuck in its first write until the test drops the sender, like
+    /// `write(2)` to a pipe nobody reads.
+    struct Stuck(std::sync::mpsc::Receiver<()>, SharedBuf);
+    impl Write for Stuck {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            let _ = self.0.recv();
+            self.1.write(data)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_output_never_blocks_the_guest() {
+        let (release, stuck) = std::sync::mpsc::channel();
+        let out = SharedBuf::default();
+        let serial = Serial::with_buffer_size(
+            SerialOutput::Background(Box::new(Stuck(stuck, out.clone()))),
+            IrqLine::new().unwrap(),
+            64,
+        )
+        .unwrap();
+        let (bus, serial) = bus_with(serial);
+        let bus = Arc::new(bus);
+        // The guest floods THR from a vCPU thread while the writer is stuck; with a
+        // blocking output this thread would never finish.
+        let vcpu_bus = Arc::clone(&bus);
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for i in 0..10_000u32 {
+                vcpu_bus.write(THR, &[b'a' + (i % 26) as u8]).unwrap();
+            }
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a vCPU blocked on serial output");
+        // Everything past the buffer was dropped and counted.
+        let stats = serial.stats();
+        assert_eq!(stats.bytes_dropped, 10_000 - 64, "{stats:?}");
+        assert_eq!(stats.bytes_out, 0);
+        assert_eq!(serial.pending_output(), 64);
+        // The UART itself still answers: input, status.
+        assert_eq!(serial.enqueue_input(b"k").unwrap(), 1);
+        assert_eq!(read_byte(&bus, RBR), b'k');
+        assert!(!serial.flush_output(Duration::ZERO));
+
+        // Giving up drops what is queued (the stuck write keeps its bytes).
+        serial.abandon_output();
+        assert!(!serial.flush_output(Duration::from_secs(60)));
+        assert_eq!(
+            serial.stats().bytes_dropped + serial.pending_output() as u64,
+            10_000
+        );
+        drop(release);
+    }
+
+    #[test]
+    fn a_slow_output_loses_nothing_that_fits() {
+        let (release, stuck) = std::sync::mpsc::channel();
+        let out = SharedBuf::default();
+        let serial = Serial::new(
+            SerialOutput::Background(Box::new(Stuck(stuck, out.clone()))),
+            IrqLine::new().unwrap(),
+        )
+        .unwrap();
+        let (bus, serial) = bus_with(serial);
+        let text: Vec<u8> = (0..100_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        for &b in &text {
+            bus.write(THR, &[b]).unwrap();
+        }
+        drop(release);
+        assert!(serial.flush_output(Duration::from_secs(60)));
+        assert_eq!(out.contents(), text);
+        assert_eq!(
+            serial.stats(),
+            SerialStats {
+                bytes_out: 100_000,
+                ..SerialStats::default()
+            }
+        );
+    }
+
+    #[test]
+    fn file_output_stops_at_its_limit() {
+        let file = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        let serial = Serial::new(
+            SerialOutput::File {
+                path: file.as_path().into(),
+                max_bytes: Some(4),
+            },
+            IrqLine::new().unwrap(),
+        )
+        .unwrap();
+        let (bus, serial) = bus_with(serial);
+        for &b in b"hello world" {
+            bus.write(THR, &[b]).unwrap();
+        }
+        assert!(serial.flush_output(Duration::from_secs(30)));
+        assert_eq!(std::fs::read(file.as_path()).unwrap(), b"hell");
+        let stats = serial.stats();
+        assert_eq!(
+            (stats.bytes_out, stats.bytes_over_limit),
+            (4, 7),
+            "{stats:?}"
+        );
     }
 
     /// A writer that always fails: bytes are counted as lost, the guest carries on.
@@ -419,8 +658,8 @@ mod tests {
         assert_eq!(
             serial.stats(),
             SerialStats {
-                bytes_out: 0,
-                bytes_lost: 2
+                bytes_lost: 2,
+                ..SerialStats::default()
             }
         );
     }
@@ -466,7 +705,9 @@ mod tests {
     #[test]
     fn sink_and_stdout_outputs_construct() {
         assert!(Serial::new(SerialOutput::Sink, IrqLine::new().unwrap()).is_ok());
-        assert!(Serial::new(SerialOutput::Stdout, IrqLine::new().unwrap()).is_ok());
+        let stdout = Serial::new(SerialOutput::Stdout, IrqLine::new().unwrap()).unwrap();
+        assert!(stdout.flush_output(Duration::ZERO));
+        assert_eq!(stdout.pending_output(), 0);
         assert_eq!(format!("{:?}", SerialOutput::Sink), "Sink");
     }
 

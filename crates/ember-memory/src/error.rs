@@ -65,11 +65,12 @@ pub enum MemoryError {
         /// Why the mapping failed.
         source: MmapRegionError,
     },
-    /// `madvise(MADV_HUGEPAGE)` failed, typically because the host kernel lacks THP.
-    #[error(
-        "madvise(MADV_HUGEPAGE) on guest memory at {addr:#x} (size {size:#x}) failed: {source}"
-    )]
+    /// `madvise` failed on a region: `MADV_HUGEPAGE` typically because the host kernel
+    /// lacks THP; `MADV_DONTDUMP` should not fail on an anonymous mapping.
+    #[error("madvise({advice}) on guest memory at {addr:#x} (size {size:#x}) failed: {source}")]
     Madvise {
+        /// The advice: `MADV_HUGEPAGE` or `MADV_DONTDUMP`.
+        advice: &'static str,
         /// Guest physical address of the region.
         addr: u64,
         /// Size of the region in bytes.

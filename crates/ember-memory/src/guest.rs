@@ -45,6 +45,10 @@ pub enum HugePages {
 /// hugetlb mapping would kill the VMM with `SIGBUS` on first touch if the pool ran dry,
 /// instead of failing here.
 ///
+/// Every region is `madvise(MADV_DONTDUMP)`: a core dump of the VMM leaves guest RAM
+/// out (it would be as large as the guest, and holds the guest's secrets); smaps shows
+/// the mapping's `VmFlags` with `dd`.
+///
 /// # Example
 ///
 /// ```
@@ -100,8 +104,9 @@ pub fn create_guest_memory_with_bitmap<B: NewBitmap>(
     let mut regions = Vec::with_capacity(layout.ram_regions().len());
     for &(addr, size) in layout.ram_regions() {
         let mapping = map_region(addr, size, huge_pages)?;
+        advise(&mapping, addr, size, libc::MADV_DONTDUMP, "MADV_DONTDUMP")?;
         if huge_pages == HugePages::Transparent {
-            advise_huge_pages(&mapping, addr, size)?;
+            advise(&mapping, addr, size, libc::MADV_HUGEPAGE, "MADV_HUGEPAGE")?;
         }
         let region = GuestRegionMmap::new(mapping, addr).ok_or(MemoryError::RangeOverflow {
             addr: addr.raw_value(),
@@ -154,24 +159,31 @@ fn map_region<B: NewBitmap>(
         })
 }
 
-/// Asks the kernel to back `mapping` with transparent huge pages.
-fn advise_huge_pages<B: Bitmap>(
+/// `madvise(advice)` on the whole of `mapping` (the guest region at `addr`):
+/// `MADV_HUGEPAGE` (back it with transparent huge pages) or `MADV_DONTDUMP` (leave it
+/// out of core dumps).
+fn advise<B: Bitmap>(
     mapping: &MmapRegion<B>,
     addr: GuestAddress,
     size: u64,
+    advice: libc::c_int,
+    name: &'static str,
 ) -> Result<(), MemoryError> {
+    debug_assert!(advice == libc::MADV_HUGEPAGE || advice == libc::MADV_DONTDUMP);
     // SAFETY: `mapping` is a live mapping of exactly `mapping.size()` bytes that we created
-    // and own. MADV_HUGEPAGE only changes how the kernel may back the pages; it never
-    // changes their contents or validity, so no Rust-visible memory is affected.
+    // and own. MADV_HUGEPAGE only changes how the kernel may back the pages, and
+    // MADV_DONTDUMP only whether they go into a core dump; neither changes their
+    // contents or validity, so no Rust-visible memory is affected.
     let ret = unsafe {
         libc::madvise(
             mapping.as_ptr().cast::<libc::c_void>(),
             mapping.size(),
-            libc::MADV_HUGEPAGE,
+            advice,
         )
     };
     if ret != 0 {
         return Err(MemoryError::Madvise {
+            advice: name,
             addr: addr.raw_value(),
             size,
             source: io::Error::last_os_error(),
@@ -280,18 +292,54 @@ mod tests {
         assert!(mem.read_obj::<u8>(GuestAddress(3 * GIB)).is_err());
     }
 
-    /// The `VmFlags` line of the /proc/self/smaps entry for the mapping at `ptr`.
+    /// The `VmFlags` line of the /proc/self/smaps entry for the mapping that contains
+    /// `ptr` (adjacent mappings with the same flags are merged into one entry).
     fn vm_flags(ptr: *mut u8) -> String {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let start = format!("{:x}-", ptr as usize);
+        let addr = ptr as usize;
+        let contains = |line: &str| {
+            let Some((range, _)) = line.split_once(' ') else {
+                return false;
+            };
+            let Some((lo, hi)) = range.split_once('-') else {
+                return false;
+            };
+            match (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16)) {
+                (Ok(lo), Ok(hi)) => lo <= addr && addr < hi,
+                _ => false,
+            }
+        };
         // An entry's header is followed by its fields; VmFlags is the last of them.
         let entry = smaps
             .lines()
-            .skip_while(|line| !line.starts_with(&start))
+            .skip_while(|line| !contains(line))
             .find(|line| line.starts_with("VmFlags:"));
         entry
-            .unwrap_or_else(|| panic!("no smaps entry at {start}"))
+            .unwrap_or_else(|| panic!("no smaps entry contains {addr:#x}"))
             .to_owned()
+    }
+
+    /// Every region, with and without a dirty bitmap, is left out of core dumps
+    /// (smaps' `dd` flag is `VM_DONTDUMP`).
+    #[test]
+    fn guest_memory_is_not_dumped() {
+        use vm_memory::bitmap::AtomicBitmap;
+
+        let layout = MemoryLayout::new(4 * GIB + 16 * crate::MIB).unwrap();
+        let plain = create_guest_memory(&layout, HugePages::None).unwrap();
+        let tracked: GuestMemoryMmap<AtomicBitmap> =
+            create_guest_memory_with_bitmap(&layout, HugePages::None).unwrap();
+        let ptrs = plain
+            .iter()
+            .map(|r| r.as_ptr())
+            .chain(tracked.iter().map(|r| r.as_ptr()));
+        let mut regions = 0;
+        for ptr in ptrs {
+            let flags = vm_flags(ptr);
+            assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
+            regions += 1;
+        }
+        assert_eq!(regions, 4);
     }
 
     #[test]

@@ -96,6 +96,16 @@ pub enum VcpuError {
         /// The underlying error.
         source: vm_memory::GuestMemoryError,
     },
+    /// Mapping the vCPU's `kvm_run` area (`mmap` of the vCPU fd) failed.
+    #[error("cannot map the kvm_run area of vCPU {vcpu} ({size} bytes): {source}")]
+    MapRun {
+        /// vCPU index.
+        vcpu: u32,
+        /// The size mapped (`KVM_GET_VCPU_MMAP_SIZE`).
+        size: usize,
+        /// The error from the OS.
+        source: std::io::Error,
+    },
     /// Installing the signal handler used to stop vCPUs failed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     SignalHandler(vmm_sys_util::errno::Error),

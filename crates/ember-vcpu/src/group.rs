@@ -67,7 +67,8 @@ pub enum GroupEvent {
 impl VcpuGroup {
     /// An empty group; add vCPUs with [`VcpuGroup::spawn`].
     pub fn new() -> Result<Self, VcpuError> {
-        let ended = EventFd::new(libc::EFD_NONBLOCK).map_err(VcpuError::EventFd)?;
+        let ended =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VcpuError::EventFd)?;
         Ok(VcpuGroup {
             vcpus: Vec::new(),
             ended,

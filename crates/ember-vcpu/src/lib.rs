@@ -88,6 +88,7 @@ pub mod kick;
 pub mod lapic;
 pub mod msrs;
 pub mod regs;
+mod run_area;
 mod stats;
 pub mod syscall_trap;
 mod vcpu;

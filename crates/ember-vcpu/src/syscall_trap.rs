@@ -610,14 +610,19 @@ impl VcpuTrap {
         let accepted = index == LSTAR && is_canonical(value, sregs.cr4 & CR4_LA57 != 0);
         msr.error = u8::from(!accepted);
         if !accepted {
-            log::debug!("vCPU {vcpu}: #GP for wrmsr {index:#x} <- {value:#x}");
+            // Guest-triggered, like the lines below: rate-limited.
+            ember_rate_limiter::log_limited!(
+                log::Level::Debug,
+                "vCPU {vcpu}: #GP for wrmsr {index:#x} <- {value:#x}"
+            );
             return Ok(());
         }
         self.guest_lstar = value;
         let star = get_msr(fd, STAR, vcpu)?;
         let real = match self.trap.map(mem, sregs.cr3, sregs.cr4, sregs.efer) {
             Ok(how) => {
-                log::debug!(
+                ember_rate_limiter::log_limited!(
+                    log::Level::Debug,
                     "vCPU {vcpu}: syscall trap armed for MSR_LSTAR {value:#x}, MSR_STAR \
                      {star:#x}, CR3 {:#x} ({how:?})",
                     sregs.cr3
@@ -626,7 +631,7 @@ impl VcpuTrap {
                 TRAP_ADDRESS
             }
             Err(why) => {
-                log::warn!(
+                ember_rate_limiter::warn_limited!(
                     "vCPU {vcpu}: syscall trap not armed: {why}; the guest's system calls \
                      go straight to its MSR_LSTAR {value:#x}"
                 );
@@ -684,7 +689,8 @@ impl VcpuTrap {
                 events.exception.error_code = error_code;
                 fd.set_vcpu_events(&events)
                     .map_err(|e| VcpuError::kvm("KVM_SET_VCPU_EVENTS (syscall trap)", e))?;
-                log::debug!(
+                ember_rate_limiter::log_limited!(
+                    log::Level::Debug,
                     "syscall trap entered other than by syscall (RIP {at:#x}, store to \
                      {addr:#x}): #PF {error_code:#x} at {cr2:#x}"
                 );

@@ -8,12 +8,14 @@ use std::thread::JoinHandle;
 use ember_bus::{Bus, BusHandle};
 use ember_vm::Vm;
 use kvm_bindings::{
-    kvm_mp_state, kvm_run, CpuId, KVM_EXIT_HYPERCALL, KVM_EXIT_IO_OUT, KVM_EXIT_X86_RDMSR,
-    KVM_EXIT_X86_WRMSR, KVM_INTERNAL_ERROR_EMULATION,
+    kvm_mp_state, kvm_run, CpuId, KVM_EXIT_FAIL_ENTRY, KVM_EXIT_HLT, KVM_EXIT_HYPERCALL,
+    KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_INTR, KVM_EXIT_IO, KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT,
+    KVM_EXIT_MEMORY_FAULT, KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN, KVM_EXIT_SYSTEM_EVENT,
+    KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR, KVM_INTERNAL_ERROR_EMULATION,
     KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, KVM_MP_STATE_RUNNABLE,
     KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::VcpuFd;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -21,9 +23,10 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::clock::ExitClock;
 use crate::exit::{ExitAction, UnhandledExit};
 use crate::fallback::{self, Completion, FallbackInstruction, GuestState, Resolution};
-use crate::kick::{install_kick_handler, kick_signal, KickTarget};
+use crate::kick::{install_kick_handler, kick_signal};
 use crate::msrs::index::LSTAR;
 use crate::regs::BootRegs;
+use crate::run_area::RunArea;
 use crate::syscall_trap::{SyscallTrap, VcpuTrap};
 use crate::x86::{EFER_LMA, PAGE_SIZE};
 use crate::{cpuid, lapic, msrs, regs, ExitKind, ExitStats, InstructionBytes, VcpuError};
@@ -84,6 +87,8 @@ pub enum VcpuOutcome {
 enum Pending {
     Done,
     Io,
+    /// An MMIO access that is not the syscall trap's.
+    Mmio,
     /// A guest `wrmsr` for the [syscall trap](crate::syscall_trap).
     Wrmsr,
     /// An exit for the caller.
@@ -98,6 +103,9 @@ pub type ExitHandler<B> = Box<dyn FnMut(&mut Vcpu<B>, UnhandledExit) -> ExitActi
 /// the guest memory's dirty-page bitmap `B`.
 pub struct Vcpu<B = ()> {
     index: u32,
+    /// The vCPU's `kvm_run` area, mapped by this crate: exits are read from it, and
+    /// `KVM_RUN` is issued through it (see [`crate::run_area`]).
+    run_area: RunArea,
     /// Declared before `vm`: fields drop in order, so the vCPU file descriptor is closed
     /// before this vCPU's handle on the VM (and its memory) is released.
     fd: VcpuFd,
@@ -153,8 +161,15 @@ impl<B: Bitmap> Vcpu<B> {
             .fd()
             .create_vcpu(u64::from(index))
             .map_err(|e| VcpuError::kvm(format!("KVM_CREATE_VCPU {index}"), e))?;
+        let size = vm.vcpu_mmap_size();
+        let run_area = RunArea::map(&fd, size).map_err(|source| VcpuError::MapRun {
+            vcpu: index,
+            size,
+            source,
+        })?;
         Ok(Vcpu {
             index,
+            run_area,
             fd,
             pio: pio.handle(),
             mmio: mmio.handle(),
@@ -328,38 +343,49 @@ impl<B: Bitmap> Vcpu<B> {
         if let Some(clock) = self.timer {
             self.finish_timed_exit(clock);
         }
-        if self.stop.load(Ordering::Acquire) {
+        let stop = &self.stop;
+        let Some(ran) = self.run_area.run(&self.fd, || stop.load(Ordering::Acquire)) else {
             return Ok(Some(VcpuOutcome::Stopped));
-        }
-        let exit = self.fd.run();
-        // Read before anything else looks at the exit; `exit` borrows only `self.fd`.
+        };
+        // Read before anything else looks at the exit.
         let returned = self.timer.map(ExitClock::now);
-        let (kind, pending) = match exit {
-            Ok(VcpuExit::IoOut(..)) => (ExitKind::IoOut, Pending::Io),
-            Ok(VcpuExit::IoIn(..)) => (ExitKind::IoIn, Pending::Io),
-            Ok(VcpuExit::MmioWrite(addr, _))
-                if addr & !(PAGE_SIZE - 1) == self.syscall_trap_page =>
-            {
-                (self.enter_syscall_trap(addr)?, Pending::Done)
+        if let Err(e) = ran {
+            return self.run_failed(e, returned);
+        }
+        let run = self.run_area.get_mut();
+        let (kind, pending) = match run.exit_reason {
+            KVM_EXIT_IO => {
+                // SAFETY: the exit reason says `io` is the active union member.
+                match u32::from(unsafe { run.__bindgen_anon_1.io.direction }) {
+                    KVM_EXIT_IO_OUT => (ExitKind::IoOut, Pending::Io),
+                    KVM_EXIT_IO_IN => (ExitKind::IoIn, Pending::Io),
+                    _ => return Err(self.run_error(libc::EINVAL)),
+                }
             }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                // An unclaimed access is counted by the bus; the guest goes on.
-                let _ = self.mmio.write(addr, data);
-                (ExitKind::MmioWrite, Pending::Done)
+            KVM_EXIT_MMIO => {
+                // SAFETY: the exit reason says `mmio` is the active union member.
+                let mmio = unsafe { &run.__bindgen_anon_1.mmio };
+                if mmio.is_write != 0 && mmio.phys_addr & !(PAGE_SIZE - 1) == self.syscall_trap_page
+                {
+                    let addr = mmio.phys_addr;
+                    (self.enter_syscall_trap(addr)?, Pending::Done)
+                } else if mmio.is_write != 0 {
+                    (ExitKind::MmioWrite, Pending::Mmio)
+                } else {
+                    (ExitKind::MmioRead, Pending::Mmio)
+                }
             }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                let _ = self.mmio.read(addr, data);
-                (ExitKind::MmioRead, Pending::Done)
-            }
-            Ok(VcpuExit::Hlt) => {
+            KVM_EXIT_HLT => {
                 self.stats.record(ExitKind::Hlt);
                 return Ok(Some(VcpuOutcome::Halted));
             }
-            Ok(VcpuExit::Shutdown) => {
+            KVM_EXIT_SHUTDOWN => {
                 self.stats.record(ExitKind::Shutdown);
                 return Ok(Some(VcpuOutcome::Shutdown));
             }
-            Ok(VcpuExit::SystemEvent(kind, _)) => {
+            KVM_EXIT_SYSTEM_EVENT => {
+                // SAFETY: the exit reason says `system_event` is the active union member.
+                let kind = unsafe { run.__bindgen_anon_1.system_event.type_ };
                 self.stats.record(ExitKind::SystemEvent);
                 let event = match kind {
                     KVM_SYSTEM_EVENT_SHUTDOWN => SystemEvent::Shutdown,
@@ -369,15 +395,17 @@ impl<B: Bitmap> Vcpu<B> {
                 };
                 return Ok(Some(VcpuOutcome::SystemEvent(event)));
             }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+            KVM_EXIT_FAIL_ENTRY => {
+                // SAFETY: the exit reason says `fail_entry` is the active union member.
+                let fail = unsafe { run.__bindgen_anon_1.fail_entry };
                 self.stats.record(ExitKind::FailEntry);
                 return Err(VcpuError::FailEntry {
                     vcpu: self.index,
-                    reason,
-                    cpu,
+                    reason: fail.hardware_entry_failure_reason,
+                    cpu: fail.cpu,
                 });
             }
-            Ok(VcpuExit::InternalError) => {
+            KVM_EXIT_INTERNAL_ERROR => {
                 let kind = match self.fallback {
                     true => self.complete_unemulated(),
                     false => FallbackResult::Failed,
@@ -391,38 +419,21 @@ impl<B: Bitmap> Vcpu<B> {
                     }
                 }
             }
-            Ok(VcpuExit::X86Rdmsr(msr)) if msr.index == LSTAR && self.syscall_trap.is_some() => {
-                if let Some(trap) = &self.syscall_trap {
-                    trap.rdmsr(msr.index, msr.data, msr.error);
+            reason @ (KVM_EXIT_X86_RDMSR | KVM_EXIT_X86_WRMSR) => {
+                // SAFETY: the exit reason says `msr` is the active union member.
+                let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+                match &self.syscall_trap {
+                    Some(trap) if msr.index == LSTAR && reason == KVM_EXIT_X86_RDMSR => {
+                        trap.rdmsr(msr.index, &mut msr.data, &mut msr.error);
+                        (ExitKind::Msr, Pending::Done)
+                    }
+                    Some(_) if msr.index == LSTAR => (ExitKind::Msr, Pending::Wrmsr),
+                    _ => (ExitKind::Other, Pending::Unhandled),
                 }
-                (ExitKind::Msr, Pending::Done)
             }
-            Ok(VcpuExit::X86Wrmsr(msr)) if msr.index == LSTAR && self.syscall_trap.is_some() => {
-                (ExitKind::Msr, Pending::Wrmsr)
-            }
-            Ok(VcpuExit::Intr) => (ExitKind::Interrupted, Pending::Done),
-            // Everything else is the caller's: read from `kvm_run` once the exit's
-            // borrow has ended.
-            Ok(_) => (ExitKind::Other, Pending::Unhandled),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                self.stats.record(ExitKind::Interrupted);
-                // A kick leaves immediate_exit set; clear it so a spurious signal does
-                // not turn into a busy loop.
-                self.fd.set_kvm_immediate_exit(0);
-                if self.stop.load(Ordering::Acquire) {
-                    return Ok(Some(VcpuOutcome::Stopped));
-                }
-                if let Some(at) = returned {
-                    self.timed_exit = Some((ExitKind::Interrupted, at));
-                }
-                return Ok(None);
-            }
-            Err(source) => {
-                return Err(VcpuError::Run {
-                    vcpu: self.index,
-                    source,
-                })
-            }
+            KVM_EXIT_INTR => (ExitKind::Interrupted, Pending::Done),
+            // Everything else is the caller's.
+            _ => (ExitKind::Other, Pending::Unhandled),
         };
         self.stats.record(kind);
         if let Some(at) = returned {
@@ -431,10 +442,59 @@ impl<B: Bitmap> Vcpu<B> {
         match pending {
             Pending::Done => {}
             Pending::Io => self.dispatch_io(),
+            Pending::Mmio => self.dispatch_mmio(),
             Pending::Wrmsr => self.syscall_trap_wrmsr()?,
             Pending::Unhandled => return Ok(self.hand_over_exit()),
         }
         Ok(None)
+    }
+
+    /// `KVM_RUN` returned an error: a kick (`EINTR`), a memory fault KVM hands to
+    /// userspace, or a failure.
+    #[cold]
+    fn run_failed(
+        &mut self,
+        e: kvm_ioctls::Error,
+        returned: Option<u64>,
+    ) -> Result<Option<VcpuOutcome>, VcpuError> {
+        match e.errno() {
+            libc::EINTR | libc::EAGAIN => {
+                self.stats.record(ExitKind::Interrupted);
+                // A kick leaves immediate_exit set; clear it so a spurious signal does
+                // not turn into a busy loop.
+                self.run_area.clear_immediate_exit();
+                if self.stop.load(Ordering::Acquire) {
+                    return Ok(Some(VcpuOutcome::Stopped));
+                }
+                if let Some(at) = returned {
+                    self.timed_exit = Some((ExitKind::Interrupted, at));
+                }
+                Ok(None)
+            }
+            // KVM_EXIT_MEMORY_FAULT comes with -1 and EFAULT or EHWPOISON (the KVM API
+            // docs); with any other errno, exit_reason is stale.
+            libc::EFAULT | libc::EHWPOISON
+                if self.run_area.get_mut().exit_reason == KVM_EXIT_MEMORY_FAULT =>
+            {
+                self.stats.record(ExitKind::Other);
+                if let Some(at) = returned {
+                    self.timed_exit = Some((ExitKind::Other, at));
+                }
+                Ok(self.hand_over_exit())
+            }
+            _ => Err(VcpuError::Run {
+                vcpu: self.index,
+                source: e,
+            }),
+        }
+    }
+
+    #[cold]
+    fn run_error(&self, errno: i32) -> VcpuError {
+        VcpuError::Run {
+            vcpu: self.index,
+            source: kvm_ioctls::Error::new(errno),
+        }
     }
 
     /// Offers an exit the run loop does not handle to the [exit
@@ -443,7 +503,7 @@ impl<B: Bitmap> Vcpu<B> {
     /// MSR exits and debug exits are rare next to port I/O and MMIO.
     #[cold]
     fn hand_over_exit(&mut self) -> Option<VcpuOutcome> {
-        let exit = UnhandledExit::from_kvm_run(self.fd.get_kvm_run());
+        let exit = UnhandledExit::from_kvm_run(self.run_area.get_mut());
         log::trace!("vCPU {}: {exit}", self.index);
         // Taken out for the call, so the handler can have the whole vCPU.
         let Some(mut handler) = self.exit_handler.take() else {
@@ -472,7 +532,6 @@ impl<B: Bitmap> Vcpu<B> {
     /// reason the run loop leaves to the caller ([`VcpuOutcome::Unhandled`]); after
     /// that one, calling `run` again resumes the guest.
     pub fn run(&mut self) -> Result<VcpuOutcome, VcpuError> {
-        let _kick_target = KickTarget::register(self.fd.get_kvm_run());
         loop {
             if let Some(outcome) = self.step()? {
                 if outcome == VcpuOutcome::Stopped && log::log_enabled!(log::Level::Debug) {
@@ -549,15 +608,16 @@ impl<B: Bitmap> Vcpu<B> {
 
     /// The vCPU's `kvm_run` page: the last exit's data, for answering an
     /// [`UnhandledExit::Other`] (or anything the `complete_*` methods do not cover)
-    /// before resuming.
+    /// before resuming. (A kick writes `kvm_run` only while the vCPU is inside
+    /// `KVM_RUN`, never while this reference can exist.)
     pub fn kvm_run_mut(&mut self) -> &mut kvm_run {
-        self.fd.get_kvm_run()
+        self.run_area.get_mut()
     }
 
     /// `kvm_run`, if the last exit was `reason`.
     fn pending_exit(&mut self, reason: u32, name: &'static str) -> Result<&mut kvm_run, VcpuError> {
         let vcpu = self.index;
-        let run = self.fd.get_kvm_run();
+        let run = self.run_area.get_mut();
         if run.exit_reason != reason {
             return Err(VcpuError::NoPendingExit {
                 vcpu,
@@ -631,10 +691,9 @@ impl<B: Bitmap> Vcpu<B> {
     /// `count` accesses of `size` bytes.
     #[inline]
     fn dispatch_io(&mut self) {
-        let run = self.fd.get_kvm_run();
         // SAFETY: KVM_RUN returned with exit_reason KVM_EXIT_IO (that is the only way
         // here), so `io` is the active member of the union.
-        let io = unsafe { run.__bindgen_anon_1.io };
+        let io = unsafe { self.run_area.get_mut().__bindgen_anon_1.io };
         let size = usize::from(io.size);
         let Some(len) = size.checked_mul(io.count as usize) else {
             return;
@@ -642,12 +701,12 @@ impl<B: Bitmap> Vcpu<B> {
         if size == 0 || len == 0 {
             return;
         }
-        let base = (run as *mut kvm_bindings::kvm_run).cast::<u8>();
-        // SAFETY: the kernel places the `count * size` data bytes at `data_offset` inside
-        // the kvm_run mapping, which lives as long as `self.fd`; we hold `&mut` to it,
-        // so nothing else aliases the bytes while the slice exists.
-        let data =
-            unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), len) };
+        // The data is on the page after kvm_run, inside the mapping `run_area` owns and
+        // derives the slice from (not from a `&kvm_run`); `None` if KVM ever put it
+        // elsewhere.
+        let Some(data) = self.run_area.pio_data(io.data_offset as usize, len) else {
+            return;
+        };
         let port = u64::from(io.port);
         if u32::from(io.direction) == KVM_EXIT_IO_OUT {
             for chunk in data.chunks_exact(size) {
@@ -657,6 +716,25 @@ impl<B: Bitmap> Vcpu<B> {
             for chunk in data.chunks_exact_mut(size) {
                 let _ = self.pio.read(port, chunk);
             }
+        }
+    }
+
+    /// Handles an MMIO exit: at most 8 bytes, in `kvm_run` itself.
+    #[inline]
+    fn dispatch_mmio(&mut self) {
+        // SAFETY: KVM_RUN returned with exit_reason KVM_EXIT_MMIO (that is the only way
+        // here), so `mmio` is the active member of the union.
+        let mmio = unsafe { &mut self.run_area.get_mut().__bindgen_anon_1.mmio };
+        let addr = mmio.phys_addr;
+        let write = mmio.is_write != 0;
+        let Some(data) = mmio.data.get_mut(..mmio.len as usize) else {
+            return;
+        };
+        // An unclaimed access is counted by the bus; the guest goes on.
+        if write {
+            let _ = self.mmio.write(addr, data);
+        } else {
+            let _ = self.mmio.read(addr, data);
         }
     }
 
@@ -683,7 +761,7 @@ impl<B: Bitmap> Vcpu<B> {
     /// Turns `KVM_EXIT_INTERNAL_ERROR` into an error that says where the guest was.
     #[cold]
     fn internal_error(&mut self) -> VcpuError {
-        let run = self.fd.get_kvm_run();
+        let run = self.run_area.get_mut();
         // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is active.
         let internal = unsafe { run.__bindgen_anon_1.internal };
         if internal.suberror != KVM_INTERNAL_ERROR_EMULATION {
@@ -747,7 +825,7 @@ impl<B: Bitmap> Vcpu<B> {
     /// get here.
     #[cold]
     fn complete_unemulated(&mut self) -> FallbackResult {
-        let run = self.fd.get_kvm_run();
+        let run = self.run_area.get_mut();
         // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is active, and
         // `emulation_failure` is its layout for the emulation suberror.
         let failure = unsafe { run.__bindgen_anon_1.emulation_failure };

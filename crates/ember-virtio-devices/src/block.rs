@@ -11,28 +11,52 @@
 //! Anything else completes with `VIRTIO_BLK_S_UNSUPP`; malformed or failing requests with
 //! `VIRTIO_BLK_S_IOERR`. When the driver did not negotiate `VIRTIO_BLK_F_FLUSH` the device
 //! is write-through: every write is followed by `fdatasync(2)` before it completes.
+//!
+//! Host-side protections, as QEMU and Cloud Hypervisor have them:
+//! * **Locking**: [`Disk::open`] takes an open file description (OFD) lock on the whole
+//!   image, a write lock for a read-write disk and a read lock for a read-only one, so two
+//!   writers, or a writer and readers, cannot share an image (whether in two VMMs or in
+//!   one); the error names the process holding the other lock when `/proc` shows it.
+//!   Only regular files and block devices are accepted.
+//! * **Failed syncs are remembered**: once an `fdatasync(2)` fails, the kernel may have
+//!   dropped the dirty pages, so a later one that succeeds proves nothing (PostgreSQL's
+//!   "fsyncgate"). Every later `FLUSH`, and every write-through write, then fails.
+//! * **Rate limiting** ([`Block::with_rate_limiter`]): each request costs one token of
+//!   the operations bucket and its data bytes from the bandwidth bucket, charged when
+//!   the request is done (what a bucket lacks becomes a debt), as virtio-rng and
+//!   virtio-net do. While the limiter is blocked the worker takes no request, leaves the
+//!   rest in the ring, and waits for the limiter's timer among its backend fds; so a
+//!   guest gets at most one request beyond the limit, and then waits for it to be repaid.
+//!   The queue is drained by `ember_virtio`'s own drain loop, stop checks included.
+//! * **`GET_ID`** returns a serial the VMM sets ([`Disk::with_serial`]) or one derived
+//!   from a hash of the image's canonical path; nothing about the host file (such as its
+//!   inode number) reaches the guest.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use ember_rate_limiter::{
+    error_limited, warn_limited, RateLimiter, RateLimiterConfig, RateLimiterError,
+};
 use ember_virtio::{
     device_type, ActivateDevice, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use log::warn;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::bitmap::Bitmap as _;
 use vm_memory::volatile_memory::PtrGuardMut;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
+use crate::rng::{charge_done, handle_timer};
 use crate::VirtioDeviceError;
 use crate::{read_config_bytes, QUEUE_MAX_SIZE};
 use ember_virtio::chain::{region_slice, walk_into, ChainLayout, CopyError, Cursor};
-use ember_virtio::worker::{QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
+use ember_virtio::worker::{drain_queue_until, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
 
 /// Sector size: virtio-blk addresses the disk in 512-byte sectors.
 pub const SECTOR_SIZE: u64 = 512;
@@ -112,23 +136,96 @@ pub struct Disk {
     punch_hole: bool,
     zero_range: bool,
     id: [u8; VIRTIO_BLK_ID_BYTES],
+    /// Set by the first failed `fdatasync(2)`; never cleared.
+    sync_failed: AtomicBool,
+    /// Tests only: how many of the next syncs fail (with `EIO`) without calling the
+    /// kernel.
+    #[cfg(test)]
+    inject_sync_failures: std::sync::atomic::AtomicU32,
+}
+
+/// What kind of file `file_type` is, for an error message.
+fn file_kind(file_type: std::fs::FileType) -> &'static str {
+    if file_type.is_dir() {
+        "directory"
+    } else if file_type.is_fifo() {
+        "FIFO"
+    } else if file_type.is_char_device() {
+        "character device"
+    } else if file_type.is_socket() {
+        "socket"
+    } else if file_type.is_symlink() {
+        "symbolic link"
+    } else {
+        "special file"
+    }
+}
+
+/// The `GET_ID` serial derived from `path`: `ember-` and 14 hex digits of the 64-bit
+/// FNV-1a hash of the canonical path (the path as given if it cannot be resolved).
+/// Stable across runs and Ember versions, and the same for every path naming one image;
+/// it shows nothing about the host file system but that.
+fn serial_from_path(path: &Path) -> [u8; VIRTIO_BLK_ID_BYTES] {
+    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in canonical.as_os_str().as_encoded_bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let name = format!("ember-{:014x}", hash >> 8);
+    let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
+    for (to, from) in id.iter_mut().zip(name.bytes()) {
+        *to = from;
+    }
+    id
 }
 
 impl Disk {
-    /// Opens `path` (`O_RDWR`, or `O_RDONLY` if `options.read_only`). Its size must be a
-    /// multiple of 512. For a writable image, probes whether the file system supports
-    /// `fallocate(2)` hole punching and zero ranges (see [`Disk::supports_discard`]).
+    /// Opens `path` (`O_RDWR`, or `O_RDONLY` if `options.read_only`) and locks it: an
+    /// exclusive OFD lock (`F_OFD_SETLK`, `F_WRLCK`) for a writable disk, a shared one
+    /// (`F_RDLCK`) for a read-only disk, held until the `Disk` is dropped. The path must be
+    /// a regular file or a block device, and its size a multiple of 512. For a writable
+    /// image, probes whether the file system supports `fallocate(2)` hole punching and
+    /// zero ranges (see [`Disk::supports_discard`]).
+    ///
+    /// Errors: [`VirtioDeviceError::DiskType`] for anything but a regular file or block
+    /// device (a directory, a FIFO, `/dev/zero`...), [`VirtioDeviceError::DiskLocked`]
+    /// when another open of the image holds a conflicting lock (in this process or
+    /// another), [`VirtioDeviceError::DiskSize`], and [`VirtioDeviceError::DiskImage`]
+    /// for a failed system call.
     pub fn open(path: impl AsRef<Path>, options: BlockOptions) -> Result<Disk, VirtioDeviceError> {
         let path = path.as_ref().to_path_buf();
         let err = |op: &'static str, path: &Path| {
             let path = path.to_path_buf();
             move |source| VirtioDeviceError::DiskImage { op, path, source }
         };
+        // Look before opening: opening a FIFO would wait for a writer, and a directory
+        // opened read-write fails with a less helpful EISDIR.
+        let kind_ok = |t: std::fs::FileType| t.is_file() || t.is_block_device();
+        let meta = std::fs::metadata(&path).map_err(err("open", &path))?;
+        if !kind_ok(meta.file_type()) {
+            return Err(VirtioDeviceError::DiskType {
+                path,
+                kind: file_kind(meta.file_type()),
+            });
+        }
+        // O_NONBLOCK and O_NOCTTY until the type is checked again on the open file (the
+        // path may have been replaced in between).
         let file = OpenOptions::new()
             .read(true)
             .write(!options.read_only)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(&path)
             .map_err(err("open", &path))?;
+        let meta = file.metadata().map_err(err("stat", &path))?;
+        if !kind_ok(meta.file_type()) {
+            return Err(VirtioDeviceError::DiskType {
+                path,
+                kind: file_kind(meta.file_type()),
+            });
+        }
+        clear_nonblock(&file).map_err(err("clear O_NONBLOCK on", &path))?;
+        lock_image(&file, &path, options.read_only, &meta)?;
         // Seek rather than stat: this also sizes block devices.
         let size = (&file)
             .seek(SeekFrom::End(0))
@@ -136,11 +233,7 @@ impl Disk {
         if size % SECTOR_SIZE != 0 {
             return Err(VirtioDeviceError::DiskSize { path, size });
         }
-        let ino = file.metadata().map_err(err("stat", &path))?.ino();
-        let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
-        let name = format!("ember-{ino}");
-        let n = name.len().min(VIRTIO_BLK_ID_BYTES);
-        id[..n].copy_from_slice(&name.as_bytes()[..n]);
+        let id = serial_from_path(&path);
         let (punch_hole, zero_range) = if options.read_only {
             (false, false)
         } else {
@@ -154,7 +247,72 @@ impl Disk {
             punch_hole,
             zero_range,
             id,
+            sync_failed: AtomicBool::new(false),
+            #[cfg(test)]
+            inject_sync_failures: std::sync::atomic::AtomicU32::new(0),
         })
+    }
+
+    /// Sets the `GET_ID` serial: at most [`VIRTIO_BLK_ID_BYTES`] bytes, NUL-padded (a
+    /// serial of exactly 20 bytes has no NUL, as the virtio spec allows).
+    ///
+    /// ```no_run
+    /// use ember_virtio_devices::{BlockOptions, Disk};
+    ///
+    /// let disk = Disk::open("disk.img", BlockOptions::default())?.with_serial("vol-0001")?;
+    /// assert_eq!(&disk.id()[..9], b"vol-0001\0");
+    /// # Ok::<(), ember_virtio_devices::VirtioDeviceError>(())
+    /// ```
+    pub fn with_serial(mut self, serial: &str) -> Result<Disk, VirtioDeviceError> {
+        let bytes = serial.as_bytes();
+        if bytes.len() > VIRTIO_BLK_ID_BYTES {
+            return Err(VirtioDeviceError::DiskSerial {
+                serial: serial.to_string(),
+                len: bytes.len(),
+            });
+        }
+        self.id = [0; VIRTIO_BLK_ID_BYTES];
+        for (to, &from) in self.id.iter_mut().zip(bytes) {
+            *to = from;
+        }
+        Ok(self)
+    }
+
+    /// `fdatasync(2)`, latched: after one failure every later call fails too, without
+    /// asking the kernel (whose next answer could be a success although the data that
+    /// failed to reach the disk is gone from the page cache).
+    fn sync(&self) -> io::Result<()> {
+        if self.sync_failed.load(Ordering::Acquire) {
+            return Err(io::Error::other(
+                "an earlier fdatasync failed; data may have been lost",
+            ));
+        }
+        #[cfg(test)]
+        let injected = self
+            .inject_sync_failures
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        #[cfg(not(test))]
+        let injected = false;
+        let result = if injected {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            self.file.sync_data()
+        };
+        if let Err(e) = &result {
+            self.sync_failed.store(true, Ordering::Release);
+            error_limited!(
+                "virtio-blk {}: fdatasync failed ({e}); every later flush will fail",
+                self.path.display()
+            );
+        }
+        result
+    }
+
+    /// Whether an `fdatasync(2)` has failed; from then on every `FLUSH` (and every
+    /// write-through write) completes with `VIRTIO_BLK_S_IOERR`.
+    pub fn sync_failed(&self) -> bool {
+        self.sync_failed.load(Ordering::Acquire)
     }
 
     /// The image path.
@@ -172,7 +330,9 @@ impl Disk {
         self.read_only
     }
 
-    /// The 20-byte `GET_ID` string: `ember-<inode>`, NUL-padded.
+    /// The 20-byte `GET_ID` string, NUL-padded: the serial given to
+    /// [`Disk::with_serial`], else `ember-` and 14 hex digits of a hash of the image's
+    /// canonical path.
     pub fn id(&self) -> [u8; VIRTIO_BLK_ID_BYTES] {
         self.id
     }
@@ -232,6 +392,151 @@ impl Disk {
             done += n as u64;
         }
         Ok(())
+    }
+}
+
+/// Clears `O_NONBLOCK`, which [`Disk::open`] sets only while it checks the file type.
+fn clear_nonblock(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL takes no argument and only reads the fd's flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL takes an integer argument and only changes the fd's status flags.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// An OFD lock request or query on the whole file.
+fn whole_file_lock(lock_type: libc::c_int) -> libc::flock {
+    // SAFETY: `flock` is a plain C struct of integers, for which all zeroes is valid.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    // Both fit a c_short (F_RDLCK is 0, F_WRLCK 1, F_UNLCK 2).
+    fl.l_type = lock_type as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
+    fl.l_len = 0; // to the end of the file, however it grows
+    fl.l_pid = 0; // must be 0 for OFD locks
+    fl
+}
+
+/// Takes the OFD lock [`Disk::open`] documents: `F_RDLCK` if `read_only`, else `F_WRLCK`.
+fn lock_image(
+    file: &File,
+    path: &Path,
+    read_only: bool,
+    meta: &std::fs::Metadata,
+) -> Result<(), VirtioDeviceError> {
+    let wanted = if read_only {
+        libc::F_RDLCK
+    } else {
+        libc::F_WRLCK
+    };
+    let mut fl = whole_file_lock(wanted);
+    // SAFETY: F_OFD_SETLK reads the `flock` that `fl` points to, which lives for the call.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) } == 0 {
+        return Ok(());
+    }
+    let source = io::Error::last_os_error();
+    if !matches!(source.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
+        return Err(VirtioDeviceError::DiskImage {
+            op: "lock (F_OFD_SETLK)",
+            path: path.to_path_buf(),
+            source,
+        });
+    }
+    // Which lock is in the way: F_OFD_GETLK describes one conflicting lock.
+    let mut query = whole_file_lock(wanted);
+    // SAFETY: F_OFD_GETLK reads and rewrites the `flock` that `query` points to, which
+    // lives for the call.
+    let queried = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut query) } == 0;
+    if queried && i32::from(query.l_type) == libc::F_UNLCK {
+        // The other lock went away in between: try once more.
+        let mut fl = whole_file_lock(wanted);
+        // SAFETY: as for the first F_OFD_SETLK.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) } == 0 {
+            return Ok(());
+        }
+    }
+    let held_write = !queried || i32::from(query.l_type) == libc::F_WRLCK;
+    // A classic POSIX lock names its process; an OFD lock (QEMU's, Cloud Hypervisor's,
+    // Ember's) says -1, so look for the holder in /proc.
+    let holder = if queried && query.l_pid > 0 {
+        describe_process(query.l_pid)
+    } else {
+        lock_holders(meta)
+    };
+    Err(VirtioDeviceError::DiskLocked {
+        path: path.to_path_buf(),
+        wanted: if read_only { "read-only" } else { "read-write" },
+        held: if held_write { "write" } else { "read" },
+        holder,
+    })
+}
+
+/// `process PID (COMM)`, or `this process` for our own.
+fn describe_process(pid: libc::pid_t) -> String {
+    if u32::try_from(pid).ok() == Some(std::process::id()) {
+        return "this process (another open of the same image)".to_string();
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        Ok(comm) => format!("process {pid} ({})", comm.trim_end()),
+        Err(_) => format!("process {pid}"),
+    }
+}
+
+/// Processes whose open files hold a lock on the file `meta` describes, found through
+/// the `lock:` lines of `/proc/PID/fdinfo/FD` (which show OFD locks on that open file,
+/// in `/proc/locks` format: `... MAJOR:MINOR:INODE START END`). Only processes this one
+/// may inspect are seen; "another process" when none is.
+fn lock_holders(meta: &std::fs::Metadata) -> String {
+    /// Processes named in the message at most.
+    const MAX_NAMED: usize = 4;
+    let dev = meta.dev();
+    let key = format!(
+        " {:02x}:{:02x}:{} ",
+        libc::major(dev),
+        libc::minor(dev),
+        meta.ino()
+    );
+    let mut holders: Vec<String> = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return "another process".to_string();
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fdinfo")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_to_string(fd.path()).is_ok_and(|info| {
+                info.lines()
+                    .any(|line| line.starts_with("lock:") && line.contains(&key))
+            })
+        });
+        if holds {
+            let who = describe_process(pid);
+            if !holders.contains(&who) {
+                holders.push(who);
+            }
+            if holders.len() >= MAX_NAMED {
+                break;
+            }
+        }
+    }
+    if holders.is_empty() {
+        "another process".to_string()
+    } else {
+        holders.join(", ")
     }
 }
 
@@ -549,6 +854,18 @@ where
     }
 }
 
+/// The data bytes of the request last walked into `buffers` (by [`process_request`]),
+/// what it is charged in the bandwidth bucket: its readable bytes past the 16-byte
+/// header and its writable bytes before the status byte (for `IN` and `OUT`, the sectors
+/// read or written), as the guest sized them, whatever the request's outcome.
+fn data_bytes(buffers: &RequestBuffers) -> u64 {
+    let layout = &buffers.layout;
+    layout
+        .readable_len
+        .saturating_sub(HEADER_LEN)
+        .saturating_add(layout.writable_len.saturating_sub(1))
+}
+
 /// Runs a request whose status byte is known to be writable; returns the status and the
 /// data bytes written to the chain.
 fn execute<M: GuestMemoryBackend + ?Sized>(
@@ -632,17 +949,15 @@ fn execute<M: GuestMemoryBackend + ?Sized>(
             {
                 return (VIRTIO_BLK_S_IOERR, 0);
             }
-            if writethrough && disk.file.sync_data().is_err() {
+            if writethrough && disk.sync().is_err() {
                 return (VIRTIO_BLK_S_IOERR, 0);
             }
             (VIRTIO_BLK_S_OK, 0)
         }
-        VIRTIO_BLK_T_FLUSH => match disk.file.sync_data() {
+        // `Disk::sync` logs the first failure and latches it.
+        VIRTIO_BLK_T_FLUSH => match disk.sync() {
             Ok(()) => (VIRTIO_BLK_S_OK, 0),
-            Err(e) => {
-                warn!("virtio-blk {}: flush failed: {e}", disk.path.display());
-                (VIRTIO_BLK_S_IOERR, 0)
-            }
+            Err(_) => (VIRTIO_BLK_S_IOERR, 0),
         },
         VIRTIO_BLK_T_GET_ID => {
             let n = in_len.min(VIRTIO_BLK_ID_BYTES as u64) as usize;
@@ -671,7 +986,7 @@ fn execute<M: GuestMemoryBackend + ?Sized>(
                 return (VIRTIO_BLK_S_UNSUPP, 0);
             }
             let status = discard_or_write_zeroes(disk, mem, &mut reader, out_len, discard);
-            if status == VIRTIO_BLK_S_OK && writethrough && disk.file.sync_data().is_err() {
+            if status == VIRTIO_BLK_S_OK && writethrough && disk.sync().is_err() {
                 return (VIRTIO_BLK_S_IOERR, 0);
             }
             (status, 0)
@@ -739,7 +1054,7 @@ fn discard_or_write_zeroes<M: GuestMemoryBackend + ?Sized>(
             if discard && e.raw_os_error() == Some(libc::EOPNOTSUPP) {
                 continue;
             }
-            warn!(
+            warn_limited!(
                 "virtio-blk {}: discard/write-zeroes failed: {e}",
                 disk.path.display()
             );
@@ -771,6 +1086,11 @@ pub struct Block {
     features: u64,
     config: [u8; CONFIG_SIZE],
     worker: Option<Worker<BlockHandler>>,
+    /// The limiter's settings, to build a new one should a worker thread panic.
+    rate_limit: Option<RateLimiterConfig>,
+    /// The limiter while no worker runs; the worker has it while it runs and gives it
+    /// back on reset, so a guest cannot refill the buckets by resetting the device.
+    rate_limiter: Option<RateLimiter>,
 }
 
 impl Block {
@@ -811,7 +1131,58 @@ impl Block {
             features,
             config,
             worker: None,
+            rate_limit: None,
+            rate_limiter: None,
         }
+    }
+
+    /// Limits the guest's requests: each costs one token of `config.ops` and its data
+    /// bytes from `config.bandwidth` (either bucket may be absent; with neither, nothing
+    /// is limited), charged when it is done. A request a bucket cannot pay for is still
+    /// done and leaves a debt; the limiter then blocks, requests wait in the ring and the
+    /// worker sleeps on the limiter's timer until the debt is repaid. So a request
+    /// larger than the bandwidth bucket cannot be stuck, and over time the guest gets the
+    /// configured rate. The limiter, with its buckets and debts, survives device resets.
+    ///
+    /// ```no_run
+    /// use ember_virtio_devices::{Block, BlockOptions};
+    /// use ember_rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+    ///
+    /// // 10 MiB/s, bursts of 1 MiB; 1000 requests/s.
+    /// let disk = Block::new("disk.img", BlockOptions::default())?.with_rate_limiter(
+    ///     RateLimiterConfig {
+    ///         bandwidth: Some(TokenBucketConfig { size: 1 << 20, one_time_burst: 0, refill_time_ms: 100 }),
+    ///         ops: Some(TokenBucketConfig { size: 100, one_time_burst: 0, refill_time_ms: 100 }),
+    ///     },
+    /// )?;
+    /// # Ok::<(), ember_virtio_devices::VirtioDeviceError>(())
+    /// ```
+    pub fn with_rate_limiter(
+        mut self,
+        config: RateLimiterConfig,
+    ) -> Result<Block, VirtioDeviceError> {
+        if config.is_unlimited() {
+            self.rate_limit = None;
+            self.rate_limiter = None;
+            return Ok(self);
+        }
+        self.rate_limiter = Some(self.new_limiter(&config)?);
+        self.rate_limit = Some(config);
+        Ok(self)
+    }
+
+    fn new_limiter(&self, config: &RateLimiterConfig) -> Result<RateLimiter, VirtioDeviceError> {
+        RateLimiter::new(config).map_err(|source: RateLimiterError| {
+            VirtioDeviceError::RateLimiter {
+                device: format!("virtio-blk {}", self.disk.path.display()),
+                source,
+            }
+        })
+    }
+
+    /// The rate limiter's settings, if it has one.
+    pub fn rate_limit(&self) -> Option<&RateLimiterConfig> {
+        self.rate_limit.as_ref()
     }
 
     /// The backing disk.
@@ -843,7 +1214,19 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         if let Some(worker) = self.worker.take() {
-            worker.stop();
+            let limiter = worker.stop().and_then(|handler| handler.limiter);
+            self.rate_limiter = match (limiter, &self.rate_limit) {
+                (Some(limiter), _) => Some(limiter),
+                // The worker panicked and took the limiter with it: a new one.
+                (None, Some(config)) => match self.new_limiter(config) {
+                    Ok(limiter) => Some(limiter),
+                    Err(e) => {
+                        error_limited!("{e}; the disk will fail to activate");
+                        None
+                    }
+                },
+                (None, None) => None,
+            };
         }
     }
 }
@@ -867,13 +1250,29 @@ where
                 got: activation.queues.len(),
             });
         }
+        let limiter = self.rate_limiter.take();
+        if limiter.is_none() && self.rate_limit.is_some() {
+            return Err(ActivateError::Other(
+                "virtio-blk: the rate limiter could not be rebuilt after a worker panic".into(),
+            ));
+        }
         let handler = BlockHandler {
             disk: Arc::clone(&self.disk),
             features: activation.features,
             buffers: RequestBuffers::new(),
+            limiter,
         };
-        self.worker = Some(Worker::spawn("blk", handler, activation)?);
-        Ok(())
+        match Worker::spawn("blk", handler, activation) {
+            Ok(worker) => {
+                self.worker = Some(worker);
+                Ok(())
+            }
+            Err(e) => {
+                let source = e.source;
+                self.rate_limiter = e.handler.limiter;
+                Err(ActivateError::Start(source))
+            }
+        }
     }
 }
 
@@ -881,6 +1280,61 @@ struct BlockHandler {
     disk: Arc<Disk>,
     features: u64,
     buffers: RequestBuffers,
+    limiter: Option<RateLimiter>,
+}
+
+impl BlockHandler {
+    /// Serves queue `queue` with the worker's drain ([`drain_queue_until`]). With a
+    /// limiter, each request is charged once done ([`charge_done`]: one op and its
+    /// [`data_bytes`]); the drain stops as soon as the limiter blocks, leaving the rest
+    /// in the ring until its timer fires ([`QueueHandler::backend_ready`]), or as soon
+    /// as the worker is asked to stop.
+    fn serve<M>(&mut self, ctx: &mut WorkerContext<M>, queue: usize)
+    where
+        M: GuestAddressSpace,
+        M::M: GuestMemoryBackend,
+    {
+        let BlockHandler {
+            disk,
+            features,
+            buffers,
+            limiter,
+        } = self;
+        let features = *features;
+        let Some(limiter) = limiter else {
+            ctx.process_queue(queue, QUEUE_BUDGET, |mem, chain| {
+                process_request(disk, mem, chain, features, buffers).used_len
+            });
+            return;
+        };
+        if limiter.is_blocked() {
+            // The limiter's timer brings the worker back; the chains wait in the ring.
+            return;
+        }
+        // `drain_queue_until` stops on one flag: set it when the limiter blocks or the
+        // worker is asked to stop (checked after each request, as `process_queue` does).
+        let worker_stop = ctx.stop_flag();
+        let stop = AtomicBool::new(worker_stop.load(Ordering::Relaxed));
+        let mem = ctx.memory();
+        let Some(q) = ctx.queue_mut(queue) else {
+            return;
+        };
+        let drained = drain_queue_until(&*mem, q, QUEUE_BUDGET, &stop, |chain| {
+            let used_len = process_request(disk, &*mem, chain, features, buffers).used_len;
+            charge_done(limiter, data_bytes(buffers));
+            if limiter.is_blocked() || worker_stop.load(Ordering::Relaxed) {
+                stop.store(true, Ordering::Relaxed);
+            }
+            used_len
+        });
+        if drained.handled > 0 {
+            ctx.signal_used(&mem, queue);
+        }
+        // Budget spent with the limiter still open: come back after the other events.
+        if drained.more && !limiter.is_blocked() && !ctx.stopping() {
+            ctx.kick(queue);
+        }
+    }
 }
 
 impl<M> QueueHandler<M> for BlockHandler
@@ -888,15 +1342,21 @@ where
     M: GuestAddressSpace,
     M::M: GuestMemoryBackend,
 {
+    fn backend_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.limiter.iter().map(AsRawFd::as_raw_fd).collect()
+    }
+
     fn queue_notified(&mut self, ctx: &mut WorkerContext<M>, queue: usize) {
-        let BlockHandler {
-            disk,
-            features,
-            buffers,
-        } = self;
-        ctx.process_queue(queue, QUEUE_BUDGET, |mem, chain| {
-            process_request(disk, mem, chain, *features, buffers).used_len
-        });
+        self.serve(ctx, queue);
+    }
+
+    /// The limiter's timer fired: unblock it and serve the queue again.
+    fn backend_ready(&mut self, ctx: &mut WorkerContext<M>, _index: usize) {
+        let Some(limiter) = &mut self.limiter else {
+            return;
+        };
+        handle_timer(limiter, "virtio-blk");
+        self.serve(ctx, 0);
     }
 }
 

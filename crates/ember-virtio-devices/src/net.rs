@@ -21,25 +21,36 @@
 //! that buffer is dropped and the buffer kept for the next frame. With no rx buffer left,
 //! the worker stops polling the backend until the driver notifies the rx queue, so
 //! nothing busy-loops.
+//!
+//! **Rate limiting** ([`Net::set_rate_limiters`]): rx and tx each have a limiter; every
+//! frame costs one token of the operations bucket and its length (the 12-byte header
+//! included; on tx, the length the guest gave, even for a frame that is then dropped)
+//! from the bandwidth bucket, charged when the frame is done (what a bucket lacks
+//! becomes a debt). While the tx limiter is blocked, tx chains stay in the ring;
+//! while the rx limiter is blocked, the worker stops reading the backend (and polling the
+//! tap). Either resumes when its limiter's timer, one of the worker's backend fds, fires.
+//! A guest gets at most one frame beyond its limit, and then waits for it.
 
 use std::fmt;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use ember_rate_limiter::{warn_limited, RateLimiter, RateLimiterConfig, RateLimiterError};
 use ember_virtio::{
     device_type, ActivateDevice, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use log::warn;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemory};
 
+use crate::rng::{charge_done, handle_timer};
 use crate::tap::Tap;
 use crate::VirtioDeviceError;
 use crate::{read_config_bytes, QUEUE_MAX_SIZE};
 use ember_virtio::chain::{walk_into, ChainLayout, Cursor};
-use ember_virtio::worker::{QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
+use ember_virtio::worker::{drain_queue_until, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
 
 /// Feature bit: the device has a MAC address in its configuration space.
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
@@ -213,7 +224,7 @@ where
     match backend.write_frame(&bounce[..len]) {
         Ok(_) => TxOutcome::Sent(len),
         Err(e) => {
-            warn!("virtio-net: backend write of {len} bytes failed: {e}");
+            warn_limited!("virtio-net: backend write of {len} bytes failed: {e}");
             TxOutcome::Dropped(DropReason::Backend)
         }
     }
@@ -304,7 +315,7 @@ pub fn process_rx<M: GuestMemory>(
                     }
                     io::ErrorKind::Interrupted => continue,
                     _ => {
-                        warn!("virtio-net: backend read failed: {e}");
+                        warn_limited!("virtio-net: backend read failed: {e}");
                         report.stop = RxStop::BackendError;
                         return report;
                     }
@@ -339,7 +350,7 @@ pub fn process_rx<M: GuestMemory>(
 
 fn add_used<M: GuestMemory>(queue: &mut Queue, mem: &M, head: u16, len: u32) {
     if let Err(e) = queue.add_used(mem, head, len) {
-        warn!("virtio-net: cannot add used entry for head {head}: {e}");
+        warn_limited!("virtio-net: cannot add used entry for head {head}: {e}");
     }
 }
 
@@ -353,6 +364,14 @@ pub struct Net {
     mac: [u8; 6],
     config: [u8; 8],
     worker: Option<Worker<NetHandler>>,
+    /// The limits given to [`Net::set_rate_limiters`]: rx, tx.
+    rate_limits: (RateLimiterConfig, RateLimiterConfig),
+    /// The limiters while the device is inactive (the worker has them while active).
+    /// They survive resets, so a guest cannot refill its buckets by resetting.
+    rx_limiter: Option<RateLimiter>,
+    tx_limiter: Option<RateLimiter>,
+    /// New limiters were set while the worker ran: drop its old ones on reset.
+    limiters_replaced: bool,
 }
 
 impl fmt::Debug for Net {
@@ -361,6 +380,7 @@ impl fmt::Debug for Net {
             .field("mac", &format_mac(&self.mac))
             .field("has_backend", &self.backend.is_some())
             .field("worker", &self.worker)
+            .field("rate_limits", &self.rate_limits)
             .finish()
     }
 }
@@ -406,12 +426,109 @@ impl Net {
             mac,
             config,
             worker: None,
+            rate_limits: Default::default(),
+            rx_limiter: None,
+            tx_limiter: None,
+            limiters_replaced: false,
         }
     }
 
     /// The MAC address in the configuration space.
     pub fn mac(&self) -> [u8; 6] {
         self.mac
+    }
+
+    /// Limits received frames to `rx` and transmitted frames to `tx`: each frame takes
+    /// one token from the operations bucket and its length, header included, from the
+    /// bandwidth bucket (see the [module documentation](self)). A config with no bucket
+    /// means no limit. Call it before activation; on an active device the new limits
+    /// apply from the next activation. Errors name the direction and the bad value.
+    ///
+    /// ```
+    /// use ember_virtio_devices::net::{Net, NetBackend};
+    /// use ember_rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+    ///
+    /// struct Loopback;
+    /// impl NetBackend for Loopback {
+    ///     fn read_frame(&mut self, _buf: &mut [u8]) -> std::io::Result<usize> {
+    ///         Err(std::io::ErrorKind::WouldBlock.into())
+    ///     }
+    ///     fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<usize> {
+    ///         Ok(frame.len())
+    ///     }
+    /// }
+    ///
+    /// let mut net = Net::with_backend(Box::new(Loopback), None);
+    /// // tx: 10 MB/s; rx: 1000 frames a second.
+    /// let tx = RateLimiterConfig {
+    ///     bandwidth: Some(TokenBucketConfig { size: 1_000_000, one_time_burst: 0, refill_time_ms: 100 }),
+    ///     ops: None,
+    /// };
+    /// let rx = RateLimiterConfig {
+    ///     bandwidth: None,
+    ///     ops: Some(TokenBucketConfig { size: 100, one_time_burst: 0, refill_time_ms: 100 }),
+    /// };
+    /// net.set_rate_limiters(rx, tx)?;
+    /// assert_eq!(net.rate_limits(), (rx, tx));
+    /// # Ok::<(), ember_virtio_devices::VirtioDeviceError>(())
+    /// ```
+    pub fn set_rate_limiters(
+        &mut self,
+        rx: RateLimiterConfig,
+        tx: RateLimiterConfig,
+    ) -> Result<(), VirtioDeviceError> {
+        let err = |dir: &'static str| {
+            move |source| VirtioDeviceError::RateLimiter {
+                device: format!("virtio-net {dir}"),
+                source,
+            }
+        };
+        let rx_limiter = new_limiter(&rx).map_err(err("rx"))?;
+        let tx_limiter = new_limiter(&tx).map_err(err("tx"))?;
+        self.rx_limiter = rx_limiter;
+        self.tx_limiter = tx_limiter;
+        self.rate_limits = (rx, tx);
+        self.limiters_replaced = self.worker.is_some();
+        Ok(())
+    }
+
+    /// The limits set with [`Net::set_rate_limiters`]: (rx, tx).
+    pub fn rate_limits(&self) -> (RateLimiterConfig, RateLimiterConfig) {
+        self.rate_limits
+    }
+}
+
+/// A limiter for `config`, or none when it limits nothing.
+fn new_limiter(config: &RateLimiterConfig) -> Result<Option<RateLimiter>, RateLimiterError> {
+    if config.is_unlimited() {
+        return Ok(None);
+    }
+    RateLimiter::new(config).map(Some)
+}
+
+/// The rx side of the backend seen through the rx limiter: no frame while it is blocked,
+/// and every frame read charged to it.
+struct LimitedRx<'a> {
+    backend: &'a mut dyn NetBackend,
+    limiter: &'a mut RateLimiter,
+}
+
+impl NetBackend for LimitedRx<'_> {
+    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.limiter.is_blocked() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = self.backend.read_frame(buf)?;
+        charge_done(self.limiter, n as u64);
+        Ok(n)
+    }
+
+    fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize> {
+        self.backend.write_frame(frame)
+    }
+
+    fn rx_fd(&self) -> Option<RawFd> {
+        self.backend.rx_fd()
     }
 }
 
@@ -444,7 +561,12 @@ impl VirtioDevice for Net {
         if let Some(worker) = self.worker.take() {
             if let Some(handler) = worker.stop() {
                 self.backend = Some(handler.backend);
+                if !self.limiters_replaced {
+                    self.rx_limiter = handler.rx_limiter;
+                    self.tx_limiter = handler.tx_limiter;
+                }
             }
+            self.limiters_replaced = false;
         }
     }
 }
@@ -465,20 +587,38 @@ impl<M: GuestAddressSpace + Send + 'static> ActivateDevice<M> for Net {
                 "virtio-net lost its backend (its worker panicked)".into(),
             ));
         };
-        let handler = NetHandler {
-            backend,
-            rx_buffer: FrameBuffer::new(),
-            tx_buffer: FrameBuffer::new(),
-            watching: true,
-            last_stop: RxStop::BackendEmpty,
+        // Limiters lost with a worker that panicked start again from the settings.
+        let limiter = |kept: Option<RateLimiter>, config: &RateLimiterConfig, dir: &str| match kept
+        {
+            Some(limiter) => Ok(Some(limiter)),
+            None => new_limiter(config)
+                .map_err(|e| ActivateError::Other(format!("virtio-net {dir} rate limiter: {e}"))),
         };
+        let rx_limiter = limiter(self.rx_limiter.take(), &self.rate_limits.0, "rx");
+        let tx_limiter = limiter(self.tx_limiter.take(), &self.rate_limits.1, "tx");
+        let (rx_limiter, tx_limiter) = match (rx_limiter, tx_limiter) {
+            (Ok(rx), Ok(tx)) => (rx, tx),
+            (Err(e), _) | (_, Err(e)) => {
+                self.backend = Some(backend);
+                return Err(e);
+            }
+        };
+        let handler = NetHandler::new(backend, rx_limiter, tx_limiter);
         match Worker::spawn("net", handler, activation) {
             Ok(worker) => {
                 self.worker = Some(worker);
                 Ok(())
             }
             Err(e) => {
-                self.backend = Some(e.handler.backend);
+                let NetHandler {
+                    backend,
+                    rx_limiter,
+                    tx_limiter,
+                    ..
+                } = e.handler;
+                self.backend = Some(backend);
+                self.rx_limiter = rx_limiter;
+                self.tx_limiter = tx_limiter;
                 Err(ActivateError::Start(e.source))
             }
         }
@@ -492,31 +632,80 @@ struct NetHandler {
     /// Whether the worker polls the backend fd.
     watching: bool,
     last_stop: RxStop,
+    rx_limiter: Option<RateLimiter>,
+    tx_limiter: Option<RateLimiter>,
+    /// Where the backend's fd and the limiters' timers are in
+    /// [`backend_fds`](QueueHandler::backend_fds), in that order.
+    tap_slot: Option<usize>,
+    rx_timer_slot: Option<usize>,
+    tx_timer_slot: Option<usize>,
 }
 
 impl NetHandler {
+    fn new(
+        backend: Box<dyn NetBackend>,
+        rx_limiter: Option<RateLimiter>,
+        tx_limiter: Option<RateLimiter>,
+    ) -> Self {
+        let mut slots = 0..;
+        let mut slot = |present: bool| present.then(|| slots.next()).flatten();
+        let tap_slot = slot(backend.rx_fd().is_some());
+        let rx_timer_slot = slot(rx_limiter.is_some());
+        let tx_timer_slot = slot(tx_limiter.is_some());
+        NetHandler {
+            backend,
+            rx_buffer: FrameBuffer::new(),
+            tx_buffer: FrameBuffer::new(),
+            watching: true,
+            last_stop: RxStop::BackendEmpty,
+            rx_limiter,
+            tx_limiter,
+            tap_slot,
+            rx_timer_slot,
+            tx_timer_slot,
+        }
+    }
+
     fn rx<M: GuestAddressSpace>(&mut self, ctx: &mut WorkerContext<M>) {
         let mem = ctx.memory();
         let Some(queue) = ctx.queue_mut(RX_QUEUE) else {
             return;
         };
-        let report = process_rx(
-            &*mem,
-            queue,
-            &mut *self.backend,
-            &mut self.rx_buffer,
-            RX_BUDGET,
-        );
+        let report = match &mut self.rx_limiter {
+            None => process_rx(
+                &*mem,
+                queue,
+                &mut *self.backend,
+                &mut self.rx_buffer,
+                RX_BUDGET,
+            ),
+            Some(limiter) => process_rx(
+                &*mem,
+                queue,
+                &mut LimitedRx {
+                    backend: &mut *self.backend,
+                    limiter,
+                },
+                &mut self.rx_buffer,
+                RX_BUDGET,
+            ),
+        };
         self.last_stop = report.stop;
         if report.used > 0 {
             ctx.signal_used(&mem, RX_QUEUE);
         }
-        let watch = !matches!(report.stop, RxStop::NoBuffers | RxStop::BackendError);
-        if watch != self.watching {
-            ctx.watch_backend(0, watch);
-            self.watching = watch;
-        }
-        if report.stop == RxStop::Budget && self.backend.rx_fd().is_none() {
+        // A blocked rx limiter: leave frames in the tap until its timer fires.
+        let blocked = self
+            .rx_limiter
+            .as_ref()
+            .is_some_and(RateLimiter::is_blocked);
+        let watch = !blocked && !matches!(report.stop, RxStop::NoBuffers | RxStop::BackendError);
+        if let Some(slot) = self.tap_slot {
+            if watch != self.watching {
+                ctx.watch_backend(slot, watch);
+                self.watching = watch;
+            }
+        } else if report.stop == RxStop::Budget {
             ctx.kick(RX_QUEUE);
         }
     }
@@ -524,16 +713,52 @@ impl NetHandler {
     fn tx<M: GuestAddressSpace>(&mut self, ctx: &mut WorkerContext<M>) {
         let backend = &mut *self.backend;
         let buffer = &mut self.tx_buffer;
-        ctx.process_queue(TX_QUEUE, QUEUE_BUDGET, |mem, chain| {
-            process_tx_chain(mem, chain, backend, buffer);
+        let Some(limiter) = &mut self.tx_limiter else {
+            ctx.process_queue(TX_QUEUE, QUEUE_BUDGET, |mem, chain| {
+                process_tx_chain(mem, chain, backend, buffer);
+                0
+            });
+            return;
+        };
+        if limiter.is_blocked() {
+            // The limiter's timer brings the worker back; the chains wait in the ring.
+            return;
+        }
+        let worker_stop = ctx.stop_flag();
+        let stop = AtomicBool::new(worker_stop.load(Ordering::Relaxed));
+        let mem = ctx.memory();
+        let Some(q) = ctx.queue_mut(TX_QUEUE) else {
+            return;
+        };
+        let drained = drain_queue_until(&*mem, q, QUEUE_BUDGET, &stop, |chain| {
+            process_tx_chain(&*mem, chain, backend, buffer);
+            // The frame's length as the guest gave it, sent or dropped (capped).
+            let asked = buffer.layout.readable_len.min(MAX_FRAME_LEN as u64);
+            charge_done(limiter, asked);
+            // Blocked: take no more chains until the timer fires.
+            if limiter.is_blocked() || worker_stop.load(Ordering::Relaxed) {
+                stop.store(true, Ordering::Relaxed);
+            }
             0
         });
+        if drained.handled > 0 {
+            ctx.signal_used(&mem, TX_QUEUE);
+        }
+        if drained.more && !limiter.is_blocked() && !ctx.stopping() {
+            ctx.kick(TX_QUEUE);
+        }
     }
 }
 
 impl<M: GuestAddressSpace> QueueHandler<M> for NetHandler {
     fn backend_fds(&self) -> Vec<RawFd> {
-        self.backend.rx_fd().into_iter().collect()
+        let rx_timer = self.rx_limiter.as_ref().map(AsRawFd::as_raw_fd);
+        let tx_timer = self.tx_limiter.as_ref().map(AsRawFd::as_raw_fd);
+        // In slot order: the tap, then the timers.
+        [self.backend.rx_fd(), rx_timer, tx_timer]
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     fn queue_notified(&mut self, ctx: &mut WorkerContext<M>, queue: usize) {
@@ -550,8 +775,21 @@ impl<M: GuestAddressSpace> QueueHandler<M> for NetHandler {
         }
     }
 
-    fn backend_ready(&mut self, ctx: &mut WorkerContext<M>, _index: usize) {
-        self.rx(ctx);
+    fn backend_ready(&mut self, ctx: &mut WorkerContext<M>, index: usize) {
+        let index = Some(index);
+        if index == self.rx_timer_slot {
+            if let Some(limiter) = &mut self.rx_limiter {
+                handle_timer(limiter, "virtio-net rx");
+            }
+            self.rx(ctx);
+        } else if index == self.tx_timer_slot {
+            if let Some(limiter) = &mut self.tx_limiter {
+                handle_timer(limiter, "virtio-net tx");
+            }
+            self.tx(ctx);
+        } else {
+            self.rx(ctx);
+        }
     }
 }
 

@@ -3,19 +3,30 @@
 //! One queue. Each chain's device-writable buffers are filled with random bytes, at most
 //! [`MAX_BYTES_PER_CHAIN`] per chain; device-readable buffers are ignored, so a chain with
 //! no writable buffer completes with used length 0.
+//!
+//! **Rate limiting** ([`Rng::with_rate_limiter`]): each chain costs one token of the
+//! operations bucket and its random bytes from the bandwidth bucket, charged when the
+//! chain is done (what a bucket lacks becomes a debt). While the limiter is blocked the
+//! worker takes no chain, leaves the rest in the ring, and waits for the limiter's
+//! timer among its backend fds; so a guest gets at most one chain beyond the limit, and
+//! then waits for it.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use ember_rate_limiter::{
+    error_limited, RateLimiter, RateLimiterConfig, RateLimiterError, TokenType,
+};
 use ember_virtio::{
     device_type, ActivateDevice, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use log::warn;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory};
 
-use crate::QUEUE_MAX_SIZE;
-use ember_virtio::worker::{QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
+use crate::{VirtioDeviceError, QUEUE_MAX_SIZE};
+use ember_virtio::worker::{drain_queue_until, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
 
 /// At most this many random bytes go into one chain (64 KiB).
 pub const MAX_BYTES_PER_CHAIN: usize = 64 * 1024;
@@ -67,7 +78,7 @@ where
                 break 'descs;
             };
             if let Err(e) = fill_random(&mut chunk[..n]) {
-                warn!("virtio-rng: getrandom failed: {e}");
+                error_limited!("virtio-rng: getrandom failed: {e}");
                 break 'descs;
             }
             if mem.write_slice(&chunk[..n], GuestAddress(addr)).is_err() {
@@ -84,10 +95,16 @@ where
 /// A virtio-rng device.
 ///
 /// One queue of up to [`QUEUE_MAX_SIZE`] entries; features `VERSION_1`,
-/// `RING_EVENT_IDX`, `RING_INDIRECT_DESC`; no configuration space.
+/// `RING_EVENT_IDX`, `RING_INDIRECT_DESC`; no configuration space. Optionally
+/// rate-limited ([`Rng::with_rate_limiter`]).
 #[derive(Debug, Default)]
 pub struct Rng {
     worker: Option<Worker<RngHandler>>,
+    /// The limits given to [`Rng::with_rate_limiter`].
+    rate_limit: RateLimiterConfig,
+    /// The limiter while the device is inactive; the worker has it while active. It
+    /// survives resets, so a guest cannot refill its buckets by resetting the device.
+    limiter: Option<RateLimiter>,
 }
 
 impl Rng {
@@ -95,6 +112,54 @@ impl Rng {
     pub fn new() -> Rng {
         Rng::default()
     }
+
+    /// Limits the device to `config`: each chain takes one token from the operations
+    /// bucket and its random bytes from the bandwidth bucket (see the
+    /// [module documentation](self)). A config with no bucket removes the limit. Errors
+    /// name the bad value ([`VirtioDeviceError::RateLimiter`]).
+    ///
+    /// ```
+    /// use ember_virtio_devices::Rng;
+    /// use ember_rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+    ///
+    /// // 1 MiB/s of entropy, at most 1000 requests a second.
+    /// let rng = Rng::new().with_rate_limiter(RateLimiterConfig {
+    ///     bandwidth: Some(TokenBucketConfig { size: 1 << 20, one_time_burst: 0, refill_time_ms: 1000 }),
+    ///     ops: Some(TokenBucketConfig { size: 1000, one_time_burst: 0, refill_time_ms: 1000 }),
+    /// })?;
+    /// assert!(!rng.rate_limit().is_unlimited());
+    ///
+    /// let bad = RateLimiterConfig {
+    ///     bandwidth: Some(TokenBucketConfig { size: 0, one_time_burst: 0, refill_time_ms: 1000 }),
+    ///     ops: None,
+    /// };
+    /// assert!(Rng::new().with_rate_limiter(bad).is_err());
+    /// # Ok::<(), ember_virtio_devices::VirtioDeviceError>(())
+    /// ```
+    pub fn with_rate_limiter(
+        mut self,
+        config: RateLimiterConfig,
+    ) -> Result<Rng, VirtioDeviceError> {
+        self.limiter = new_limiter(&config).map_err(|source| VirtioDeviceError::RateLimiter {
+            device: "virtio-rng".into(),
+            source,
+        })?;
+        self.rate_limit = config;
+        Ok(self)
+    }
+
+    /// The limits set with [`Rng::with_rate_limiter`] (no bucket: unlimited).
+    pub fn rate_limit(&self) -> RateLimiterConfig {
+        self.rate_limit
+    }
+}
+
+/// A limiter for `config`, or none when it limits nothing.
+fn new_limiter(config: &RateLimiterConfig) -> Result<Option<RateLimiter>, RateLimiterError> {
+    if config.is_unlimited() {
+        return Ok(None);
+    }
+    RateLimiter::new(config).map(Some)
 }
 
 impl VirtioDevice for Rng {
@@ -116,7 +181,9 @@ impl VirtioDevice for Rng {
 
     fn reset(&mut self) {
         if let Some(worker) = self.worker.take() {
-            worker.stop();
+            if let Some(handler) = worker.stop() {
+                self.limiter = handler.limiter;
+            }
         }
     }
 }
@@ -132,18 +199,96 @@ impl<M: GuestAddressSpace + Send + 'static> ActivateDevice<M> for Rng {
                 got: activation.queues.len(),
             });
         }
-        self.worker = Some(Worker::spawn("rng", RngHandler, activation)?);
-        Ok(())
+        let limiter = match self.limiter.take() {
+            Some(limiter) => Some(limiter),
+            // Lost with a worker that panicked: start again from the settings.
+            None => new_limiter(&self.rate_limit)
+                .map_err(|e| ActivateError::Other(format!("virtio-rng: rate limiter: {e}")))?,
+        };
+        match Worker::spawn("rng", RngHandler { limiter }, activation) {
+            Ok(worker) => {
+                self.worker = Some(worker);
+                Ok(())
+            }
+            Err(e) => {
+                self.limiter = e.handler.limiter;
+                Err(ActivateError::Start(e.source))
+            }
+        }
     }
 }
 
-struct RngHandler;
+struct RngHandler {
+    limiter: Option<RateLimiter>,
+}
+
+impl RngHandler {
+    fn serve<M: GuestAddressSpace>(&mut self, ctx: &mut WorkerContext<M>, queue: usize) {
+        let Some(limiter) = &mut self.limiter else {
+            ctx.process_queue(queue, QUEUE_BUDGET, |mem, chain| {
+                process_request(mem, chain)
+            });
+            return;
+        };
+        if limiter.is_blocked() {
+            // The limiter's timer brings the worker back; the chains wait in the ring.
+            return;
+        }
+        let worker_stop = ctx.stop_flag();
+        let stop = AtomicBool::new(worker_stop.load(Ordering::Relaxed));
+        let mem = ctx.memory();
+        let Some(q) = ctx.queue_mut(queue) else {
+            return;
+        };
+        let drained = drain_queue_until(&*mem, q, QUEUE_BUDGET, &stop, |chain| {
+            let len = process_request(&*mem, chain);
+            charge_done(limiter, u64::from(len));
+            // Blocked: take no more chains until the timer fires.
+            if limiter.is_blocked() || worker_stop.load(Ordering::Relaxed) {
+                stop.store(true, Ordering::Relaxed);
+            }
+            len
+        });
+        if drained.handled > 0 {
+            ctx.signal_used(&mem, queue);
+        }
+        if drained.more && !limiter.is_blocked() && !ctx.stopping() {
+            ctx.kick(queue);
+        }
+    }
+}
+
+/// Charges a request already done to `limiter`: one op and `bytes` bytes. It never
+/// refuses: what a bucket lacks becomes a debt, and the limiter blocks until it is
+/// repaid.
+pub(crate) fn charge_done(limiter: &mut RateLimiter, bytes: u64) {
+    limiter.force_consume(1, TokenType::Ops);
+    limiter.force_consume(bytes, TokenType::Bytes);
+}
+
+/// The limiter's timer fired (or its fd is otherwise readable): unblock it. A spurious
+/// wake-up is harmless.
+pub(crate) fn handle_timer(limiter: &mut RateLimiter, device: &str) {
+    match limiter.event_handler() {
+        Ok(()) | Err(RateLimiterError::SpuriousEvent) => {}
+        Err(e) => error_limited!("{device}: rate limiter: {e}"),
+    }
+}
 
 impl<M: GuestAddressSpace> QueueHandler<M> for RngHandler {
+    fn backend_fds(&self) -> Vec<RawFd> {
+        self.limiter.iter().map(AsRawFd::as_raw_fd).collect()
+    }
+
     fn queue_notified(&mut self, ctx: &mut WorkerContext<M>, queue: usize) {
-        ctx.process_queue(queue, QUEUE_BUDGET, |mem, chain| {
-            process_request(mem, chain)
-        });
+        self.serve(ctx, queue);
+    }
+
+    fn backend_ready(&mut self, ctx: &mut WorkerContext<M>, _index: usize) {
+        if let Some(limiter) = &mut self.limiter {
+            handle_timer(limiter, "virtio-rng");
+        }
+        self.serve(ctx, 0);
     }
 }
 
@@ -219,6 +364,8 @@ mod tests {
             queues: vec![aq],
             interrupt: irq.clone(),
             features: rng.device_features(),
+            thread_hook: None,
+            spawner: None,
         })
         .unwrap();
         d.add(&[(DATA, 32, true)]);
@@ -235,8 +382,115 @@ mod tests {
             queues: vec![aq2],
             interrupt: irq,
             features: 0,
+            thread_hook: None,
+            spawner: None,
         })
         .unwrap();
+        rng.reset();
+    }
+
+    fn limited(bytes: u64, refill_time_ms: u64) -> Rng {
+        Rng::new()
+            .with_rate_limiter(RateLimiterConfig {
+                bandwidth: Some(ember_rate_limiter::TokenBucketConfig {
+                    size: bytes,
+                    one_time_burst: 0,
+                    refill_time_ms,
+                }),
+                ops: None,
+            })
+            .unwrap()
+    }
+
+    fn activation(
+        m: &vm_memory::GuestMemoryMmap,
+        aq: ActiveQueue,
+    ) -> Activation<std::sync::Arc<vm_memory::GuestMemoryMmap>> {
+        Activation {
+            mem: std::sync::Arc::new(m.clone()),
+            queues: vec![aq],
+            interrupt: RecordingInterrupt::new(),
+            features: 0,
+            thread_hook: None,
+            spawner: None,
+        }
+    }
+
+    #[test]
+    fn invalid_limits_are_rejected() {
+        let err = Rng::new()
+            .with_rate_limiter(RateLimiterConfig {
+                bandwidth: None,
+                ops: Some(ember_rate_limiter::TokenBucketConfig {
+                    size: 10,
+                    one_time_burst: 0,
+                    refill_time_ms: 0,
+                }),
+            })
+            .unwrap_err();
+        let msg = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(
+            msg.contains("virtio-rng") && msg.contains("refill"),
+            "{msg}"
+        );
+        assert!(Rng::new()
+            .with_rate_limiter(RateLimiterConfig::default())
+            .unwrap()
+            .rate_limit()
+            .is_unlimited());
+    }
+
+    /// A limit of 1000 bytes an hour: chains of 300 bytes get through until the bucket
+    /// is short (the fourth goes into debt), then the rest stay in the ring, also across
+    /// a reset (a reset does not refill the bucket).
+    #[test]
+    fn a_blocked_limiter_leaves_chains_in_the_ring() {
+        let m = mem();
+        let mut d = Driver::new(&m, 0, 16);
+        for i in 0..6 {
+            d.add(&[(DATA + i * 0x1000, 300, true)]);
+        }
+        let (aq, _kick) = active_queue(0, &d);
+        let mut rng = limited(1000, 3_600_000);
+        rng.activate(activation(&m, aq)).unwrap();
+        assert!(d.wait_used(4), "the worker did not serve the first chains");
+        // Anything more would come within the hour; give it time to go wrong.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(d.used_idx(), 4, "the limiter let a fifth chain through");
+        assert!(read(&m, DATA + 4 * 0x1000, 300).iter().all(|&b| b == 0));
+
+        rng.reset();
+        let d2 = Driver::new(&m, 0x8000, 16);
+        let mut d2 = d2;
+        d2.add(&[(DATA + 0x10000, 16, true)]);
+        let (aq2, _kick2) = active_queue(0, &d2);
+        rng.activate(activation(&m, aq2)).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(d2.used_idx(), 0, "a reset refilled the bucket");
+        rng.reset();
+    }
+
+    /// A limit of 1000 bytes per 100 ms: the chains past the bucket are served when the
+    /// timer fires, not before.
+    #[test]
+    fn the_timer_resumes_a_blocked_queue() {
+        let m = mem();
+        let mut d = Driver::new(&m, 0, 16);
+        for i in 0..5 {
+            d.add(&[(DATA + i * 0x1000, 400, true)]);
+        }
+        let (aq, _kick) = active_queue(0, &d);
+        let start = std::time::Instant::now();
+        let mut rng = limited(1000, 100);
+        rng.activate(activation(&m, aq)).unwrap();
+        assert!(
+            d.wait_used(5),
+            "the limiter never let the last chains through"
+        );
+        // 2000 bytes through a 1000-byte bucket refilled at 10 bytes/ms: the third chain
+        // goes 200 bytes into debt, the fourth (after 20 ms) 400 more, so the fifth
+        // starts after at least 600 bytes of refill, 60 ms.
+        assert!(start.elapsed() >= std::time::Duration::from_millis(60));
         rng.reset();
     }
 }

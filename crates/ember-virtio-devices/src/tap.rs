@@ -1,11 +1,14 @@
 //! A Linux tap interface for [`Net`](super::Net).
 //!
-//! Opened from `/dev/net/tun` with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, a vnet header
-//! size of 12 (`virtio_net_hdr_v1`, the same header the virtio-net driver uses), every
-//! offload off (`TUNSETOFFLOAD(0)`: the kernel hands over only complete, checksummed
-//! frames) and `O_NONBLOCK`. Creating a tap needs `CAP_NET_ADMIN` (or an existing tap
-//! owned by the caller). The interface is not made persistent, so it disappears when
-//! the [`Tap`] is dropped, unless it existed before.
+//! **Existing taps only.** [`Tap::open`] never creates an interface: the tap must exist
+//! (persistent, made with `ip tuntap add dev NAME mode tap vnet_hdr user USER`), so the
+//! VMM needs no `CAP_NET_ADMIN` and is never run as root just to get a network. A
+//! missing name, or an interface that is not a tap, is an error naming it.
+//!
+//! Opened from `/dev/net/tun` (`O_CLOEXEC | O_NONBLOCK`) with
+//! `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, a vnet header size of 12 (`virtio_net_hdr_v1`,
+//! the same header the virtio-net driver uses) and every offload off
+//! (`TUNSETOFFLOAD(0)`: the kernel hands over only complete, checksummed frames).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -16,6 +19,8 @@ use crate::VirtioDeviceError;
 
 /// Path of the tun/tap clone device.
 pub const TUN_PATH: &str = "/dev/net/tun";
+/// Where Linux lists network interfaces.
+const SYS_CLASS_NET: &str = "/sys/class/net";
 /// Longest interface name (`IFNAMSIZ` - 1).
 pub const MAX_NAME_LEN: usize = 15;
 /// vnet header size configured on the tap.
@@ -37,12 +42,33 @@ pub struct Tap {
 }
 
 impl Tap {
-    /// Opens (creating if needed) tap interface `name`. Errors name the interface and the
-    /// step that failed.
+    /// Opens the existing tap interface `name`; never creates one.
+    ///
+    /// Errors: [`VirtioDeviceError::TapMissing`] (with the command that creates it) when
+    /// there is no interface `name`, [`VirtioDeviceError::NotTap`] when it is not a tap,
+    /// [`VirtioDeviceError::TapName`] for a name no interface can have, and
+    /// [`VirtioDeviceError::Tap`] naming the step that failed otherwise (such as
+    /// `EPERM` from `TUNSETIFF` on a tap owned by another user).
+    ///
+    /// ```
+    /// use ember_virtio_devices::{Tap, VirtioDeviceError};
+    ///
+    /// let err = Tap::open("no-such-tap0").unwrap_err();
+    /// assert!(matches!(err, VirtioDeviceError::TapMissing { .. }));
+    /// assert!(err.to_string().contains("ip tuntap add dev no-such-tap0 mode tap"));
+    /// ```
     pub fn open(name: &str) -> Result<Tap, VirtioDeviceError> {
-        if name.is_empty() || name.len() > MAX_NAME_LEN || name.as_bytes().contains(&0) {
+        // '/' would make the sysfs path below point elsewhere; no interface has one.
+        if name.is_empty()
+            || name.len() > MAX_NAME_LEN
+            || name.as_bytes().contains(&0)
+            || name.contains('/')
+            || name == "."
+            || name == ".."
+        {
             return Err(VirtioDeviceError::TapName { name: name.into() });
         }
+        check_existing_tap(name)?;
         let err = |op: &'static str| {
             move |source: io::Error| VirtioDeviceError::Tap {
                 op,
@@ -67,7 +93,29 @@ impl Tap {
         // and outlives the call.
         let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF as _, &mut req) };
         if ret < 0 {
-            return Err(err("create it with TUNSETIFF")(io::Error::last_os_error()));
+            return Err(err("attach to it with TUNSETIFF")(
+                io::Error::last_os_error(),
+            ));
+        }
+        // The tap existed above, but it could have gone before TUNSETIFF, which then
+        // created a new one (with CAP_NET_ADMIN). An existing tap that another open
+        // does not hold is persistent; one we created is not, and goes when `file`
+        // is dropped here.
+        let mut got = IfReq {
+            name: [0; 16],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        // SAFETY: TUNGETIFF writes a `struct ifreq`, which `got` is laid out as and
+        // outlives the call.
+        let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNGETIFF as _, &mut got) };
+        if ret < 0 {
+            return Err(err("read its flags with TUNGETIFF")(
+                io::Error::last_os_error(),
+            ));
+        }
+        if i32::from(got.flags) & libc::IFF_PERSIST == 0 {
+            return Err(VirtioDeviceError::TapMissing { name: name.into() });
         }
 
         let hdr_size: libc::c_int = VNET_HDR_SIZE;
@@ -119,6 +167,35 @@ impl Tap {
     }
 }
 
+/// Checks in sysfs that interface `name` exists and is a tap, without touching it.
+fn check_existing_tap(name: &str) -> Result<(), VirtioDeviceError> {
+    let dir = std::path::Path::new(SYS_CLASS_NET).join(name);
+    if !dir.exists() {
+        return Err(VirtioDeviceError::TapMissing { name: name.into() });
+    }
+    let not_tap = |what: String| VirtioDeviceError::NotTap {
+        name: name.into(),
+        what,
+    };
+    // Only tun/tap devices have `tun_flags` (hexadecimal, e.g. "0x5002").
+    let flags = match std::fs::read_to_string(dir.join("tun_flags")) {
+        Ok(flags) => flags,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(not_tap("it is not a tun/tap device".into()));
+        }
+        Err(e) => return Err(not_tap(format!("cannot read its tun_flags: {e}"))),
+    };
+    let text = flags.trim();
+    let flags = i64::from_str_radix(text.trim_start_matches("0x"), 16)
+        .map_err(|_| not_tap(format!("unreadable tun_flags {text:?}")))?;
+    if flags & i64::from(libc::IFF_TAP) == 0 {
+        return Err(not_tap(format!(
+            "it is a tun (layer 3) device, tun_flags {text}; create a tap with `mode tap`"
+        )));
+    }
+    Ok(())
+}
+
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
@@ -134,7 +211,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_names() {
-        for name in ["", "0123456789abcdef", "a\0b"] {
+        for name in ["", "0123456789abcdef", "a\0b", "../lo", ".", ".."] {
             assert!(matches!(
                 Tap::open(name),
                 Err(VirtioDeviceError::TapName { .. })
@@ -190,19 +267,88 @@ mod tests {
         Ok(())
     }
 
-    /// A real tap, both directions. Needs root and /dev/net/tun; says so loudly and
-    /// returns when they are missing.
+    fn sys_exists(name: &str) -> bool {
+        std::path::Path::new(SYS_CLASS_NET).join(name).exists()
+    }
+
+    /// A missing tap is an error naming it, and nothing is created, even with the
+    /// privileges to create one (as root).
+    #[test]
+    fn never_creates_a_missing_tap() {
+        let name = format!("embm{}", std::process::id() % 100_000);
+        let _guard = DeleteLink(name.clone());
+        assert!(!sys_exists(&name));
+        let result = Tap::open(&name);
+        // Checked while `result` (a tap, if one was made) is still open.
+        assert!(!sys_exists(&name), "Tap::open created {name}");
+        let err = result.unwrap_err();
+        assert!(
+            matches!(&err, VirtioDeviceError::TapMissing { name: n } if *n == name),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("tap '{name}' does not exist"))
+                && msg.contains(&format!("ip tuntap add dev {name} mode tap")),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn rejects_interfaces_that_are_not_taps() {
+        // Every Linux network namespace has a loopback interface.
+        if !sys_exists("lo") {
+            eprintln!(
+                "!!! no /sys/class/net/lo: test rejects_interfaces_that_are_not_taps did NOT run"
+            );
+            return;
+        }
+        let err = Tap::open("lo").unwrap_err();
+        assert!(
+            matches!(&err, VirtioDeviceError::NotTap { name, .. } if name == "lo"),
+            "{err}"
+        );
+    }
+
+    /// Creates persistent interface `name` with `ip tuntap add` (`mode` tap or tun);
+    /// false (and a loud message) without the privileges or the tool.
+    fn ip_tuntap_add(name: &str, mode: &str, test: &str) -> bool {
+        let made = Command::new("ip")
+            .args(["tuntap", "add", "dev", name, "mode", mode, "vnet_hdr"])
+            .stderr(std::process::Stdio::null())
+            .status();
+        if !matches!(made, Ok(s) if s.success()) {
+            eprintln!("!!! TAP UNAVAILABLE: test {test} did NOT run: `ip tuntap add` failed");
+            return false;
+        }
+        true
+    }
+
+    #[test]
+    fn rejects_a_tun_device() {
+        let name = format!("embu{}", std::process::id() % 100_000);
+        let _guard = DeleteLink(name.clone());
+        if !ip_tuntap_add(&name, "tun", "rejects_a_tun_device") {
+            return;
+        }
+        let err = Tap::open(&name).unwrap_err();
+        assert!(matches!(&err, VirtioDeviceError::NotTap { .. }), "{err}");
+        assert!(err.to_string().contains("tun"), "{err}");
+    }
+
+    /// A real (existing, persistent) tap, both directions. Needs root and /dev/net/tun;
+    /// says so loudly and returns when they are missing.
     #[test]
     fn real_tap_round_trip() {
         let name = format!("embt{}", std::process::id() % 100_000);
-        let mut tap = match Tap::open(&name) {
-            Ok(tap) => tap,
-            Err(e) => {
-                eprintln!("!!! TAP UNAVAILABLE: test real_tap_round_trip did NOT run: {e}");
-                return;
-            }
-        };
         let _guard = DeleteLink(name.clone());
+        if !ip_tuntap_add(&name, "tap", "real_tap_round_trip") {
+            return;
+        }
+        let mut tap = Tap::open(&name).unwrap();
+        // SAFETY: F_GETFD on an open fd.
+        let fd_flags = unsafe { libc::fcntl(tap.as_raw_fd(), libc::F_GETFD) };
+        assert_ne!(fd_flags & libc::FD_CLOEXEC, 0);
         assert_eq!(tap.name(), name);
         let up = Command::new("ip")
             .args(["link", "set", &name, "up"])

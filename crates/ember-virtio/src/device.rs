@@ -78,6 +78,63 @@ pub struct Activation<M: GuestAddressSpace> {
     /// threads of its own must run it too. Set by
     /// [`MmioTransport::set_thread_hook`](crate::MmioTransport::set_thread_hook).
     pub thread_hook: Option<ThreadHook>,
+    /// Creates the device's threads, if set; else they are created where
+    /// [`ActivateDevice::activate`] runs (a vCPU thread, for a guest's DRIVER_OK). A
+    /// thread inherits the seccomp filter of the thread that creates it, so a VMM with
+    /// per-thread filters creates device threads on a thread of its own (see
+    /// [`ThreadSpawner`]). Set by
+    /// [`MmioTransport::set_thread_spawner`](crate::MmioTransport::set_thread_spawner).
+    pub spawner: Option<Arc<dyn ThreadSpawner>>,
+}
+
+/// Creates threads on a VMM's behalf: [`Worker::spawn`](crate::worker::Worker::spawn)
+/// asks it instead of creating the worker thread itself.
+///
+/// Why: seccomp filters are inherited. A device starts its worker when the driver sets
+/// DRIVER_OK, on the vCPU thread that made that write, so without a spawner every worker
+/// would run under the vCPU thread's filter too, and the vCPU filter would have to allow
+/// thread creation and every system call of every device. A spawner thread, started
+/// before any filter, creates them instead; its filter is the one that must allow
+/// thread creation and the workers' calls, and it never touches guest input.
+///
+/// ```
+/// use std::io;
+/// use std::sync::{mpsc, Mutex};
+/// use std::thread::JoinHandle;
+/// use ember_virtio::ThreadSpawner;
+///
+/// type Request = (String, Box<dyn FnOnce() + Send>, mpsc::Sender<io::Result<JoinHandle<()>>>);
+///
+/// /// Creates threads on one thread of its own.
+/// struct OnOneThread(Mutex<mpsc::Sender<Request>>);
+///
+/// impl ThreadSpawner for OnOneThread {
+///     fn spawn(&self, name: String, body: Box<dyn FnOnce() + Send>) -> io::Result<JoinHandle<()>> {
+///         let (reply, answer) = mpsc::channel();
+///         let sent = self.0.lock().map_err(|_| io::Error::other("poisoned"))?.send((name, body, reply));
+///         sent.map_err(|_| io::Error::other("the spawner thread is gone"))?;
+///         answer.recv().map_err(|_| io::Error::other("the spawner thread is gone"))?
+///     }
+/// }
+///
+/// let (send, requests) = mpsc::channel::<Request>();
+/// std::thread::spawn(move || {
+///     for (name, body, reply) in requests {
+///         let _ = reply.send(std::thread::Builder::new().name(name).spawn(body));
+///     }
+/// });
+/// let spawner = OnOneThread(Mutex::new(send));
+/// let thread = spawner.spawn("worker".into(), Box::new(|| println!("hello")))?;
+/// thread.join().unwrap();
+/// # Ok::<(), io::Error>(())
+/// ```
+pub trait ThreadSpawner: Send + Sync {
+    /// Starts a thread named `name` running `body`, and returns its handle.
+    fn spawn(
+        &self,
+        name: String,
+        body: Box<dyn FnOnce() + Send + 'static>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>>;
 }
 
 /// A function run first on a device thread, given the thread's name; an error stops the

@@ -128,8 +128,8 @@ pub mod mmio;
 pub mod worker;
 
 pub use device::{
-    device_type, ActivateDevice, ActivateError, Activation, ActiveQueue, InterruptKind,
-    ThreadHook, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    device_type, ActivateDevice, ActivateError, Activation, ActiveQueue, InterruptKind, ThreadHook,
+    ThreadSpawner, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 pub use mmio::{

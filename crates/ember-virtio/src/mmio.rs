@@ -21,21 +21,25 @@
 //! Registers need 4-byte aligned 32-bit accesses; configuration space takes any width.
 //! Bad widths, unknown offsets, reads of write-only and writes of read-only registers
 //! read as 0 or are dropped; writes a register's rules refuse (wrong status stage,
-//! invalid queue size...) are dropped. All are counted in [`TransportStats`]. Nothing a
-//! guest writes can panic the transport.
+//! invalid queue size...) are dropped. All are counted in [`TransportStats`] and logged
+//! (bad widths and unknown registers as warnings, refused writes at debug level), at
+//! most 10 lines per 5 s for each kind (`ember_rate_limiter`'s `warn_limited!`), with
+//! a count of the lines suppressed: a guest cannot flood the host's log. Nothing a guest
+//! writes can panic the transport.
 
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use ember_rate_limiter::{error_limited, warn_limited};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::device::{
-    ActivateDevice, Activation, ActiveQueue, InterruptKind, ThreadHook, VirtioInterrupt,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    ActivateDevice, Activation, ActiveQueue, InterruptKind, ThreadHook, ThreadSpawner,
+    VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// Size of the MMIO window a transport occupies: registers and configuration space.
@@ -326,6 +330,8 @@ pub struct MmioTransport<M: GuestAddressSpace> {
     stats: Stats,
     /// Handed to the device in every [`Activation`].
     thread_hook: Option<ThreadHook>,
+    /// Handed to the device in every [`Activation`].
+    spawner: Option<Arc<dyn ThreadSpawner>>,
 }
 
 impl<M: GuestAddressSpace> fmt::Debug for MmioTransport<M> {
@@ -348,7 +354,7 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
     /// `mem` (for instance `Arc<GuestMemoryMmap<B>>`, or a `GuestMemoryAtomic` for
     /// hotplug) is handed to the device on activation and used to validate queues.
     ///
-    /// Creates one nonblocking notification `EventFd` per queue. Fails if the device has
+    /// Creates one nonblocking, close-on-exec notification `EventFd` per queue. Fails if the device has
     /// no queues or a queue's maximum size is not a power of two in `1..=32768`.
     pub fn new(
         device: Box<dyn ActivateDevice<M>>,
@@ -369,7 +375,7 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
         }
         let notify = (0..queue_max_sizes.len())
             .map(|index| {
-                EventFd::new(EFD_NONBLOCK)
+                EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
                     .map_err(|source| TransportError::EventFd { index, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -391,6 +397,7 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
             activated: AtomicBool::new(false),
             stats: Stats::default(),
             thread_hook: None,
+            spawner: None,
         })
     }
 
@@ -412,6 +419,14 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
     /// ```
     pub fn set_thread_hook(&mut self, hook: Option<ThreadHook>) {
         self.thread_hook = hook;
+    }
+
+    /// Sets who creates the device's threads (passed to the device as
+    /// [`Activation::spawner`]); without one they are created on the vCPU thread that
+    /// activates the device. See [`ThreadSpawner`] for why a VMM with per-thread
+    /// seccomp filters wants one.
+    pub fn set_thread_spawner(&mut self, spawner: Option<Arc<dyn ThreadSpawner>>) {
+        self.spawner = spawner;
     }
 
     /// The virtio device ID of the device behind the transport.
@@ -543,12 +558,17 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
                 self.write_locked(&mut inner, offset, value)
             }
             _ => {
-                bump(&self.stats.unknown_registers);
+                self.bad_access(false, true, offset, 4);
                 return;
             }
         };
         if !accepted {
             bump(&self.stats.refused_writes);
+            ember_rate_limiter::log_limited!(
+                log::Level::Debug,
+                "virtio-mmio (device type {}): write of {value:#x} to register {offset:#x} refused",
+                self.device_type
+            );
         }
     }
 
@@ -639,7 +659,10 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
         bump(&self.stats.queue_notifies);
         // EAGAIN only if the counter is about to overflow: the device is woken anyway.
         if let Err(e) = evt.write(1) {
-            log::debug!("virtio-mmio: notify of queue {value}: {e}");
+            ember_rate_limiter::log_limited!(
+                log::Level::Debug,
+                "virtio-mmio: notify of queue {value}: {e}"
+            );
         }
         true
     }
@@ -681,8 +704,9 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
                 features & !self.offered_features == 0 && features & VIRTIO_F_VERSION_1 != 0;
             if !acceptable {
                 bump(&self.stats.features_refused);
-                log::warn!(
-                    "virtio-mmio: FEATURES_OK refused: driver features {features:#x}, offered {:#x}",
+                warn_limited!(
+                    "virtio-mmio (device type {}): FEATURES_OK refused: driver features {features:#x}, offered {:#x}",
+                    self.device_type,
                     self.offered_features
                 );
             }
@@ -715,6 +739,7 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
                     interrupt: self.interrupt.clone(),
                     features: inner.regs.driver_features,
                     thread_hook: self.thread_hook.clone(),
+                    spawner: self.spawner.clone(),
                 })
                 .map_err(|e| format!("the device failed to start: {e}"))
         });
@@ -725,13 +750,13 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
             }
             Err(reason) => {
                 bump(&self.stats.activation_failures);
-                log::error!(
+                error_limited!(
                     "virtio-mmio: device type {} not activated, needs reset: {reason}",
                     self.device_type
                 );
                 inner.regs.status |= status::DEVICE_NEEDS_RESET;
                 if let Err(e) = self.interrupt.trigger(InterruptKind::Config) {
-                    log::error!("virtio-mmio: cannot raise the configuration interrupt: {e}");
+                    error_limited!("virtio-mmio: cannot raise the configuration interrupt: {e}");
                 }
             }
         }
@@ -783,6 +808,11 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
     }
 
     /// Status 0: stops the device and puts every register back to its initial value.
+    ///
+    /// Runs on the vCPU thread with the state lock held, so the device's `reset` must
+    /// return quickly: a device on [`crate::worker::Worker`] waits for at most the one
+    /// request its worker is handling (the worker checks its stop flag between
+    /// requests), never for a batch.
     fn reset(&self, inner: &mut Inner<M>) {
         inner.device.reset();
         inner.regs = Registers::new(self.queue_max_sizes.len());
@@ -810,23 +840,43 @@ fn register_access(offset: u64, len: usize) -> bool {
     len == 4 && offset % 4 == 0
 }
 
+impl<M: GuestAddressSpace> MmioTransport<M> {
+    /// Counts an access the transport ignores, and logs it (rate-limited: the guest
+    /// decides how often).
+    #[cold]
+    fn bad_access(&self, bad_width: bool, write: bool, offset: u64, len: usize) {
+        let what = if bad_width {
+            bump(&self.stats.bad_widths);
+            "not a 4-byte aligned 32-bit register access"
+        } else {
+            bump(&self.stats.unknown_registers);
+            "no such register"
+        };
+        warn_limited!(
+            "virtio-mmio (device type {}): guest {} of {len} bytes at offset {offset:#x} ignored: {what}",
+            self.device_type,
+            if write { "write" } else { "read" }
+        );
+    }
+}
+
 impl<M: GuestAddressSpace + Send + Sync> ember_bus::BusDevice for MmioTransport<M> {
     fn read(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         if offset >= reg::CONFIG {
             match Self::config_offset(offset, data.len()) {
                 Some(config) => self.lock().device.read_config(config, data),
-                None => bump(&self.stats.unknown_registers),
+                None => self.bad_access(false, false, offset, data.len()),
             }
             return;
         }
         if !register_access(offset, data.len()) {
-            bump(&self.stats.bad_widths);
+            self.bad_access(true, false, offset, data.len());
             return;
         }
         match self.read_register(offset) {
             Some(value) => data.copy_from_slice(&value.to_le_bytes()),
-            None => bump(&self.stats.unknown_registers),
+            None => self.bad_access(false, false, offset, data.len()),
         }
     }
 
@@ -834,7 +884,7 @@ impl<M: GuestAddressSpace + Send + Sync> ember_bus::BusDevice for MmioTransport<
         if offset >= reg::CONFIG {
             match Self::config_offset(offset, data.len()) {
                 Some(config) => self.lock().device.write_config(config, data),
-                None => bump(&self.stats.unknown_registers),
+                None => self.bad_access(false, true, offset, data.len()),
             }
             return;
         }
@@ -842,7 +892,7 @@ impl<M: GuestAddressSpace + Send + Sync> ember_bus::BusDevice for MmioTransport<
             Ok(bytes) if register_access(offset, data.len()) => {
                 self.write_register(offset, u32::from_le_bytes(bytes))
             }
-            _ => bump(&self.stats.bad_widths),
+            _ => self.bad_access(true, true, offset, data.len()),
         }
     }
 }

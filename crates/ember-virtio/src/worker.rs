@@ -14,10 +14,14 @@
 //!   [`WorkerContext::kick`]) puts the eventfd back on epoll's ready list, so none is
 //!   lost, and the worker saves a `read(2)` per notification. Backend fds are
 //!   level-triggered and can be paused with [`WorkerContext::watch_backend`].
-//! * **Clean stop.** [`Worker::stop`] (or dropping the [`Worker`]) writes the stop
-//!   eventfd; the thread checks it before anything else in each wake-up, finishes the
-//!   handler call it is in, and exits. The handler comes back, so a device keeps its
-//!   backend and can be activated again.
+//! * **Clean, bounded stop.** [`Worker::stop`] (or dropping the [`Worker`]) sets a stop
+//!   flag and writes the stop eventfd. [`WorkerContext::process_queue`] checks the flag
+//!   between requests, and the thread between handler calls and before anything else in
+//!   each wake-up, so a stop waits for at most the request in flight, not for a batch of
+//!   [`QUEUE_BUDGET`] requests (a transport resets a device while a vCPU holds its lock).
+//!   A handler that loops by itself checks [`WorkerContext::stopping`], or passes
+//!   [`WorkerContext::stop_flag`] to [`drain_queue_until`]. The handler comes back, so a
+//!   device keeps its backend and can be activated again.
 //! * **EVENT_IDX.** [`drain_queue`] turns notifications off while it pops chains, then
 //!   on again, and looks at the ring once more: a chain the driver added in between is
 //!   handled now rather than waiting for a notification that will not come.
@@ -32,9 +36,9 @@
 //!   map the VMM replaced (hotplug) is seen at the next wake-up.
 //!
 //! Nothing the guest writes makes the worker panic: a chain the handler cannot use is
-//! completed (normally with an error status), queue errors are logged and the worker
-//! carries on, and a ring whose index runs ahead of its chains is ignored until the next
-//! notification.
+//! completed (normally with an error status), queue errors are logged (rate-limited, as
+//! the guest can cause them at will) and the worker carries on, and a ring whose index
+//! runs ahead of its chains is ignored until the next notification.
 //!
 //! # Example
 //!
@@ -120,18 +124,21 @@
 
 use std::fmt;
 use std::io;
+use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 #[cfg(doc)]
 use crate::{ActivateDevice, VirtioDevice};
 use crate::{Activation, ActiveQueue, InterruptKind, VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX};
-use log::{debug, error, warn};
+use ember_rate_limiter::{error_limited, warn_limited};
+use log::error;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemory};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 /// Chains a queue handler should handle per wake-up before the worker looks at other
 /// events: the size of Ember's largest queue, so one wake-up can empty a full ring.
@@ -146,7 +153,8 @@ const BACKEND_TOKEN_BASE: u64 = 1 << 32;
 /// What a device does on its worker thread, with guest memory held as `M`.
 ///
 /// Every method runs on the worker thread, one at a time; none may block for long (the
-/// stop request waits for the call in progress).
+/// stop request waits for the call in progress). A method that handles many requests
+/// in a loop of its own checks [`WorkerContext::stopping`] between them.
 pub trait QueueHandler<M: GuestAddressSpace>: Send + 'static {
     /// File descriptors besides the queues to wait on for input (level-triggered
     /// `EPOLLIN`), asked once when the worker starts; their index in the returned list
@@ -177,6 +185,8 @@ pub struct WorkerContext<M: GuestAddressSpace> {
     backend_fds: Vec<RawFd>,
     /// Backend fds still in the epoll set (one that hung up or failed is removed).
     backend_live: Vec<bool>,
+    /// Set by [`Worker::stop`] before it signals the stop eventfd.
+    stop: Arc<AtomicBool>,
 }
 
 impl<M: GuestAddressSpace> fmt::Debug for WorkerContext<M> {
@@ -203,6 +213,20 @@ impl<M: GuestAddressSpace> WorkerContext<M> {
         self.features
     }
 
+    /// Whether [`Worker::stop`] was called: a handler working through many requests in
+    /// a loop of its own returns as soon as this is true (the worker then exits), so
+    /// that a device reset waits for one request, not for the whole batch. One relaxed
+    /// atomic load.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// The flag behind [`stopping`](Self::stopping), for a handler that calls
+    /// [`drain_queue_until`] while it borrows a queue (and so cannot call `stopping`).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.stop)
+    }
+
     /// The number of queues the driver enabled.
     pub fn num_queues(&self) -> usize {
         self.queues.len()
@@ -220,10 +244,11 @@ impl<M: GuestAddressSpace> WorkerContext<M> {
         &self.interrupt
     }
 
-    /// Serves queue `queue` the usual way: [`drain_queue`] with `handle` (which gets the
-    /// memory snapshot and a chain, and returns the used length), then
-    /// [`signal_used`](Self::signal_used) if any chain was handled and
-    /// [`kick`](Self::kick) if the budget ran out.
+    /// Serves queue `queue` the usual way: [`drain_queue_until`] with `handle` (which
+    /// gets the memory snapshot and a chain, and returns the used length) and the
+    /// worker's stop flag, then [`signal_used`](Self::signal_used) if any chain was
+    /// handled and [`kick`](Self::kick) if the budget ran out. A stop request ends it
+    /// after the request in flight.
     pub fn process_queue<F>(&mut self, queue: usize, budget: usize, mut handle: F) -> Drained
     where
         F: FnMut(&M::M, DescriptorChain<&M::M>) -> u32,
@@ -232,11 +257,13 @@ impl<M: GuestAddressSpace> WorkerContext<M> {
         let Some(q) = self.queues.get_mut(queue) else {
             return Drained::default();
         };
-        let drained = drain_queue(&*mem, &mut q.queue, budget, |chain| handle(&mem, chain));
+        let drained = drain_queue_until(&*mem, &mut q.queue, budget, &self.stop, |chain| {
+            handle(&mem, chain)
+        });
         if drained.handled > 0 {
             self.signal_used(&mem, queue);
         }
-        if drained.more {
+        if drained.more && !self.stopping() {
             self.kick(queue);
         }
         drained
@@ -250,7 +277,7 @@ impl<M: GuestAddressSpace> WorkerContext<M> {
             return;
         };
         let needed = q.queue.needs_notification(mem).unwrap_or_else(|e| {
-            warn!(
+            warn_limited!(
                 "virtio queue {}: cannot read used_event ({e}); interrupting",
                 q.index
             );
@@ -258,7 +285,7 @@ impl<M: GuestAddressSpace> WorkerContext<M> {
         });
         if needed {
             if let Err(e) = self.interrupt.trigger(InterruptKind::Queue(q.index)) {
-                error!("virtio queue {}: cannot raise the interrupt: {e}", q.index);
+                error_limited!("virtio queue {}: cannot raise the interrupt: {e}", q.index);
             }
         }
     }
@@ -268,7 +295,7 @@ impl<M: GuestAddressSpace> WorkerContext<M> {
     pub fn kick(&self, queue: usize) {
         if let Some(q) = self.queues.get(queue) {
             if let Err(e) = q.notify.write(1) {
-                error!(
+                error_limited!(
                     "virtio queue {}: cannot re-signal the notify eventfd: {e}",
                     q.index
                 );
@@ -320,8 +347,9 @@ impl<M: GuestAddressSpace> WorkerContext<M> {
 pub struct Drained {
     /// Chains handled (used entries added).
     pub handled: usize,
-    /// The budget ran out with chains possibly left; the caller should come back
-    /// ([`WorkerContext::kick`]).
+    /// The budget ran out, or a stop was requested ([`drain_queue_until`]), with chains
+    /// possibly left; the caller should come back ([`WorkerContext::kick`]) unless the
+    /// worker is stopping.
     pub more: bool,
 }
 
@@ -330,10 +358,15 @@ pub struct Drained {
 ///
 /// Notifications are off while it pops; when the ring looks empty they are turned on
 /// and the ring is checked once more, so a chain added in between is not left waiting
-/// (with `VIRTIO_RING_F_EVENT_IDX` this sets `avail_event`). A ring whose avail index
-/// runs ahead of what can be popped (an invalid index from a buggy or hostile driver)
-/// does not spin: after two rounds that pop nothing the function gives up until the
-/// next notification.
+/// (with `VIRTIO_RING_F_EVENT_IDX` this sets `avail_event`).
+///
+/// Guest errors end the call until the next notification instead of spinning or
+/// flooding the log: an avail index more than the queue size ahead of the device's
+/// (virtio 1.2, 2.7.13.3 forbids it), a head index past the queue (the chain is skipped:
+/// it has no used entry to write), and, the anti-spin guard, a ring whose avail index
+/// stays ahead of what can be popped (an avail ring the device cannot read): after two
+/// rounds that pop nothing the function gives up until the next notification. Each is
+/// logged at most a few times per interval (the guest controls how often).
 ///
 /// ```
 /// use ember_virtio::vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -352,27 +385,97 @@ pub struct Drained {
 /// });
 /// assert_eq!((drained.handled, drained.more), (1, false));
 /// ```
-pub fn drain_queue<G, F>(mem: &G, queue: &mut Queue, budget: usize, mut handle: F) -> Drained
+pub fn drain_queue<G, F>(mem: &G, queue: &mut Queue, budget: usize, handle: F) -> Drained
+where
+    G: GuestMemory,
+    F: FnMut(DescriptorChain<&G>) -> u32,
+{
+    drain_queue_until(mem, queue, budget, &AtomicBool::new(false), handle)
+}
+
+/// [`drain_queue`], which also stops, with [`Drained::more`] set, as soon as `stop` is
+/// true: it is checked before each chain, so a stop request waits for at most the one
+/// `handle` call in progress. [`WorkerContext::process_queue`] passes the worker's
+/// [`stop_flag`](WorkerContext::stop_flag).
+///
+/// ```
+/// use std::sync::atomic::{AtomicBool, Ordering};
+/// use ember_virtio::vm_memory::{GuestAddress, GuestMemoryMmap};
+/// use ember_virtio::worker::drain_queue_until;
+/// use virtio_queue::mock::MockSplitQueue;
+/// use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+///
+/// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+/// let driver = MockSplitQueue::new(&mem, 16);
+/// let descs: Vec<RawDescriptor> =
+///     (0..4).map(|_| RawDescriptor::from(Descriptor::new(0x8000, 64, 2, 0))).collect();
+/// driver.add_desc_chains(&descs, 0).unwrap();
+/// let mut queue = driver.create_queue().unwrap();
+///
+/// // The handler of the second chain asks for a stop: the third is not popped.
+/// let stop = AtomicBool::new(false);
+/// let mut seen = 0;
+/// let drained = drain_queue_until(&mem, &mut queue, 256, &stop, |_chain| {
+///     seen += 1;
+///     if seen == 2 {
+///         stop.store(true, Ordering::Relaxed);
+///     }
+///     0
+/// });
+/// assert_eq!((drained.handled, drained.more), (2, true));
+/// ```
+pub fn drain_queue_until<G, F>(
+    mem: &G,
+    queue: &mut Queue,
+    budget: usize,
+    stop: &AtomicBool,
+    mut handle: F,
+) -> Drained
 where
     G: GuestMemory,
     F: FnMut(DescriptorChain<&G>) -> u32,
 {
     let mut handled = 0;
+    // Chains popped, used entry or not: what the budget counts.
+    let mut popped_total = 0;
     let mut empty_rounds = 0;
     if let Err(e) = queue.disable_notification(mem) {
-        warn!("virtio queue: cannot disable notifications: {e}");
+        warn_limited!("virtio queue: cannot disable notifications: {e}");
     }
     loop {
         let mut popped = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            popped = true;
-            let head = chain.head_index();
-            let len = handle(chain);
-            if let Err(e) = queue.add_used(mem, head, len) {
-                error!("virtio queue: cannot add used entry for head {head}: {e}");
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return Drained {
+                    handled,
+                    more: true,
+                };
             }
-            handled += 1;
-            if handled >= budget {
+            if avail_index_invalid(mem, queue) {
+                return Drained {
+                    handled,
+                    more: false,
+                };
+            }
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            popped = true;
+            popped_total += 1;
+            let head = chain.head_index();
+            if head >= queue.size() {
+                warn_limited!(
+                    "virtio queue: head index {head} is past the queue size {}; chain skipped",
+                    queue.size()
+                );
+            } else {
+                let len = handle(chain);
+                if let Err(e) = queue.add_used(mem, head, len) {
+                    error_limited!("virtio queue: cannot add used entry for head {head}: {e}");
+                }
+                handled += 1;
+            }
+            if popped_total >= budget {
                 return Drained {
                     handled,
                     more: true,
@@ -384,15 +487,14 @@ where
                 if !popped {
                     empty_rounds += 1;
                     if empty_rounds >= 2 {
-                        // Guest-triggered: keep it out of the default log level.
-                        debug!("virtio queue: avail index ahead of poppable chains; ignoring until the next notification");
+                        warn_limited!("virtio queue: avail index ahead of poppable chains; ignoring until the next notification");
                         break;
                     }
                 }
             }
             Ok(false) => break,
             Err(e) => {
-                error!("virtio queue: cannot enable notifications: {e}");
+                error_limited!("virtio queue: cannot enable notifications: {e}");
                 break;
             }
         }
@@ -401,6 +503,29 @@ where
         handled,
         more: false,
     }
+}
+
+/// Whether the driver's avail index is more than the queue size ahead of the device's,
+/// which no valid driver does: the queue cannot be served until the driver resets it.
+/// Checked before each pop, because virtio-queue logs an error on every pop of such a
+/// ring (one per notification the guest sends); this check logs rate-limited.
+fn avail_index_invalid<G: GuestMemory>(mem: &G, queue: &Queue) -> bool {
+    let Ok(avail) = queue.avail_idx(mem, Ordering::Acquire) else {
+        // Unreadable: `pop_descriptor_chain` fails too, without looping (see above).
+        return false;
+    };
+    let ahead = avail - Wrapping(queue.next_avail());
+    if ahead.0 <= queue.size() {
+        return false;
+    }
+    warn_limited!(
+        "virtio queue: avail index {} is {} entries ahead of the device's {} (queue size {}); ignoring the queue until the next notification",
+        avail.0,
+        ahead.0,
+        queue.next_avail(),
+        queue.size()
+    );
+    true
 }
 
 /// Why [`Worker::spawn`] failed; the handler comes back, so a device keeps its backend.
@@ -432,13 +557,18 @@ impl<H> From<SpawnError<H>> for crate::ActivateError {
 /// A running worker thread; dropping it stops it (and drops the handler).
 pub struct Worker<H> {
     stop: EventFd,
-    thread: Option<JoinHandle<Option<H>>>,
+    /// Set before `stop` is written; shared with the thread's [`WorkerContext`].
+    stop_flag: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    /// The handler, sent back when the thread ends.
+    done: mpsc::Receiver<H>,
 }
 
 impl<H: Send + 'static> Worker<H> {
-    /// Starts thread `ember-virtio-<kind>` serving `activation`'s queues with `handler`.
-    /// The thread runs [`Activation::thread_hook`] first, if there is one; if the hook
-    /// fails, so does `spawn`, and the handler comes back in the [`SpawnError`].
+    /// Starts thread `ember-virtio-<kind>` serving `activation`'s queues with `handler`,
+    /// created by [`Activation::spawner`] if there is one. The thread runs
+    /// [`Activation::thread_hook`] first, if there is one; if the hook fails, so does
+    /// `spawn`, and the handler comes back in the [`SpawnError`].
     ///
     /// Each queue's EVENT_IDX is set according to the negotiated features. The handler's
     /// [`queue_notified`](QueueHandler::queue_notified) runs once for every queue first.
@@ -457,6 +587,7 @@ impl<H: Send + 'static> Worker<H> {
             interrupt,
             features,
             thread_hook,
+            spawner,
         } = activation;
         for q in &mut queues {
             q.queue
@@ -467,6 +598,7 @@ impl<H: Send + 'static> Worker<H> {
             Ok(pair) => pair,
             Err(source) => return Err(SpawnError { handler, source }),
         };
+        let stop_flag = Arc::new(AtomicBool::new(false));
         let ctx = WorkerContext {
             mem,
             queues,
@@ -475,14 +607,17 @@ impl<H: Send + 'static> Worker<H> {
             epoll,
             backend_live: vec![true; backend_fds.len()],
             backend_fds,
+            stop: Arc::clone(&stop_flag),
         };
         // The handler travels through a channel, so that it is still ours if the thread
         // cannot be created or its start hook fails; the hook's result comes back first.
+        // The handler comes back through `done` when the thread ends.
         let (send, recv) = mpsc::channel::<(H, WorkerContext<M>)>();
         let (started_send, started) = mpsc::sync_channel::<io::Result<()>>(1);
+        let (done_send, done) = mpsc::sync_channel::<H>(1);
         let name = format!("ember-virtio-{kind}");
         let thread_name = name.clone();
-        let spawned = std::thread::Builder::new().name(name).spawn(move || {
+        let body = move || {
             let hooked = match &thread_hook {
                 Some(hook) => hook(&thread_name),
                 None => Ok(()),
@@ -490,11 +625,16 @@ impl<H: Send + 'static> Worker<H> {
             let go = hooked.is_ok();
             let _ = started_send.send(hooked);
             if !go {
-                return None;
+                return;
             }
-            let (handler, ctx) = recv.recv().ok()?;
-            Some(run(handler, ctx))
-        });
+            if let Ok((handler, ctx)) = recv.recv() {
+                let _ = done_send.send(run(handler, ctx));
+            }
+        };
+        let spawned = match &spawner {
+            Some(spawner) => spawner.spawn(name, Box::new(body)),
+            None => std::thread::Builder::new().name(name).spawn(body),
+        };
         let thread = match spawned {
             Ok(thread) => thread,
             Err(source) => return Err(SpawnError { handler, source }),
@@ -515,25 +655,31 @@ impl<H: Send + 'static> Worker<H> {
         }
         Ok(Worker {
             stop,
+            stop_flag,
             thread: Some(thread),
+            done,
         })
     }
 }
 
 impl<H> Worker<H> {
     /// Signals the thread to stop, waits for it and returns the handler (`None` if the
-    /// thread panicked).
+    /// thread panicked). The wait is for the handler call in progress, and within
+    /// [`WorkerContext::process_queue`] for the one request in progress (see the
+    /// [module docs](self)).
     pub fn stop(mut self) -> Option<H> {
         self.stop_and_join()
     }
 
     fn stop_and_join(&mut self) -> Option<H> {
         let thread = self.thread.take()?;
+        // The flag first: the thread may be inside a batch, where it checks only the flag.
+        self.stop_flag.store(true, Ordering::Relaxed);
         if let Err(e) = self.stop.write(1) {
             error!("virtio worker: cannot signal stop: {e}");
         }
         match thread.join() {
-            Ok(handler) => handler,
+            Ok(()) => self.done.try_recv().ok(),
             Err(_) => {
                 error!("virtio worker thread panicked");
                 None
@@ -559,7 +705,7 @@ impl<H> Drop for Worker<H> {
 /// The stop eventfd and an epoll set with it, every queue's notify eventfd and the
 /// backend fds.
 fn set_up_epoll(queues: &[ActiveQueue], backend_fds: &[RawFd]) -> io::Result<(EventFd, Epoll)> {
-    let stop = EventFd::new(EFD_NONBLOCK)?;
+    let stop = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
     let epoll = Epoll::new()?;
     epoll.ctl(
         ControlOperation::Add,
@@ -591,6 +737,9 @@ fn set_up_epoll(queues: &[ActiveQueue], backend_fds: &[RawFd]) -> io::Result<(Ev
 fn run<M: GuestAddressSpace, H: QueueHandler<M>>(mut handler: H, mut ctx: WorkerContext<M>) -> H {
     // Serve whatever the driver queued before activation.
     for i in 0..ctx.queues.len() {
+        if ctx.stopping() {
+            return handler;
+        }
         handler.queue_notified(&mut ctx, i);
     }
     let mut events = vec![EpollEvent::default(); 8 + ctx.queues.len() + ctx.backend_fds.len()];
@@ -607,6 +756,10 @@ fn run<M: GuestAddressSpace, H: QueueHandler<M>>(mut handler: H, mut ctx: Worker
             return handler;
         }
         for ev in &events[..n] {
+            // A stop requested during this batch of events: do not start another call.
+            if ctx.stopping() {
+                return handler;
+            }
             let token = ev.data();
             if token >= BACKEND_TOKEN_BASE {
                 let index = (token - BACKEND_TOKEN_BASE) as usize;

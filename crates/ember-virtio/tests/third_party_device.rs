@@ -7,7 +7,8 @@
 //! QueueNotify, completions read from the used rings.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ember_bus::{Bus, BusKind};
@@ -22,8 +23,8 @@ use ember_virtio::vm_memory::{
 use ember_virtio::vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use ember_virtio::worker::{drain_queue, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
 use ember_virtio::{
-    ActivateDevice, ActivateError, Activation, ThreadHook, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    ActivateDevice, ActivateError, Activation, ThreadHook, ThreadSpawner, VirtioDevice,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -277,11 +278,20 @@ impl<M: GuestAddressSpace + Send + Sync + 'static> Guest<M> {
     }
 
     fn with_thread_hook(mem: M, hook: Option<ThreadHook>) -> Self {
+        Self::with_threads(mem, hook, None)
+    }
+
+    fn with_threads(
+        mem: M,
+        hook: Option<ThreadHook>,
+        spawner: Option<Arc<dyn ThreadSpawner>>,
+    ) -> Self {
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let device = Box::new(UppercaseEcho::default());
         let mut transport =
             MmioTransport::new(device, mem.clone(), irq.try_clone().unwrap()).unwrap();
         transport.set_thread_hook(hook);
+        transport.set_thread_spawner(spawner);
         let transport = Arc::new(transport);
         let bus = Bus::new(BusKind::Mmio);
         bus.insert(BASE, MMIO_WINDOW_SIZE, transport.clone())
@@ -458,6 +468,67 @@ fn thread_hook_runs_first_on_the_worker_thread() {
             Some("ember-virtio-echo".to_owned())
         )]
     );
+}
+
+/// Creates threads on a thread of its own.
+struct SpawnerThread {
+    requests: Mutex<mpsc::Sender<SpawnRequest>>,
+}
+
+type SpawnRequest = (
+    String,
+    Box<dyn FnOnce() + Send>,
+    mpsc::Sender<std::io::Result<std::thread::JoinHandle<()>>>,
+);
+
+impl ThreadSpawner for SpawnerThread {
+    fn spawn(
+        &self,
+        name: String,
+        body: Box<dyn FnOnce() + Send>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let (reply, answer) = mpsc::channel();
+        self.requests
+            .lock()
+            .unwrap()
+            .send((name, body, reply))
+            .unwrap();
+        answer.recv().unwrap()
+    }
+}
+
+/// With a spawner, the worker thread is created by it (on the spawner's thread, not the
+/// one that activates the device), and the device works as without.
+#[test]
+fn worker_threads_come_from_the_transport_spawner() {
+    let (send, requests) = mpsc::channel::<SpawnRequest>();
+    let spawned = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&spawned);
+    let spawner_thread = std::thread::spawn(move || {
+        for (name, body, reply) in requests {
+            count.fetch_add(1, Ordering::SeqCst);
+            let _ = reply.send(std::thread::Builder::new().name(name).spawn(body));
+        }
+    });
+    let spawner: Arc<dyn ThreadSpawner> = Arc::new(SpawnerThread {
+        requests: Mutex::new(send),
+    });
+    let mut guest = Guest::with_threads(plain_memory(), None, Some(spawner));
+    guest.initialize(VIRTIO_F_VERSION_1);
+    let mem = guest.mem.memory();
+    let rx = guest.rx.add(&*mem, &[(DATA + 0x1000, 16, true)]);
+    mem.write_slice(b"spawned", GuestAddress(DATA)).unwrap();
+    guest.tx.add(&*mem, &[(DATA, 7, false)]);
+    guest.notify(&guest.rx);
+    guest.notify(&guest.tx);
+    assert!(guest.rx.wait_used(&*mem, 1), "no echo");
+    assert_eq!(guest.rx.used_elem(&*mem, 0), (u32::from(rx), 7));
+    assert_eq!(guest.bytes(DATA + 0x1000, 7), b"SPAWNED");
+    assert_eq!(spawned.load(Ordering::SeqCst), 1);
+    // A reset stops the worker; the next activation asks the spawner again.
+    guest.write(reg::STATUS, 0);
+    drop(guest);
+    let _ = spawner_thread.join();
 }
 
 /// A hook that fails (a filter that cannot be installed) stops the worker before it

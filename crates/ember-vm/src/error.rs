@@ -9,6 +9,9 @@ pub enum VmError {
     /// `KVM_CREATE_VM` failed.
     #[error("KVM_CREATE_VM failed: {0}")]
     CreateVm(#[source] kvm_ioctls::Error),
+    /// `KVM_GET_VCPU_MMAP_SIZE` failed.
+    #[error("KVM_GET_VCPU_MMAP_SIZE failed: {0}")]
+    VcpuMmapSize(#[source] kvm_ioctls::Error),
     /// `KVM_SET_TSS_ADDR` failed.
     #[error("KVM_SET_TSS_ADDR at {addr:#x} failed: {source}")]
     SetTssAddress {

@@ -55,6 +55,8 @@ struct Inner<B> {
     fd: VmFd,
     /// The regions registered with KVM, in slot order, for deleting them.
     slots: Vec<kvm_userspace_memory_region>,
+    /// `KVM_GET_VCPU_MMAP_SIZE`: how much of a vCPU fd to map for its `kvm_run`.
+    vcpu_mmap_size: usize,
     memory: GuestMemoryMmap<B>,
 }
 
@@ -95,6 +97,7 @@ impl<B: Bitmap> Vm<B> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn new(kvm: &Kvm, memory: GuestMemoryMmap<B>) -> Result<Self, VmError> {
+        let vcpu_mmap_size = kvm.get_vcpu_mmap_size().map_err(VmError::VcpuMmapSize)?;
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         // Both only matter on Intel hosts, for real-mode code; KVM wants them before vCPUs.
         fd.set_identity_map_address(KVM_IDENTITY_MAP_START)
@@ -112,6 +115,7 @@ impl<B: Bitmap> Vm<B> {
         let mut inner = Inner {
             fd,
             slots: Vec::new(),
+            vcpu_mmap_size,
             memory,
         };
         slots::register(&inner.fd, &inner.memory, &mut inner.slots)?;
@@ -135,6 +139,14 @@ impl<B> Vm<B> {
     /// The guest memory: every region of it is registered with KVM.
     pub fn memory(&self) -> &GuestMemoryMmap<B> {
         &self.inner.memory
+    }
+
+    /// The size of a vCPU's shared `kvm_run` area (`KVM_GET_VCPU_MMAP_SIZE`): `kvm_run`,
+    /// then the port-I/O data page and the coalesced-MMIO ring, for a VMM that maps a
+    /// vCPU fd itself (`ember_vcpu` does, so that port-I/O data at `kvm_run`'s
+    /// `data_offset` is read through a pointer to the whole mapping).
+    pub fn vcpu_mmap_size(&self) -> usize {
+        self.inner.vcpu_mmap_size
     }
 
     /// How many memory slots the guest memory took (slots `0..n`, one per region).

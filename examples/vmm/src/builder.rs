@@ -29,8 +29,8 @@ use ember_memory::{create_guest_memory, HugePages, MemoryError, MemoryLayout};
 use ember_memory::{AddressAllocator, GsiAllocator};
 use ember_vcpu::{regs, BootRegs, Vcpu, VcpuError};
 use ember_virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
-use ember_virtio::{ActivateDevice, TransportError};
-use ember_virtio_devices::{Block, BlockOptions, Net, Rng, VirtioDeviceError};
+use ember_virtio::{ActivateDevice, ThreadSpawner, TransportError};
+use ember_virtio_devices::{Block, BlockOptions, Disk, Net, Rng, VirtioDeviceError};
 use ember_vm::VmError;
 use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::Kvm;
@@ -41,8 +41,12 @@ use ember_vcpu::cpuid::CpuTemplate;
 use ember_vcpu::syscall_trap::{SyscallTrap, RESERVED_PAGES};
 
 use crate::config::{
-    CpuTemplateChoice, EntryChoice, KernelSource, SerialConfig, VmConfig, DEFAULT_CMDLINE,
+    CpuTemplateChoice, EntryChoice, KernelSource, RateLimit, SerialConfig, TokenBucket, VmConfig,
+    DEFAULT_CMDLINE,
 };
+use ember_rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+
+use crate::spawner::Spawner;
 
 /// The demo guest, assembled by `build.rs` (see `ember_guests::demo`).
 pub const DEMO_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo-guest.elf"));
@@ -68,6 +72,9 @@ const BOOT_VCPU: u32 = 0;
 /// Why a VM could not be built. Each message names what was wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    /// The thread that creates device workers could not start.
+    #[error("cannot start the device thread spawner: {0}")]
+    Spawner(std::io::Error),
     /// `/dev/kvm` could not be opened.
     #[error("cannot open /dev/kvm: {0} (is KVM enabled, and may this user open /dev/kvm?)")]
     OpenKvm(kvm_ioctls::Error),
@@ -89,6 +96,31 @@ pub enum BuildError {
         path: String,
         /// The OS error.
         source: std::io::Error,
+    },
+    /// The kernel or initrd path is not a regular file (a directory, `/dev/zero`, a
+    /// FIFO...), so it is not read.
+    #[error("{what} {path} is a {kind}, not a regular file")]
+    NotAFile {
+        /// "kernel" or "initrd".
+        what: &'static str,
+        /// The path given.
+        path: String,
+        /// What it is instead.
+        kind: &'static str,
+    },
+    /// The kernel or initrd file is larger than it may be; it is not read.
+    #[error("{what} {path} is {size} bytes ({}), more than the {max} bytes ({}) {why}", mib(*size), mib(*max))]
+    TooLarge {
+        /// "kernel" or "initrd".
+        what: &'static str,
+        /// The path given.
+        path: String,
+        /// The file's size.
+        size: u64,
+        /// The limit.
+        max: u64,
+        /// Where the limit comes from.
+        why: &'static str,
     },
     /// The kernel image or boot parameters were rejected.
     #[error("kernel {kernel}: {source}")]
@@ -143,6 +175,106 @@ pub enum BuildError {
     /// A device could not be placed on a bus.
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
+}
+
+/// `bytes` in MiB, for messages.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
+}
+
+/// The largest kernel image `ember` reads: 512 MiB, far above any real kernel (Debian's
+/// vmlinux is about 60 MiB), so that a wrong path cannot make the VMM read gigabytes.
+pub const MAX_KERNEL_SIZE: u64 = 512 << 20;
+
+/// The room an initrd can have in a VM with `layout`: RAM from 1 MiB (where kernels
+/// load) up to the end of low RAM or the boot protocol's initrd limit, whichever is
+/// lower. The loaders check the exact fit (after the kernel) later; this bound only keeps
+/// a file that can never fit from being read.
+fn initrd_room(layout: &MemoryLayout) -> u64 {
+    layout
+        .low_ram_end()
+        .min(DEFAULT_INITRD_ADDR_MAX + 1)
+        .saturating_sub(layout::HIMEM_START)
+}
+
+/// What kind of file `t` is, for [`BuildError::NotAFile`].
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "directory"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else {
+        "special file"
+    }
+}
+
+/// Reads the kernel or initrd at `path` (`what` says which) if it is a regular file of
+/// at most `max` bytes (`why` says where the limit comes from): the size and type are
+/// checked with `stat(2)` before the file is opened (so a FIFO or a device is never
+/// read, and a huge file never allocated for), checked again on the open file, and the
+/// read stops at `max + 1` bytes should the file grow meanwhile.
+fn read_boot_file(
+    what: &'static str,
+    path: &std::path::Path,
+    max: u64,
+    why: &'static str,
+) -> Result<Vec<u8>, BuildError> {
+    use std::io::Read;
+    let name = path.display().to_string();
+    let io_error = |source| match what {
+        "kernel" => BuildError::ReadKernel {
+            path: name.clone(),
+            source,
+        },
+        _ => BuildError::ReadInitrd {
+            path: name.clone(),
+            source,
+        },
+    };
+    let check = |meta: &std::fs::Metadata| {
+        if !meta.is_file() {
+            return Err(BuildError::NotAFile {
+                what,
+                path: name.clone(),
+                kind: file_kind(meta.file_type()),
+            });
+        }
+        if meta.len() > max {
+            return Err(BuildError::TooLarge {
+                what,
+                path: name.clone(),
+                size: meta.len(),
+                max,
+                why,
+            });
+        }
+        Ok(meta.len())
+    };
+    check(&std::fs::metadata(path).map_err(io_error)?)?;
+    let file = std::fs::File::open(path).map_err(io_error)?;
+    let size = check(&file.metadata().map_err(io_error)?)?;
+    let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut data)
+        .map_err(io_error)?;
+    let read = data.len() as u64;
+    if read > max {
+        return Err(BuildError::TooLarge {
+            what,
+            path: name.clone(),
+            size: read,
+            max,
+            why,
+        });
+    }
+    Ok(data)
 }
 
 /// A VM ready to run: everything created, nothing running yet.
@@ -313,7 +445,15 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
     // The devices share one handle on guest memory.
     let virtio_memory: GuestMemory = Arc::new(vm.memory().clone());
     let mut virtio_descriptions = Vec::new();
-    for (uid, (name, device)) in (0..).zip(virtio_devices(config)?) {
+    let devices = virtio_devices(config)?;
+    // Device workers are created by a thread of their own, not by the vCPU thread that
+    // activates them (see `spawner`).
+    let spawner: Option<Arc<dyn ThreadSpawner>> = if devices.is_empty() {
+        None
+    } else {
+        Some(Spawner::start(crate::seccomp::spawner_hook()).map_err(BuildError::Spawner)?)
+    };
+    for (uid, (name, device)) in (0..).zip(devices) {
         virtio_descriptions.push(attach_virtio_device(
             uid,
             &vm,
@@ -323,6 +463,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
             &virtio_memory,
             &name,
             device,
+            spawner.clone(),
         )?);
     }
 
@@ -401,20 +542,17 @@ fn read_boot_inputs(config: &VmConfig) -> Result<BootInputs, BuildError> {
             Cow::Borrowed(DEMO_GUEST),
         ),
         KernelSource::File(path) => {
-            let image = std::fs::read(path).map_err(|source| BuildError::ReadKernel {
-                path: path.display().to_string(),
-                source,
-            })?;
+            let image = read_boot_file("kernel", path, MAX_KERNEL_SIZE, "a kernel may have")?;
             (path.display().to_string(), Cow::Owned(image))
         }
     };
     let initrd = match &config.initrd {
-        Some(path) => Some(
-            std::fs::read(path).map_err(|source| BuildError::ReadInitrd {
-                path: path.display().to_string(),
-                source,
-            })?,
-        ),
+        Some(path) => Some(read_boot_file(
+            "initrd",
+            path,
+            initrd_room(&layout),
+            "of guest RAM an initrd can use (from 1 MiB up to the end of low RAM or 0x38000000)",
+        )?),
         None => None,
     };
     let template = match config.cpu_template {
@@ -501,10 +639,19 @@ fn attach_legacy_devices(
     vm.register_irqfd(serial_irq.event_fd(), COM1_GSI)?;
     let serial_output = match serial_config {
         SerialConfig::Stdio => SerialOutput::Stdout,
-        SerialConfig::File(path) => SerialOutput::File(path.clone()),
+        SerialConfig::File { path, max_bytes } => SerialOutput::File {
+            path: path.clone(),
+            max_bytes: Some(*max_bytes),
+        },
         SerialConfig::None => SerialOutput::Sink,
     };
-    let serial = Arc::new(Serial::new(serial_output, serial_irq)?);
+    // The output's writer thread installs its seccomp filter first.
+    let serial = Arc::new(Serial::with_thread_hook(
+        serial_output,
+        serial_irq,
+        ember_devices::DEFAULT_OUTPUT_BUFFER,
+        crate::seccomp::console_hook(),
+    )?);
     pio.insert(COM1_PORT.into(), SERIAL_PORT_SIZE, serial.clone())?;
     pio.insert(
         I8042_PORT.into(),
@@ -536,27 +683,54 @@ fn attach_legacy_devices(
     })
 }
 
+/// The rate limiter settings of `limit` (the command line's `bw_*` and `ops_*` keys).
+fn rate_limiter_config(limit: &RateLimit) -> RateLimiterConfig {
+    let bucket = |b: &TokenBucket| TokenBucketConfig {
+        size: b.size,
+        one_time_burst: b.one_time_burst,
+        refill_time_ms: b.refill_time_ms,
+    };
+    RateLimiterConfig {
+        bandwidth: limit.bandwidth.as_ref().map(bucket),
+        ops: limit.ops.as_ref().map(bucket),
+    }
+}
+
 /// The virtio devices the configuration asks for, each with a name for messages: disks,
 /// then taps, then the entropy device.
 fn virtio_devices(config: &VmConfig) -> Result<Vec<NamedVirtioDevice>, BuildError> {
     let mut devices: Vec<NamedVirtioDevice> = Vec::new();
     for disk in &config.disks {
-        let block = Block::new(
+        let mut image = Disk::open(
             &disk.path,
             BlockOptions {
                 read_only: disk.read_only,
             },
         )?;
+        if let Some(serial) = &disk.serial {
+            image = image.with_serial(serial)?;
+        }
+        let mut block = Block::from_disk(image);
+        if let Some(limit) = &disk.rate_limit {
+            block = block.with_rate_limiter(rate_limiter_config(limit))?;
+        }
         devices.push((format!("disk {}", disk.path.display()), Box::new(block)));
     }
+    let limits =
+        |limit: &Option<RateLimit>| limit.as_ref().map(rate_limiter_config).unwrap_or_default();
     for net in &config.nets {
-        devices.push((
-            format!("net tap={}", net.tap),
-            Box::new(Net::new(&net.tap, net.mac)?),
-        ));
+        let mut card = Net::new(&net.tap, net.mac)?;
+        if net.rx_rate_limit.is_some() || net.tx_rate_limit.is_some() {
+            card.set_rate_limiters(limits(&net.rx_rate_limit), limits(&net.tx_rate_limit))?;
+        }
+        devices.push((format!("net tap={}", net.tap), Box::new(card)));
     }
     if config.rng {
-        devices.push(("rng".to_string(), Box::new(Rng::new())));
+        let mut rng = Rng::new();
+        if config.rng_rate_limit.is_some() {
+            rng = rng.with_rate_limiter(limits(&config.rng_rate_limit))?;
+        }
+        devices.push(("rng".to_string(), Box::new(rng)));
     }
     Ok(devices)
 }
@@ -578,15 +752,21 @@ fn attach_virtio_device(
     memory: &GuestMemory,
     name: &str,
     device: Box<dyn ActivateDevice<GuestMemory>>,
+    spawner: Option<Arc<dyn ThreadSpawner>>,
 ) -> Result<VirtioMmio, BuildError> {
     let addr = resources
         .mmio
         .allocate(MMIO_WINDOW_SIZE, MMIO_WINDOW_SIZE)?;
     let gsi = resources.gsis.allocate()?;
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::EventFd(name.into(), e))?;
+    let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+        .map_err(|e| BuildError::EventFd(name.into(), e))?;
     vm.register_irqfd(&irq, gsi)?;
-    let transport = MmioTransport::new(device, memory.clone(), irq)
+    let mut transport = MmioTransport::new(device, memory.clone(), irq)
         .map_err(|e| BuildError::Transport(name.into(), e))?;
+    // The worker thread comes from the spawner thread and installs its seccomp filter
+    // first.
+    transport.set_thread_hook(crate::seccomp::worker_hook());
+    transport.set_thread_spawner(spawner);
     for (queue, notify) in transport.queue_notify_events() {
         let at = IoEventAddress::Mmio(addr.0 + QUEUE_NOTIFY_OFFSET);
         vm.register_ioeventfd(&notify, at, u32::from(queue))?;
@@ -657,6 +837,8 @@ fn create_vcpus(
         }
         vcpu.set_instruction_fallback(template.instruction_fallback());
         vcpu.set_syscall_trap(syscall_trap.clone());
+        // The vCPU thread installs its seccomp filter before the guest runs.
+        vcpu.set_thread_hook(crate::seccomp::vcpu_hook());
         vcpu.set_cpuid(&supported, config.vcpus)?;
         vcpu.set_boot_msrs()?;
         vcpu.set_fpu()?;

@@ -11,13 +11,22 @@ pub enum KernelSource {
     File(PathBuf),
 }
 
+/// How large `--serial file=PATH` lets the file grow unless `max=` says otherwise.
+pub const DEFAULT_SERIAL_FILE_MAX: u64 = 64 << 20;
+
 /// Where the serial port's output goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialConfig {
     /// Standard output, and standard input goes to the guest.
     Stdio,
-    /// A file, created or truncated.
-    File(PathBuf),
+    /// A file, created or truncated, that grows to at most `max_bytes` (then further
+    /// output is discarded, with one warning).
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Its size limit, [`DEFAULT_SERIAL_FILE_MAX`] unless `max=` says otherwise.
+        max_bytes: u64,
+    },
     /// Nowhere.
     None,
 }
@@ -42,6 +51,28 @@ pub enum EntryChoice {
     Linux64,
 }
 
+/// One token bucket of a rate limiter (Firecracker's and Cloud Hypervisor's model):
+/// `size` tokens refilled evenly over `refill_time_ms`, plus `one_time_burst` tokens
+/// that are spent first and never refilled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenBucket {
+    /// Bucket capacity (bytes or operations); at least 1.
+    pub size: u64,
+    /// Extra tokens available once, at the start.
+    pub one_time_burst: u64,
+    /// Milliseconds to refill a whole bucket from empty; at least 1.
+    pub refill_time_ms: u64,
+}
+
+/// A device's rate limits: bytes and operations, each optional.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Data bytes (`bw_*` keys).
+    pub bandwidth: Option<TokenBucket>,
+    /// Requests or packets (`ops_*` keys).
+    pub ops: Option<TokenBucket>,
+}
+
 /// A virtio-blk disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
@@ -49,6 +80,10 @@ pub struct DiskConfig {
     pub path: PathBuf,
     /// Whether the guest may only read it.
     pub read_only: bool,
+    /// The `GET_ID` serial (at most 20 bytes); derived from the path when `None`.
+    pub serial: Option<String>,
+    /// Rate limits on the disk's requests; none when `None`.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// A virtio-net card on a tap device.
@@ -58,6 +93,10 @@ pub struct NetConfig {
     pub tap: String,
     /// The card's MAC; random (locally administered) when `None`.
     pub mac: Option<[u8; 6]>,
+    /// Rate limits on what the guest receives; none when `None`.
+    pub rx_rate_limit: Option<RateLimit>,
+    /// Rate limits on what the guest sends; none when `None`.
+    pub tx_rate_limit: Option<RateLimit>,
 }
 
 /// A VM to build.
@@ -85,6 +124,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// Whether to add a virtio-rng device.
     pub rng: bool,
+    /// Rate limits on the virtio-rng device; none when `None`.
+    pub rng_rate_limit: Option<RateLimit>,
     /// Whether to time exits and print the exit profile when the VM ends.
     pub exit_stats: bool,
 }

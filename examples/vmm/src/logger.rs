@@ -1,4 +1,10 @@
 //! A minimal stderr logger for the `log` facade: `ember: LEVEL: message`.
+//!
+//! A line that cannot be written (stderr closed, a full disk, a broken pipe) is lost
+//! silently: `eprintln!` would panic, and the release build aborts on panic, so a
+//! guest that makes the VMM log could otherwise end it through a full stderr.
+
+use std::io::Write;
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
@@ -18,11 +24,21 @@ impl Log for StderrLogger {
                 Level::Debug => "debug",
                 Level::Trace => "trace",
             };
-            eprintln!("ember: {level}: {}", record.args());
+            // One write(2) of the whole line, so that lines from different threads
+            // (or processes sharing the pipe) do not interleave.
+            write_stderr(&format!("ember: {level}: {}\n", record.args()));
         }
     }
 
-    fn flush(&self) {}
+    fn flush(&self) {
+        let _ = std::io::stderr().lock().flush();
+    }
+}
+
+/// Writes `text` to stderr as is, ignoring failures (see the module docs): for
+/// `ember`'s own messages that are not log lines.
+pub fn write_stderr(text: &str) {
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
 
 static LOGGER: StderrLogger = StderrLogger;

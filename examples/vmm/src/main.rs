@@ -11,6 +11,8 @@ mod console;
 mod hint;
 mod logger;
 mod run;
+mod seccomp;
+mod spawner;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -32,6 +34,18 @@ fn main() -> ExitCode {
     };
     logger::init(cli.verbose);
     let config = cli.vm_config();
+
+    // Before any thread exists: the filters are compiled here and installed by each
+    // thread as it starts (see `seccomp`).
+    if !cli.seccomp {
+        log::warn!(
+            "seccomp filters are off (--seccomp off): every thread may make any system call"
+        );
+    }
+    if let Err(e) = seccomp::init(cli.seccomp) {
+        eprintln!("ember: error: {e}");
+        return ExitCode::FAILURE;
+    }
 
     // Before any vCPU thread exists, so that none of them takes SIGINT/SIGTERM.
     let signals = match run::block_termination_signals() {

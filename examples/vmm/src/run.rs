@@ -1,11 +1,20 @@
 //! Runs a built VM: one thread per vCPU, and this thread's event loop for everything
 //! else (serial input, devices asking to end the VM, vCPUs ending).
+//!
+//! Nothing here waits on the guest's console output: the serial port writes it from a
+//! thread of its own behind a bounded buffer (`ember_devices::SerialOutput`), so a
+//! reader that stops reading `ember`'s stdout costs guest output (dropped, counted and
+//! reported), never a stalled vCPU or event loop. SIGINT and SIGTERM end the VM at once
+//! whatever the guest or that reader do: the buffered output is then abandoned, and the
+//! writer thread, maybe stuck in `write(2)`, is left to the process's exit.
 
 use std::cell::Cell;
+use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ember_devices::{ExitRequest, Serial};
 use ember_vcpu::{
@@ -16,6 +25,13 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 
 use crate::builder::Vm;
 use crate::console::{ConsoleEvent, EscapeParser, RawTerminal};
+use crate::logger::write_stderr;
+
+/// Once the VM has ended, how long its buffered console output may go without any of
+/// it being written before `ember` gives up on it (a reader that stopped reading).
+const OUTPUT_STALL: Duration = Duration::from_secs(2);
+/// While waiting for that output, how often SIGINT/SIGTERM are looked for.
+const SIGNAL_POLL: Duration = Duration::from_millis(10);
 
 /// Why running a VM failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +67,9 @@ pub enum RunError {
         /// The exit.
         exit: UnhandledExit,
     },
+    /// The main thread's seccomp filter could not be installed.
+    #[error("{0}")]
+    Seccomp(crate::seccomp::SeccompError),
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(String),
@@ -97,26 +116,33 @@ struct EndWatcher {
 
 /// Ends the VM on SIGINT or SIGTERM, read from a signalfd.
 struct SignalWatcher {
-    signals: std::fs::File,
+    signals: Rc<File>,
     ended: Rc<Cell<bool>>,
     received: Rc<Cell<Option<i32>>>,
 }
 
+/// Reads one signal from the (non-blocking) signalfd `signals`, if one is pending.
+fn read_signal(mut signals: &File) -> Option<i32> {
+    let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+    match signals.read(&mut info) {
+        // ssi_signo is the first field, a u32.
+        Ok(n) if n == info.len() => {
+            Some(u32::from_ne_bytes([info[0], info[1], info[2], info[3]]) as i32)
+        }
+        _ => None,
+    }
+}
+
 impl MutEventSubscriber for SignalWatcher {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
-        if let Ok(n) = self.signals.read(&mut info) {
-            if n == info.len() {
-                // ssi_signo is the first field, a u32.
-                let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
-                self.received.set(Some(signo as i32));
-            }
+        if let Some(signo) = read_signal(&self.signals) {
+            self.received.set(Some(signo));
         }
         self.ended.set(true);
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.signals, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(&*self.signals, EventSet::IN)) {
             log::warn!("cannot watch for SIGINT/SIGTERM: {e}");
         }
     }
@@ -176,7 +202,7 @@ struct StdinToSerial {
 impl StdinToSerial {
     fn send(&self, bytes: &[u8]) {
         if let Err(e) = self.serial.enqueue_input(bytes) {
-            log::warn!("serial input dropped: {e}");
+            ember_rate_limiter::warn_limited!("serial input dropped: {e}");
         }
     }
 }
@@ -198,7 +224,7 @@ impl MutEventSubscriber for StdinToSerial {
                 for event in parser.feed(&buf[..n]) {
                     match event {
                         ConsoleEvent::Guest(bytes) => self.send(&bytes),
-                        ConsoleEvent::Help => eprint!("{}", crate::console::HELP),
+                        ConsoleEvent::Help => write_stderr(crate::console::HELP),
                         ConsoleEvent::Quit => {
                             self.quit.set(true);
                             self.ended.set(true);
@@ -250,9 +276,10 @@ pub fn run_vm(
         ended: ended.clone(),
     }));
     let received = Rc::new(Cell::new(None));
-    if let Some(signals) = signals {
+    let signals = signals.map(Rc::new);
+    if let Some(signals) = &signals {
         events.add_subscriber(Box::new(SignalWatcher {
-            signals,
+            signals: signals.clone(),
             ended: ended.clone(),
             received: received.clone(),
         }));
@@ -269,12 +296,23 @@ pub fn run_vm(
             quit: quit.clone(),
         }));
     }
+    // The vCPU threads exist (they must not inherit this thread's filter) and the loop
+    // is set up: from here on this thread runs under its seccomp filter.
+    crate::seccomp::enter(crate::seccomp::ThreadKind::Main).map_err(RunError::Seccomp)?;
     while !ended.get() {
         events.run().map_err(|e| loop_err(&e))?;
     }
     drop(terminal);
 
     let results = vcpus.join();
+    // The vCPUs are gone: no more guest output. Write what is buffered, unless a
+    // signal asks to end now.
+    if received.get().is_some() {
+        vm.serial.abandon_output();
+    } else if let Some(signo) = finish_output(&vm.serial, signals.as_deref()) {
+        log::info!("signal {signo} while writing the guest's last output: the rest is dropped");
+    }
+    report_output(&vm.serial, vm.serial_stdin);
     let mut merged = ExitProfile::default();
     let mut outcomes = Vec::with_capacity(results.len());
     for vcpu in results {
@@ -318,7 +356,7 @@ pub fn run_vm(
     }
     if quit.get() {
         // QEMU prints "QEMU: Terminated" and exits with 0.
-        eprintln!("ember: terminated (Ctrl-A x)");
+        write_stderr("ember: terminated (Ctrl-A x)\n");
         return Ok(RunReport {
             exit_code: 0,
             reason: "quit from the console (Ctrl-A x)".to_string(),
@@ -381,6 +419,60 @@ pub fn run_vm(
         exits,
         unclaimed,
     })
+}
+
+/// Waits for the serial port's buffered output to be written, giving up on it (and
+/// returning the signal) on SIGINT or SIGTERM, or once none of it was written for
+/// [`OUTPUT_STALL`].
+fn finish_output(serial: &Serial, signals: Option<&File>) -> Option<i32> {
+    let mut pending = serial.pending_output();
+    let mut progress = Instant::now();
+    while !serial.flush_output(SIGNAL_POLL) {
+        if let Some(signo) = signals.and_then(read_signal) {
+            serial.abandon_output();
+            return Some(signo);
+        }
+        let now = serial.pending_output();
+        if now < pending {
+            pending = now;
+            progress = Instant::now();
+        } else if progress.elapsed() >= OUTPUT_STALL {
+            log::debug!(
+                "console: no output written for {OUTPUT_STALL:?}; giving up on {now} bytes"
+            );
+            serial.abandon_output();
+            break;
+        }
+    }
+    None
+}
+
+/// Reports guest output that did not reach its destination.
+fn report_output(serial: &Serial, stdio: bool) {
+    let stats = serial.stats();
+    if stats.bytes_dropped > 0 {
+        let why = if stdio {
+            "nobody was reading stdout"
+        } else {
+            "the output did not keep up"
+        };
+        log::warn!(
+            "console: {} bytes of guest output dropped ({why})",
+            stats.bytes_dropped
+        );
+    }
+    if stats.bytes_lost > 0 {
+        log::warn!(
+            "console: {} bytes of guest output lost to write errors",
+            stats.bytes_lost
+        );
+    }
+    if stats.bytes_over_limit > 0 {
+        log::info!(
+            "console: {} bytes of guest output past the output file's size limit discarded",
+            stats.bytes_over_limit
+        );
+    }
 }
 
 /// Starts a thread on the CPU this thread runs on, rather than on another, idle one.

@@ -185,9 +185,14 @@ fn virtio_blk_reads_writes_and_flushes() {
     );
     r.assert_success();
     r.line("virtio-guest: blk capacity 2048 sectors, read-only false");
-    // GET_ID names the image's inode.
+    // GET_ID: `ember-` and a hash of the image's path, not its inode number.
+    let id = r.after("virtio-guest: blk id ");
     let ino = std::fs::metadata(&disk).unwrap().ino();
-    r.line(&format!("virtio-guest: blk id ember-{ino}"));
+    assert!(id.starts_with("ember-") && id.len() == 20, "{id:?}");
+    assert!(
+        !id.contains(&ino.to_string()),
+        "GET_ID {id} shows the inode {ino}"
+    );
     r.line("virtio-guest: blk sector 0: Hello from the d");
     r.line("virtio-guest: blk wrote and flushed sector 1");
     r.line("virtio-guest: blk sector 1 read back matches");

@@ -8,6 +8,7 @@ pub mod bus;
 pub mod cmdline;
 pub mod i8042;
 pub mod initrd;
+pub mod rate_limiter;
 pub mod serial;
 pub mod virtio_blk;
 pub mod virtio_mmio;

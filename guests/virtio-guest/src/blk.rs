@@ -298,3 +298,38 @@ pub fn bench(devices: &[VirtioMmioDevice], mib: u64, verify: bool) -> Result<(),
     }
     Ok(())
 }
+
+/// The first sector `blk-flush` writes.
+pub const FLUSH_FIRST_SECTOR: u64 = 8;
+/// How many sectors `blk-flush` writes (4 KiB).
+pub const FLUSH_SECTORS: usize = 8;
+
+/// The byte `blk-flush` writes at byte `offset` of the disk: `offset * 7 + 0x3d`,
+/// truncated (the host test computes the same).
+fn flush_pattern(offset: u64) -> u8 {
+    (offset.wrapping_mul(7).wrapping_add(0x3d)) as u8
+}
+
+/// `ember.test=blk-flush`: writes a known pattern to sectors 8..16 (see
+/// [`flush_pattern`]), flushes, prints `virtio-guest: blk-flush flushed` and then spins
+/// forever, so that the host can kill the VMM at once and look for the data in the image.
+/// Returns only on failure.
+pub fn blk_flush(devices: &[VirtioMmioDevice]) -> Result<(), String> {
+    let mut disk = open_and_describe(devices, "blk-flush")?;
+    let needed = FLUSH_FIRST_SECTOR + FLUSH_SECTORS as u64;
+    if disk.blk.capacity() < needed {
+        return Err(format!("need at least {needed} sectors"));
+    }
+    let buf = dma_buffer(FLUSH_SECTORS * SECTOR_SIZE);
+    let base = FLUSH_FIRST_SECTOR * SECTOR_SIZE as u64;
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = flush_pattern(base + i as u64);
+    }
+    disk.write(FLUSH_FIRST_SECTOR, buf)
+        .map_err(|e| format!("writing sectors {FLUSH_FIRST_SECTOR}..{needed}: {e}"))?;
+    disk.blk.flush().map_err(|e| format!("flush: {e}"))?;
+    println!("virtio-guest: blk-flush flushed");
+    loop {
+        core::hint::spin_loop();
+    }
+}

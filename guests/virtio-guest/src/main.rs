@@ -13,9 +13,15 @@
 //! - `blk`: the first virtio-blk disk: capacity, sector 0 as text, a pattern written to
 //!   sector 1, flushed and read back;
 //! - `blk-ro`: a read-only disk: reads work, a write fails with IOERR;
+//! - `blk-flush`: a pattern written to sectors 8..16 and flushed, then
+//!   `virtio-guest: blk-flush flushed` and a spin forever (the host kills the VMM);
 //! - `blk-bench`: `ember.mib=<n>` MiB (default 64) read then written in 64 KiB requests,
 //!   with `bench ...` lines for the host to time (`ember.verify=1` checks sector tags);
 //! - `rng`: two 64-byte requests to virtio-rng;
+//! - `rng-saturate`, `net-tx-saturate`: `ember.bytes=<n>` bytes (default 4 MiB) from
+//!   virtio-rng or out of virtio-net as fast as the device allows, in requests of
+//!   `ember.req=<n>` bytes (default 4096 and 1526), with `saturate ...` lines for the
+//!   host to time (see [`saturate`]);
 //! - `net`: an ARP request for 10.0.2.1 on virtio-net, and the reply;
 //! - `calibrate`: `ember.polls=<n>` polling iterations between two lines, to measure
 //!   [`virtio::POLLS_PER_SECOND`] from the host.
@@ -35,6 +41,7 @@ mod logger;
 mod net;
 mod rng;
 mod rt;
+mod saturate;
 mod serial;
 mod virtio;
 
@@ -112,12 +119,23 @@ fn run_scenario(scenario: &str, cmdline: &str, devices: &[cmdline::VirtioMmioDev
     let result = match scenario {
         "blk" => blk::blk(devices),
         "blk-ro" => blk::blk_ro(devices),
+        "blk-flush" => blk::blk_flush(devices),
         "blk-bench" => blk::bench(
             devices,
             number("ember.mib", 64),
             number("ember.verify", 0) != 0,
         ),
         "rng" => rng::rng(devices),
+        "rng-saturate" => saturate::rng(
+            devices,
+            number("ember.bytes", 4 << 20),
+            number("ember.req", 4096),
+        ),
+        "net-tx-saturate" => saturate::net_tx(
+            devices,
+            number("ember.bytes", 4 << 20),
+            number("ember.req", 1526),
+        ),
         "net" => net::net(devices),
         "calibrate" => {
             calibrate(number("ember.polls", 10 * virtio::POLLS_PER_SECOND));
@@ -126,7 +144,8 @@ fn run_scenario(scenario: &str, cmdline: &str, devices: &[cmdline::VirtioMmioDev
         _ => {
             println!(
                 "virtio-guest: unknown scenario {scenario:?} \
-                 (blk, blk-ro, blk-bench, rng, net, calibrate)"
+                 (blk, blk-ro, blk-flush, blk-bench, rng, rng-saturate, net, \
+                 net-tx-saturate, calibrate)"
             );
             rt::exit(2)
         }

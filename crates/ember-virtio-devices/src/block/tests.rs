@@ -150,6 +150,8 @@ fn features_and_config() {
     dev.read_config(0, &mut cap);
     assert_eq!(u64::from_le_bytes(cap), SECTORS);
 
+    // The read-write open's lock must go before the image can be opened read-only.
+    drop(dev);
     let ro = Block::new(f.path(), BlockOptions { read_only: true }).unwrap();
     let feats = ro.device_features();
     assert_ne!(feats & VIRTIO_BLK_F_RO, 0);
@@ -230,10 +232,14 @@ fn flush_get_id_and_unsupported() {
         ok(21)
     );
     let id = read(&m, BUF, 20);
+    // Derived from the path: `ember-` and 14 hex digits, no inode number.
+    assert_eq!(&id[..6], b"ember-");
+    assert!(id[6..].iter().all(u8::is_ascii_hexdigit), "{id:?}");
     let ino = std::os::unix::fs::MetadataExt::ino(&f.as_file().metadata().unwrap());
-    let name = format!("ember-{ino}");
-    assert_eq!(&id[..name.len()], name.as_bytes());
-    assert!(id[name.len()..].iter().all(|&b| b == 0));
+    assert!(
+        !String::from_utf8_lossy(&id).contains(&ino.to_string()),
+        "GET_ID shows the inode number {ino}"
+    );
     assert_eq!(read(&m, BUF + 20, 1)[0], 0xff, "GET_ID wrote past 20 bytes");
     assert_eq!(disk.id(), id[..]);
 
@@ -710,6 +716,8 @@ fn worker_serves_requests_with_event_idx() {
             queues: vec![],
             interrupt: irq.clone(),
             features: 0,
+            thread_hook: None,
+            spawner: None,
         })
         .unwrap_err();
     assert!(matches!(
@@ -725,6 +733,8 @@ fn worker_serves_requests_with_event_idx() {
         queues: vec![aq],
         interrupt: irq.clone(),
         features: dev.device_features(),
+        thread_hook: None,
+        spawner: None,
     })
     .unwrap();
     // The OS name is set by the new thread itself, so give it a moment.
@@ -771,6 +781,8 @@ fn worker_serves_requests_with_event_idx() {
             queues: vec![],
             interrupt: irq.clone(),
             features: 0,
+            thread_hook: None,
+            spawner: None,
         })
         .unwrap_err();
     assert!(matches!(err, ActivateError::Other(_)));
@@ -883,4 +895,416 @@ fn reads_mark_guest_pages_dirty() {
         !page(BUF + 0x2000),
         "a page the device did not write is dirty"
     );
+}
+
+#[test]
+fn get_id_is_the_serial_or_a_hash_of_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.img");
+    let b = dir.path().join("b.img");
+    for p in [&a, &b] {
+        std::fs::write(p, vec![0u8; 4096]).unwrap();
+    }
+    let id_a = Disk::open(&a, BlockOptions::default()).unwrap().id();
+    // Stable: the same image (by another path to it) gets the same id.
+    let dotted = dir.path().join(".").join("a.img");
+    let id_a2 = Disk::open(&dotted, BlockOptions::default()).unwrap().id();
+    assert_eq!(id_a, id_a2);
+    let id_b = Disk::open(&b, BlockOptions::default()).unwrap().id();
+    assert_ne!(id_a, id_b);
+    // Neither the inode nor the device number appears.
+    let meta = std::fs::metadata(&a).unwrap();
+    let text = String::from_utf8_lossy(&id_a).into_owned();
+    for n in [meta.ino(), meta.dev()] {
+        assert!(!text.contains(&n.to_string()), "{text} shows {n}");
+    }
+
+    // A serial set by the VMM is what GET_ID returns, NUL-padded.
+    let disk = Disk::open(&a, BlockOptions::default())
+        .unwrap()
+        .with_serial("vol-7")
+        .unwrap();
+    let m = mem();
+    header(&m, VIRTIO_BLK_T_GET_ID, 0);
+    fill(&m, BUF, &[0xff; 32]);
+    assert_eq!(
+        run(&disk, &m, vec![r(HDR, 16), w(BUF, 20), w(STATUS, 1)], ALL),
+        ok(21)
+    );
+    let mut want = [0u8; 20];
+    want[..5].copy_from_slice(b"vol-7");
+    assert_eq!(read(&m, BUF, 20), want);
+    drop(disk);
+    // Exactly 20 bytes: no NUL; 21 are refused, naming the serial.
+    let full = Disk::open(&a, BlockOptions { read_only: true })
+        .unwrap()
+        .with_serial("ABCDEFGHIJKLMNOPQRST")
+        .unwrap();
+    assert_eq!(&full.id(), b"ABCDEFGHIJKLMNOPQRST");
+    let err = Disk::open(&a, BlockOptions { read_only: true })
+        .unwrap()
+        .with_serial("ABCDEFGHIJKLMNOPQRSTU")
+        .unwrap_err();
+    assert!(
+        matches!(err, VirtioDeviceError::DiskSerial { len: 21, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("ABCDEFGHIJKLMNOPQRSTU"), "{err}");
+}
+
+#[test]
+fn images_are_locked_like_qemu() {
+    let f = image();
+    let rw = |f: &NamedTempFile| Disk::open(f.path(), BlockOptions { read_only: false });
+    let ro = |f: &NamedTempFile| Disk::open(f.path(), BlockOptions { read_only: true });
+
+    // Two writers: the second fails, naming this process as the holder.
+    let first = rw(&f).unwrap();
+    let err = rw(&f).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VirtioDeviceError::DiskLocked {
+                wanted: "read-write",
+                held: "write",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains(&f.path().display().to_string()), "{msg}");
+    assert!(msg.contains("this process"), "{msg}");
+    // A reader cannot join a writer either.
+    let err = ro(&f).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VirtioDeviceError::DiskLocked {
+                wanted: "read-only",
+                held: "write",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // The lock goes with the disk.
+    drop(first);
+
+    // Readers share; a writer cannot join them.
+    let r1 = ro(&f).unwrap();
+    let r2 = Block::new(f.path(), BlockOptions { read_only: true }).unwrap();
+    let err = rw(&f).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VirtioDeviceError::DiskLocked {
+                wanted: "read-write",
+                held: "read",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    drop((r1, r2));
+    rw(&f).unwrap();
+}
+
+/// Not a test on its own: with `EMBER_TEST_LOCK_HOLDER` set, the process that
+/// [`lock_held_by_another_process_is_named`] starts, which opens that image read-write,
+/// says so and waits to be killed.
+#[test]
+fn lock_holder_child() {
+    let Ok(path) = std::env::var("EMBER_TEST_LOCK_HOLDER") else {
+        return;
+    };
+    let _disk = Disk::open(&path, BlockOptions::default()).unwrap();
+    println!("EMBER-LOCKED");
+    std::io::stdout().flush().unwrap();
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn lock_held_by_another_process_is_named() {
+    use std::io::BufRead;
+    let f = image();
+    // This test binary again, running only `lock_holder_child` (a fork would share
+    // this process's open files, and with them other tests' locks).
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "block::tests::lock_holder_child", "--nocapture"])
+        .env("EMBER_TEST_LOCK_HOLDER", f.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let locked = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|line| line.contains("EMBER-LOCKED"));
+    let read_only = Disk::open(f.path(), BlockOptions { read_only: true });
+    let read_write = Disk::open(f.path(), BlockOptions::default());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(locked, "the child did not lock the image");
+    let holder = format!("process {} (", child.id());
+    for result in [read_only, read_write] {
+        let err = result.unwrap_err();
+        assert!(
+            matches!(err, VirtioDeviceError::DiskLocked { held: "write", .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&holder), "{err}");
+    }
+    // Once the holder is gone the image opens.
+    Disk::open(f.path(), BlockOptions::default()).unwrap();
+}
+
+#[test]
+fn only_regular_files_and_block_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let cpath = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(cpath.as_ptr(), 0o600) }, 0);
+    for (path, kind) in [
+        (dir.path().to_path_buf(), "directory"),
+        (fifo, "FIFO"),
+        (PathBuf::from("/dev/zero"), "character device"),
+        (PathBuf::from("/dev/null"), "character device"),
+    ] {
+        for read_only in [false, true] {
+            // A FIFO opened for reading would block here without the check.
+            let err = Disk::open(&path, BlockOptions { read_only }).unwrap_err();
+            assert!(
+                matches!(err, VirtioDeviceError::DiskType { kind: k, .. } if k == kind),
+                "{}: {err}",
+                path.display()
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&path.display().to_string()) && msg.contains(kind),
+                "{msg}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_failed_sync_is_latched() {
+    let f = image();
+    let disk = open(&f, false);
+    let m = mem();
+    let flush = |disk: &Disk| {
+        header(&m, VIRTIO_BLK_T_FLUSH, 0);
+        run(disk, &m, vec![r(HDR, 16), w(STATUS, 1)], ALL)
+    };
+    assert_eq!(flush(&disk), ok(1));
+    assert!(!disk.sync_failed());
+
+    // One fdatasync fails...
+    disk.inject_sync_failures.store(1, Ordering::SeqCst);
+    assert_eq!(flush(&disk), IOERR);
+    assert_eq!(disk.inject_sync_failures.load(Ordering::SeqCst), 0);
+    assert!(disk.sync_failed());
+    // ...and every later flush fails too, although fdatasync itself would now succeed.
+    for _ in 0..3 {
+        assert_eq!(flush(&disk), IOERR);
+    }
+    // So do write-through writes (no FLUSH negotiated), though the data is written.
+    header(&m, VIRTIO_BLK_T_OUT, 3);
+    fill(&m, BUF, &[0x5a; 512]);
+    assert_eq!(
+        run(&disk, &m, vec![r(HDR, 16), r(BUF, 512), w(STATUS, 1)], 0),
+        IOERR
+    );
+    // Reads still work.
+    header(&m, VIRTIO_BLK_T_IN, 0);
+    assert_eq!(
+        run(&disk, &m, vec![r(HDR, 16), w(BUF, 512), w(STATUS, 1)], ALL),
+        ok(513)
+    );
+
+    // A write-through write whose sync fails latches the same way.
+    drop(disk);
+    let disk = open(&f, false);
+    disk.inject_sync_failures.store(1, Ordering::SeqCst);
+    header(&m, VIRTIO_BLK_T_OUT, 3);
+    assert_eq!(
+        run(&disk, &m, vec![r(HDR, 16), r(BUF, 512), w(STATUS, 1)], 0),
+        IOERR
+    );
+    assert_eq!(flush(&disk), IOERR);
+}
+
+fn limited(f: &NamedTempFile, config: RateLimiterConfig) -> Block {
+    Block::new(f.path(), BlockOptions::default())
+        .unwrap()
+        .with_rate_limiter(config)
+        .unwrap()
+}
+
+fn bucket(size: u64, refill_time_ms: u64) -> Option<ember_rate_limiter::TokenBucketConfig> {
+    Some(ember_rate_limiter::TokenBucketConfig {
+        size,
+        one_time_burst: 0,
+        refill_time_ms,
+    })
+}
+
+/// Activates `dev` on a fresh queue of `d`; returns the queue's notify eventfd.
+fn activate(
+    dev: &mut Block,
+    m: &GuestMemoryMmap,
+    d: &Driver<'_>,
+) -> vmm_sys_util::eventfd::EventFd {
+    let (aq, kick) = active_queue(0, d);
+    dev.activate(Activation {
+        mem: std::sync::Arc::new(m.clone()),
+        queues: vec![aq],
+        interrupt: RecordingInterrupt::new(),
+        features: dev.device_features(),
+        thread_hook: None,
+        spawner: None,
+    })
+    .unwrap();
+    kick
+}
+
+/// Two operations and no refill within the test: the two requests the bucket holds and
+/// one more (charged once done, it leaves a debt of one op) complete; the rest stay in
+/// the ring whatever the guest does, and a reset does not repay the debt.
+#[test]
+fn rate_limiter_holds_requests_in_the_ring() {
+    let f = image();
+    let mut dev = limited(
+        &f,
+        RateLimiterConfig {
+            bandwidth: None,
+            ops: bucket(2, 600_000),
+        },
+    );
+    let m = mem();
+    let mut d = Driver::new(&m, 0, 256);
+    let kick = activate(&mut dev, &m, &d);
+    header(&m, VIRTIO_BLK_T_IN, 1);
+    for _ in 0..5 {
+        d.add(&[(HDR, 16, false), (BUF, 512, true), (STATUS, 1, true)]);
+    }
+    kick.write(1).unwrap();
+    assert!(d.wait_used(3), "the first three requests were not served");
+    // More notifications get nothing more through.
+    for _ in 0..3 {
+        kick.write(1).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(d.used_idx(), 3, "the limiter let a fourth request through");
+    for i in 0..3 {
+        assert_eq!(d.used(i).1, 513);
+    }
+
+    // A reset gives the limiter back with its buckets (and debt) as they were: a guest
+    // cannot refill them by resetting the device.
+    dev.reset();
+    let mut d2 = Driver::new(&m, 0x8000, 256);
+    let kick = activate(&mut dev, &m, &d2);
+    d2.add(&[(HDR, 16, false), (BUF, 512, true), (STATUS, 1, true)]);
+    kick.write(1).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(d2.used_idx(), 0, "a reset refilled the bucket");
+    dev.reset();
+}
+
+#[test]
+fn rate_limited_requests_complete_at_the_rate() {
+    let f = image();
+    // 1024 bytes per 40 ms, one 512-byte read per request, charged once done: 3 at
+    // once (the third leaves a debt of 512 bytes), then one per 20 ms.
+    let refill_ms = 40;
+    let mut dev = limited(
+        &f,
+        RateLimiterConfig {
+            bandwidth: bucket(1024, refill_ms),
+            ops: None,
+        },
+    );
+    let m = mem();
+    let mut d = Driver::new(&m, 0, 256);
+    let kick = activate(&mut dev, &m, &d);
+    header(&m, VIRTIO_BLK_T_IN, 2);
+    let n = 10u16;
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        d.add(&[(HDR, 16, false), (BUF, 512, true), (STATUS, 1, true)]);
+    }
+    kick.write(1).unwrap();
+    assert!(d.wait_used(n), "only {} of {n} completed", d.used_idx());
+    let elapsed = start.elapsed();
+    // The tenth request starts once the first nine are paid for: (9 * 512 - 1024)
+    // bytes at 1024 bytes per 40 ms, at least 140 ms. A lower bound only: a slow host
+    // makes it longer, never shorter.
+    let min = std::time::Duration::from_millis(refill_ms * 7 / 2);
+    assert!(elapsed >= min.mul_f64(0.95), "{elapsed:?} < {min:?}");
+    assert_eq!(read(&m, BUF, 512), expected(2 * 512, 512));
+    for i in 0..n {
+        assert_eq!(d.used(i).1, 513);
+    }
+    dev.reset();
+}
+
+/// A read larger than the whole bandwidth bucket is not stuck: charged once done, it
+/// completes and leaves a debt, and the limiter holds the next request until the debt
+/// is repaid (not within the test).
+#[test]
+fn a_request_larger_than_the_bucket_completes_then_blocks() {
+    let f = image();
+    let mut dev = limited(
+        &f,
+        RateLimiterConfig {
+            bandwidth: bucket(1024, 600_000),
+            ops: None,
+        },
+    );
+    let m = mem();
+    let mut d = Driver::new(&m, 0, 256);
+    let kick = activate(&mut dev, &m, &d);
+    header(&m, VIRTIO_BLK_T_IN, 4);
+    d.add(&[(HDR, 16, false), (BUF, 4096, true), (STATUS, 1, true)]);
+    d.add(&[(HDR, 16, false), (BUF, 512, true), (STATUS, 1, true)]);
+    kick.write(1).unwrap();
+    assert!(d.wait_used(1), "a request larger than the bucket is stuck");
+    assert_eq!(d.used(0).1, 4097);
+    assert_eq!(read(&m, BUF, 4096), expected(4 * 512, 4096));
+    kick.write(1).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(d.used_idx(), 1, "the limiter let a request through in debt");
+    dev.reset();
+}
+
+#[test]
+fn bad_rate_limits_are_refused() {
+    let f = image();
+    let err = Block::new(f.path(), BlockOptions::default())
+        .unwrap()
+        .with_rate_limiter(RateLimiterConfig {
+            bandwidth: bucket(0, 100),
+            ops: None,
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, VirtioDeviceError::RateLimiter { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&f.path().display().to_string()),
+        "{err}"
+    );
+    // No bucket: no limiter.
+    let dev = Block::new(f.path(), BlockOptions::default())
+        .unwrap()
+        .with_rate_limiter(RateLimiterConfig::default())
+        .unwrap();
+    assert!(dev.rate_limit().is_none());
 }

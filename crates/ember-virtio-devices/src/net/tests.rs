@@ -11,6 +11,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::*;
 use crate::testutil::*;
+use ember_rate_limiter::RateLimiterConfig;
 
 /// An in-memory backend: frames to hand to the device, frames the device wrote.
 #[derive(Clone, Default)]
@@ -396,6 +397,8 @@ fn backend_hang_up_does_not_spin() {
         queues: vec![rxq, txq],
         interrupt: RecordingInterrupt::new(),
         features: 0,
+        thread_hook: None,
+        spawner: None,
     })
     .unwrap();
     // The peer goes away: the fd polls readable (EOF) and hung up for ever.
@@ -429,6 +432,8 @@ fn worker_moves_frames_both_ways() {
         queues: vec![rxq, txq],
         interrupt: irq.clone(),
         features: net.device_features(),
+        thread_hook: None,
+        spawner: None,
     })
     .unwrap();
 
@@ -485,7 +490,235 @@ fn worker_moves_frames_both_ways() {
         queues: vec![rxq, txq],
         interrupt: irq,
         features: 0,
+        thread_hook: None,
+        spawner: None,
     })
     .unwrap();
     net.reset();
+}
+
+fn bucket(size: u64, refill_time_ms: u64) -> Option<ember_rate_limiter::TokenBucketConfig> {
+    Some(ember_rate_limiter::TokenBucketConfig {
+        size,
+        one_time_burst: 0,
+        refill_time_ms,
+    })
+}
+
+fn limits(
+    bandwidth: Option<ember_rate_limiter::TokenBucketConfig>,
+    ops: Option<ember_rate_limiter::TokenBucketConfig>,
+) -> RateLimiterConfig {
+    RateLimiterConfig { bandwidth, ops }
+}
+
+/// A net device on a datagram socket pair, activated with fresh queues at `base`.
+struct Limited<'a> {
+    net: Net,
+    host: UnixDatagram,
+    rxd: Driver<'a>,
+    txd: Driver<'a>,
+    rx_kick: vmm_sys_util::eventfd::EventFd,
+    tx_kick: vmm_sys_util::eventfd::EventFd,
+}
+
+impl<'a> Limited<'a> {
+    fn new(m: &'a GuestMemoryMmap, rx: RateLimiterConfig, tx: RateLimiterConfig) -> Self {
+        let (dev_end, host) = UnixDatagram::pair().unwrap();
+        dev_end.set_nonblocking(true).unwrap();
+        host.set_nonblocking(true).unwrap();
+        let mut net = Net::with_backend(Box::new(Sock(dev_end)), None);
+        net.set_rate_limiters(rx, tx).unwrap();
+        let rxd = Driver::new(m, 0, 16);
+        let txd = Driver::new(m, 0x8000, 16);
+        let (rx_kick, tx_kick) = Self::activate(&mut net, m, &rxd, &txd);
+        Limited {
+            net,
+            host,
+            rxd,
+            txd,
+            rx_kick,
+            tx_kick,
+        }
+    }
+
+    fn activate(
+        net: &mut Net,
+        m: &GuestMemoryMmap,
+        rxd: &Driver<'_>,
+        txd: &Driver<'_>,
+    ) -> (
+        vmm_sys_util::eventfd::EventFd,
+        vmm_sys_util::eventfd::EventFd,
+    ) {
+        let (rxq, rx_kick) = active_queue(0, rxd);
+        let (txq, tx_kick) = active_queue(1, txd);
+        net.activate(Activation {
+            mem: std::sync::Arc::new(m.clone()),
+            queues: vec![rxq, txq],
+            interrupt: RecordingInterrupt::new(),
+            features: 0,
+            thread_hook: None,
+            spawner: None,
+        })
+        .unwrap();
+        (rx_kick, tx_kick)
+    }
+
+    /// Frames the host side has received so far.
+    fn host_frames(&self) -> usize {
+        let mut buf = vec![0u8; 4096];
+        let mut n = 0;
+        while self.host.recv(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
+    }
+}
+
+/// Queues `count` tx chains of `len` bytes (a zero header and payload) at `at`.
+fn queue_tx(m: &GuestMemoryMmap, txd: &mut Driver<'_>, at: u64, count: u64, len: usize) {
+    for i in 0..count {
+        let f = frame(len - VIRTIO_NET_HDR_LEN, i as u8);
+        let addr = at + i * 0x1000;
+        fill(m, addr, &f);
+        txd.add(&[(addr, len as u32, false)]);
+    }
+}
+
+#[test]
+fn invalid_limits_name_the_direction() {
+    let mut net = Net::with_backend(Box::new(Fake::default()), None);
+    let err = net
+        .set_rate_limiters(RateLimiterConfig::default(), limits(bucket(0, 10), None))
+        .unwrap_err();
+    let msg = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+    assert!(
+        msg.contains("virtio-net tx") && msg.contains("size"),
+        "{msg}"
+    );
+    assert_eq!(
+        net.rate_limits(),
+        (RateLimiterConfig::default(), RateLimiterConfig::default())
+    );
+}
+
+/// tx limited to 1000 bytes an hour: frames of 300 bytes go out until the bucket is
+/// short (the fourth goes into debt); the rest stay in the ring, also across a reset.
+#[test]
+fn tx_limit_leaves_chains_in_the_ring() {
+    let m = mem();
+    let mut dev = Limited::new(
+        &m,
+        RateLimiterConfig::default(),
+        limits(bucket(1000, 3_600_000), None),
+    );
+    queue_tx(&m, &mut dev.txd, DATA, 6, 300);
+    dev.tx_kick.write(1).unwrap();
+    assert!(dev.txd.wait_used(4), "the first frames were not sent");
+    // More would come within the hour; give it time to go wrong.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        dev.txd.used_idx(),
+        4,
+        "the tx limiter let a fifth frame out"
+    );
+    assert_eq!(dev.host_frames(), 4);
+
+    dev.net.reset();
+    let rxd = Driver::new(&m, 0x10000, 16);
+    let mut txd = Driver::new(&m, 0x18000, 16);
+    queue_tx(&m, &mut txd, DATA + 0x20000, 1, 64);
+    let _kicks = Limited::activate(&mut dev.net, &m, &rxd, &txd);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(txd.used_idx(), 0, "a reset refilled the tx bucket");
+    assert_eq!(dev.host_frames(), 0);
+    dev.net.reset();
+}
+
+/// tx limited to 2 frames an hour: the third goes into debt, the rest wait.
+#[test]
+fn tx_ops_limit_counts_frames() {
+    let m = mem();
+    let mut dev = Limited::new(
+        &m,
+        RateLimiterConfig::default(),
+        limits(None, bucket(2, 3_600_000)),
+    );
+    queue_tx(&m, &mut dev.txd, DATA, 6, 64);
+    dev.tx_kick.write(1).unwrap();
+    assert!(dev.txd.wait_used(3), "the first frames were not sent");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        dev.txd.used_idx(),
+        3,
+        "the ops limit let a fourth frame out"
+    );
+    assert_eq!(dev.host_frames(), 3);
+    dev.net.reset();
+}
+
+/// rx limited to 1000 bytes an hour: frames stay in the backend once the bucket is
+/// short, and the worker does not spin on the readable socket meanwhile.
+#[test]
+fn rx_limit_stops_reading_the_backend() {
+    let m = mem();
+    let mut dev = Limited::new(
+        &m,
+        limits(bucket(1000, 3_600_000), None),
+        RateLimiterConfig::default(),
+    );
+    for i in 0..8 {
+        dev.rxd.add(&[(DATA + i * 0x1000, 2048, true)]);
+    }
+    dev.rx_kick.write(1).unwrap();
+    for i in 0..6 {
+        dev.host.send(&frame(288, i)).unwrap();
+    }
+    assert!(dev.rxd.wait_used(4), "the first frames were not delivered");
+    let ticks_before = thread_ticks("ember-virtio-ne");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(dev.rxd.used_idx(), 4, "the rx limiter let a fifth frame in");
+    if let (Some(before), Some(after)) = (ticks_before, thread_ticks("ember-virtio-ne")) {
+        assert!(
+            after - before < 10,
+            "the net worker spun while rx was blocked: {} ticks",
+            after - before
+        );
+    }
+    // More rx buffers do not help while blocked.
+    dev.rxd.add(&[(DATA + 0x10000, 2048, true)]);
+    dev.rx_kick.write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(dev.rxd.used_idx(), 4);
+    dev.net.reset();
+}
+
+/// rx limited to 1000 bytes per 100 ms: the frames past the bucket arrive when the
+/// timer fires, not before.
+#[test]
+fn rx_timer_resumes_reading() {
+    let m = mem();
+    let start = std::time::Instant::now();
+    let mut dev = Limited::new(
+        &m,
+        limits(bucket(1000, 100), None),
+        RateLimiterConfig::default(),
+    );
+    for i in 0..8 {
+        dev.rxd.add(&[(DATA + i * 0x1000, 2048, true)]);
+    }
+    dev.rx_kick.write(1).unwrap();
+    for i in 0..6 {
+        dev.host.send(&frame(288, i)).unwrap();
+    }
+    assert!(
+        dev.rxd.wait_used(6),
+        "the limiter never let the last frames in"
+    );
+    // 1800 bytes through a 1000-byte bucket at 10 bytes/ms: the fourth frame goes 200
+    // bytes into debt, the fifth (after 20 ms) 300 more; the sixth is read after at
+    // least 500 bytes of refill, 50 ms.
+    assert!(start.elapsed() >= Duration::from_millis(50));
+    dev.net.reset();
 }

@@ -1,0 +1,298 @@
+//! `ember`'s per-thread seccomp filters, end to end: a forbidden system call from each
+//! kind of thread (main, vCPU, worker spawner, virtio worker, console writer) ends `ember` with one
+//! clear line on stderr and exit status 148, and with `--seccomp off` the same call is
+//! harmless and the guest finishes.
+//!
+//! The forbidden call comes from `EMBER_SECCOMP_SELFTEST=<kind>`, which makes the
+//! threads of that kind issue a call their filter forbids right after installing it
+//! (`socket`; for a virtio worker `clone3`, which the spawner filter the worker
+//! inherits allows, so only the worker's own filter stops it). The guest is the Rust
+//! test guest (`guests/virtio-guest`), which starts its virtio device at once.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use ember_guests::rust_guest::build_guest;
+use ember_guests::testing::kvm_available;
+
+/// Firecracker's exit status after a forbidden system call, which `ember` uses too.
+const BAD_SYSCALL_STATUS: i32 = 148;
+
+struct Run {
+    /// `None` if the run timed out and was killed.
+    status: Option<ExitStatus>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn context(&self) -> String {
+        format!(
+            "status: {:?}\nstdout:\n{}\nstderr:\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+
+    fn code(&self) -> Option<i32> {
+        self.status.and_then(|s| s.code())
+    }
+}
+
+/// Runs `command` with stdout and stderr captured, killing it after 60 s.
+fn run(mut command: Command) -> Run {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        match child.try_wait().expect("waiting for ember") {
+            Some(status) => break Some(status),
+            None if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            None => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    Run {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+fn guest() -> PathBuf {
+    build_guest("virtio-guest").unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The guest's scenario and the device arguments it needs.
+#[derive(Clone, Copy)]
+enum Scenario {
+    Rng,
+    Blk,
+}
+
+/// `ember` running the test guest's `scenario`, with `EMBER_SECCOMP_SELFTEST=selftest`
+/// and `extra` arguments. `disk` is the image for [`Scenario::Blk`].
+fn ember(scenario: Scenario, disk: &Path, selftest: Option<&str>, extra: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ember"));
+    command.arg("--kernel").arg(guest());
+    let test = match scenario {
+        Scenario::Rng => {
+            command.arg("--rng");
+            "rng"
+        }
+        Scenario::Blk => {
+            command
+                .arg("--disk")
+                .arg(format!("path={}", disk.display()));
+            "blk"
+        }
+    };
+    command
+        .args(extra)
+        .args(["--cmdline", &format!("console=ttyS0 ember.test={test}")]);
+    command.env_remove("EMBER_SECCOMP_SELFTEST");
+    if let Some(kind) = selftest {
+        command.env("EMBER_SECCOMP_SELFTEST", kind);
+    }
+    command
+}
+
+/// A 1 MiB disk image for the `blk` scenario.
+fn disk(dir: &tempfile::TempDir) -> PathBuf {
+    let path = dir.path().join("disk.img");
+    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+    path
+}
+
+/// The self-test of thread kind `kind` on `thread`, which makes system call `nr`
+/// (`name`): with the filters on (the default, no `--seccomp` argument) `ember` ends
+/// with status 148 and the report line; with `--seccomp off` the guest passes.
+fn forbidden_call_ends_ember(
+    test: &str,
+    scenario: Scenario,
+    kind: &str,
+    thread: &str,
+    nr: u32,
+    name: &str,
+) {
+    if !kvm_available(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = disk(&dir);
+    let announced = format!("seccomp self-test (EMBER_SECCOMP_SELFTEST={kind}): thread '{thread}' makes system call {nr} ({name})");
+    let report = format!(
+        "ember: seccomp: thread '{thread}' made a forbidden system call {nr} ({name}); \
+         exiting. (--seccomp off disables the filters, for debugging)"
+    );
+
+    let on = run(ember(scenario, &disk, Some(kind), &[]));
+    assert_eq!(on.code(), Some(BAD_SYSCALL_STATUS), "{}", on.context());
+    assert!(on.stderr.contains(&announced), "{}", on.context());
+    assert!(
+        on.stderr.lines().any(|l| l == report),
+        "no line {report:?}\n{}",
+        on.context()
+    );
+    assert!(!on.stderr.contains("survived"), "{}", on.context());
+
+    let off = run(ember(scenario, &disk, Some(kind), &["--seccomp", "off"]));
+    assert_eq!(off.code(), Some(0), "{}", off.context());
+    assert!(off.stderr.contains(&announced), "{}", off.context());
+    assert!(
+        off.stderr.contains(&format!(
+            "seccomp self-test: thread '{thread}' survived system call {nr}"
+        )),
+        "{}",
+        off.context()
+    );
+    assert!(
+        off.stderr
+            .contains("seccomp filters are off (--seccomp off)"),
+        "{}",
+        off.context()
+    );
+    assert!(!off.stderr.contains("ember: seccomp:"), "{}", off.context());
+    let passed = match scenario {
+        Scenario::Rng => "virtio-guest: rng passed",
+        Scenario::Blk => "virtio-guest: blk passed",
+    };
+    assert!(off.stdout.contains(passed), "{}", off.context());
+}
+
+#[test]
+fn a_forbidden_call_on_the_main_thread_ends_ember() {
+    forbidden_call_ends_ember(
+        "a_forbidden_call_on_the_main_thread_ends_ember",
+        Scenario::Rng,
+        "main",
+        "main",
+        41,
+        "socket",
+    );
+}
+
+#[test]
+fn a_forbidden_call_on_a_vcpu_thread_ends_ember() {
+    forbidden_call_ends_ember(
+        "a_forbidden_call_on_a_vcpu_thread_ends_ember",
+        Scenario::Rng,
+        "vcpu",
+        "ember-vcpu-0",
+        41,
+        "socket",
+    );
+}
+
+#[test]
+fn a_forbidden_call_on_the_virtio_rng_worker_ends_ember() {
+    forbidden_call_ends_ember(
+        "a_forbidden_call_on_the_virtio_rng_worker_ends_ember",
+        Scenario::Rng,
+        "virtio-rng",
+        "ember-virtio-rng",
+        435,
+        "clone3",
+    );
+}
+
+#[test]
+fn a_forbidden_call_on_the_virtio_blk_worker_ends_ember() {
+    forbidden_call_ends_ember(
+        "a_forbidden_call_on_the_virtio_blk_worker_ends_ember",
+        Scenario::Blk,
+        "virtio-blk",
+        "ember-virtio-blk",
+        435,
+        "clone3",
+    );
+}
+
+#[test]
+fn a_forbidden_call_on_the_spawner_thread_ends_ember() {
+    forbidden_call_ends_ember(
+        "a_forbidden_call_on_the_spawner_thread_ends_ember",
+        Scenario::Rng,
+        "spawner",
+        "ember-spawner",
+        41,
+        "socket",
+    );
+}
+
+#[test]
+fn a_forbidden_call_on_the_console_writer_ends_ember() {
+    forbidden_call_ends_ember(
+        "a_forbidden_call_on_the_console_writer_ends_ember",
+        Scenario::Rng,
+        "console",
+        "serial-output",
+        41,
+        "socket",
+    );
+}
+
+/// With the filters on and no self-test, the guest's devices work (every other
+/// end-to-end test runs with them on too).
+#[test]
+fn the_guest_runs_under_the_filters() {
+    if !kvm_available("the_guest_runs_under_the_filters") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = disk(&dir);
+    for (scenario, passed) in [
+        (Scenario::Rng, "virtio-guest: rng passed"),
+        (Scenario::Blk, "virtio-guest: blk passed"),
+    ] {
+        let r = run(ember(scenario, &disk, None, &["--seccomp", "on"]));
+        assert_eq!(r.code(), Some(0), "{}", r.context());
+        assert!(r.stdout.contains(passed), "{}", r.context());
+        assert!(!r.stderr.contains("seccomp"), "{}", r.context());
+    }
+}
+
+#[test]
+fn bad_seccomp_settings_are_rejected_by_name() {
+    let r = run({
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ember"));
+        c.args(["--seccomp", "maybe"]);
+        c
+    });
+    assert_eq!(r.code(), Some(2), "{}", r.context());
+    assert!(r.stderr.contains("'maybe'"), "{}", r.context());
+    assert!(r.stderr.contains("expected on or off"), "{}", r.context());
+
+    let r = run({
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ember"));
+        c.env("EMBER_SECCOMP_SELFTEST", "gpu");
+        c
+    });
+    assert_eq!(r.code(), Some(1), "{}", r.context());
+    assert!(
+        r.stderr
+            .contains("EMBER_SECCOMP_SELFTEST=gpu: not a thread kind (expected one of: main, vcpu, spawner, virtio-blk, virtio-net, virtio-rng, console)"),
+        "{}",
+        r.context()
+    );
+}
