@@ -65,9 +65,9 @@ pub struct Cli {
     pub entry: EntryChoice,
 
     /// A virtio-blk disk backed by a raw image (a regular file or a block device),
-    /// locked against other writers: path=FILE[,readonly=on][,serial=ID] and rate
-    /// limits bw_size=BYTES,bw_refill_time=MS[,bw_one_time_burst=BYTES] (bandwidth) and
-    /// ops_size=N,ops_refill_time=MS[,ops_one_time_burst=N] (requests). Repeatable.
+    /// locked against other writers: `path=FILE[,readonly=on][,serial=ID]` and rate
+    /// limits `bw_size=BYTES,bw_refill_time=MS[,bw_one_time_burst=BYTES]` (bandwidth) and
+    /// `ops_size=N,ops_refill_time=MS[,ops_one_time_burst=N]` (requests). Repeatable.
     #[arg(
         long,
         value_name = "path=FILE[,readonly=on][,serial=ID][,bw_*=..][,ops_*=..]",

@@ -28,7 +28,10 @@ fn main() -> ExitCode {
             // One line, like every other error: clap's first line without its prefix.
             let text = e.to_string();
             let first = text.lines().next().unwrap_or("invalid command line");
-            eprintln!("ember: error: {}", first.trim_start_matches("error: "));
+            logger::write_stderr(&format!(
+                "ember: error: {}\n",
+                first.trim_start_matches("error: ")
+            ));
             return ExitCode::from(2);
         }
     };
@@ -43,7 +46,7 @@ fn main() -> ExitCode {
         );
     }
     if let Err(e) = seccomp::init(cli.seccomp) {
-        eprintln!("ember: error: {e}");
+        logger::write_stderr(&format!("ember: error: {e}\n"));
         return ExitCode::FAILURE;
     }
 
@@ -65,7 +68,7 @@ fn main() -> ExitCode {
         });
     if config.exit_stats && profile.vcpus > 0 {
         // The table's first line reads `ember: exit profile: ...`.
-        eprint!("ember: {profile}");
+        logger::write_stderr(&format!("ember: {profile}"));
     }
     match result {
         Ok((report, boot_done)) => {
@@ -74,10 +77,10 @@ fn main() -> ExitCode {
                 boot_done.boot_time(),
                 log::max_level() < log::LevelFilter::Info,
             ) {
-                eprintln!(
-                    "ember: guest boot done after {:.3} ms",
+                logger::write_stderr(&format!(
+                    "ember: guest boot done after {:.3} ms\n",
                     t.as_secs_f64() * 1e3
-                );
+                ));
             }
             log::info!(
                 "VM ended: {} (exit code {})",
@@ -94,7 +97,7 @@ fn main() -> ExitCode {
             ExitCode::from(report.exit_code.clamp(0, 255) as u8)
         }
         Err(message) => {
-            eprintln!("ember: error: {message}");
+            logger::write_stderr(&format!("ember: error: {message}\n"));
             ExitCode::FAILURE
         }
     }

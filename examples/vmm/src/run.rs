@@ -7,6 +7,10 @@
 //! reported), never a stalled vCPU or event loop. SIGINT and SIGTERM end the VM at once
 //! whatever the guest or that reader do: the buffered output is then abandoned, and the
 //! writer thread, maybe stuck in `write(2)`, is left to the process's exit.
+//!
+//! `ember`'s log lines are treated the same way (see [`crate::logger`]): while the VM
+//! runs, no thread waits for stderr; when it ends, the buffered lines are written like
+//! the console's last output, and given up on at once on a signal.
 
 use std::cell::Cell;
 use std::fs::File;
@@ -32,6 +36,9 @@ use crate::logger::write_stderr;
 const OUTPUT_STALL: Duration = Duration::from_secs(2);
 /// While waiting for that output, how often SIGINT/SIGTERM are looked for.
 const SIGNAL_POLL: Duration = Duration::from_millis(10);
+/// After SIGINT/SIGTERM, how long the last log lines (how the VM ended) may wait for a
+/// stderr that is not taking them.
+const SIGNAL_GRACE: Duration = Duration::from_millis(20);
 
 /// Why running a VM failed.
 #[derive(Debug, thiserror::Error)]
@@ -255,6 +262,9 @@ pub fn run_vm(
     profile: &mut ExitProfile,
 ) -> Result<RunReport, RunError> {
     let loop_err = |e: &dyn std::fmt::Display| RunError::EventLoop(e.to_string());
+    // From here until the VM has ended, no thread waits for stderr. (On an early return,
+    // dropping it waits, bounded, for the lines logged meanwhile.)
+    let buffering = crate::logger::buffer();
     // On every early return below, dropping `vcpus` stops and joins the vCPUs.
     let mut vcpus = VcpuGroup::new()?;
     for (i, vcpu) in vm.vcpus.drain(..).enumerate() {
@@ -305,13 +315,17 @@ pub fn run_vm(
     drop(terminal);
 
     let results = vcpus.join();
-    // The vCPUs are gone: no more guest output. Write what is buffered, unless a
-    // signal asks to end now.
+    // The vCPUs are gone: no more guest output. Write what is buffered (console output
+    // and log lines), unless a signal asks to end now.
     if received.get().is_some() {
         vm.serial.abandon_output();
+        crate::logger::give_up(SIGNAL_GRACE);
     } else if let Some(signo) = finish_output(&vm.serial, signals.as_deref()) {
         log::info!("signal {signo} while writing the guest's last output: the rest is dropped");
     }
+    // Log lines are waited for again (bounded), so that the last ones are out before
+    // `ember` exits.
+    buffering.end();
     report_output(&vm.serial, vm.serial_stdin);
     let mut merged = ExitProfile::default();
     let mut outcomes = Vec::with_capacity(results.len());
@@ -421,30 +435,47 @@ pub fn run_vm(
     })
 }
 
-/// Waits for the serial port's buffered output to be written, giving up on it (and
-/// returning the signal) on SIGINT or SIGTERM, or once none of it was written for
-/// [`OUTPUT_STALL`].
+/// Waits for the serial port's buffered output and the buffered log lines to be
+/// written, giving up on both (and returning the signal) on SIGINT or SIGTERM, or once
+/// neither made progress for [`OUTPUT_STALL`].
 fn finish_output(serial: &Serial, signals: Option<&File>) -> Option<i32> {
-    let mut pending = serial.pending_output();
+    let pending = || (serial.pending_output(), crate::logger::pending());
+    let (mut console, mut log) = pending();
     let mut progress = Instant::now();
-    while !serial.flush_output(SIGNAL_POLL) {
+    loop {
+        let console_done = serial.flush_output(SIGNAL_POLL);
+        // Waits only when the console did not.
+        let wait = if console_done {
+            SIGNAL_POLL
+        } else {
+            Duration::ZERO
+        };
+        if crate::logger::flush(wait) && console_done {
+            return None;
+        }
         if let Some(signo) = signals.and_then(read_signal) {
             serial.abandon_output();
+            crate::logger::give_up(SIGNAL_GRACE);
             return Some(signo);
         }
-        let now = serial.pending_output();
-        if now < pending {
-            pending = now;
+        let (console_now, log_now) = pending();
+        if console_now < console || log_now < log {
+            (console, log) = (console_now, log_now);
             progress = Instant::now();
         } else if progress.elapsed() >= OUTPUT_STALL {
+            if console_now > 0 {
+                serial.abandon_output();
+            }
+            if log_now > 0 {
+                crate::logger::give_up(Duration::ZERO);
+            }
             log::debug!(
-                "console: no output written for {OUTPUT_STALL:?}; giving up on {now} bytes"
+                "console and log: nothing written for {OUTPUT_STALL:?}; giving up on \
+                 {console_now} bytes of guest output and {log_now} bytes of log lines"
             );
-            serial.abandon_output();
-            break;
+            return None;
         }
     }
-    None
 }
 
 /// Reports guest output that did not reach its destination.

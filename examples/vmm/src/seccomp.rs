@@ -15,6 +15,9 @@
 //!   touches a queue.
 //! - **console**: the console writer thread (`serial-output`), through
 //!   [`ember_devices::Serial::with_thread_hook`], before it writes anything.
+//! - **logger**: the log writer thread (`ember-log`, see [`crate::logger`]), started by
+//!   [`init`] (before any filter is installed, so that it inherits none), before it
+//!   writes anything.
 //!
 //! Filters stack: a thread runs under every filter it inherited as well as its own, and
 //! a system call must pass all of them. That matters for the virtio workers, which the
@@ -85,6 +88,9 @@ pub enum SeccompError {
     /// A device started a thread this VMM has no filter for.
     #[error("no seccomp filter for thread '{0}' (a device thread this VMM does not know)")]
     UnknownThread(String),
+    /// The log writer thread could not be started, or its filter installed.
+    #[error("cannot start the log writer thread: {0}")]
+    Logger(io::Error),
     /// `sigaction(SIGSYS)` failed.
     #[error("cannot install the SIGSYS handler: {0}")]
     Handler(io::Error),
@@ -116,11 +122,13 @@ pub enum ThreadKind {
     VirtioRng,
     /// The console writer thread.
     Console,
+    /// The log writer thread (`ember-log`).
+    Logger,
 }
 
 impl ThreadKind {
     /// Every kind, in the order of the README's tables.
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Spawner,
@@ -128,6 +136,7 @@ impl ThreadKind {
         ThreadKind::VirtioNet,
         ThreadKind::VirtioRng,
         ThreadKind::Console,
+        ThreadKind::Logger,
     ];
 
     /// The kind's name, as [`SELFTEST_ENV`] takes it.
@@ -140,6 +149,7 @@ impl ThreadKind {
             ThreadKind::VirtioNet => "virtio-net",
             ThreadKind::VirtioRng => "virtio-rng",
             ThreadKind::Console => "console",
+            ThreadKind::Logger => "logger",
         }
     }
 
@@ -181,6 +191,7 @@ impl ThreadKind {
             ThreadKind::VirtioNet => &[THREAD_LIFE, EVENT_LOOP, NET],
             ThreadKind::VirtioRng => &[THREAD_LIFE, EVENT_LOOP, RNG],
             ThreadKind::Console => &[THREAD_LIFE, CONSOLE],
+            ThreadKind::Logger => &[THREAD_LIFE, LOGGER],
         };
         merge(groups.iter().flat_map(|g| g.iter()))
     }
@@ -438,6 +449,10 @@ const RNG: &[Rule] = &[
 /// output file and whose `futex` waits on the output queue.
 const CONSOLE: &[Rule] = &[];
 
+/// The log writer thread (`ember-log`): nothing beyond [`THREAD_LIFE`], whose `write`
+/// puts the log lines on stderr and whose `futex` waits on the log buffer.
+const LOGGER: &[Rule] = &[];
+
 /// Compiles `kind`'s filter: the allowed calls pass, anything else raises SIGSYS.
 pub fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     compile_with(kind, SeccompAction::Trap)
@@ -485,6 +500,10 @@ static STATE: OnceLock<State> = OnceLock::new();
 /// every filter and installs the SIGSYS handler; either way, reads [`SELFTEST_ENV`].
 /// The filters are then installed by [`enter`] and the hooks ([`vcpu_hook`],
 /// [`worker_hook`]).
+///
+/// Then starts the log writer thread ([`crate::logger::start`]), which [`enter`]s
+/// [`ThreadKind::Logger`] first: here, because it must start after the filters are
+/// compiled and before any thread installs one (it would inherit it).
 pub fn init(enabled: bool) -> Result<(), SeccompError> {
     let selftest =
         match std::env::var(SELFTEST_ENV) {
@@ -508,7 +527,8 @@ pub fn init(enabled: bool) -> Result<(), SeccompError> {
     };
     // A second call keeps the first state.
     let _ = STATE.set(State { programs, selftest });
-    Ok(())
+    crate::logger::start(|| enter(ThreadKind::Logger).map_err(io::Error::other))
+        .map_err(SeccompError::Logger)
 }
 
 /// Installs the calling thread's filter, if filters are on, and runs the self-test if
@@ -596,6 +616,9 @@ fn selftest(kind: ThreadKind, thread: &str) {
         kind.name(),
         syscall_name(nr)
     );
+    // The line is out before the call ends the process (except on the log writer
+    // thread, which wrote it itself).
+    crate::logger::wait_written();
     if nr == libc::SYS_clone3 {
         // SAFETY: clone3 with no arguments structure (NULL, size 0) fails with EINVAL
         // before creating anything.

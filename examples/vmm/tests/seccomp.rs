@@ -1,5 +1,6 @@
 //! `ember`'s per-thread seccomp filters, end to end: a forbidden system call from each
-//! kind of thread (main, vCPU, worker spawner, virtio worker, console writer) ends `ember` with one
+//! kind of thread (main, vCPU, worker spawner, virtio worker, console writer, log
+//! writer) ends `ember` with one
 //! clear line on stderr and exit status 148, and with `--seccomp off` the same call is
 //! harmless and the guest finishes.
 //!
@@ -252,6 +253,18 @@ fn a_forbidden_call_on_the_console_writer_ends_ember() {
     );
 }
 
+#[test]
+fn a_forbidden_call_on_the_log_writer_ends_ember() {
+    forbidden_call_ends_ember(
+        "a_forbidden_call_on_the_log_writer_ends_ember",
+        Scenario::Rng,
+        "logger",
+        "ember-log",
+        41,
+        "socket",
+    );
+}
+
 /// With the filters on and no self-test, the guest's devices work (every other
 /// end-to-end test runs with them on too).
 #[test]
@@ -291,7 +304,7 @@ fn bad_seccomp_settings_are_rejected_by_name() {
     assert_eq!(r.code(), Some(1), "{}", r.context());
     assert!(
         r.stderr
-            .contains("EMBER_SECCOMP_SELFTEST=gpu: not a thread kind (expected one of: main, vcpu, spawner, virtio-blk, virtio-net, virtio-rng, console)"),
+            .contains("EMBER_SECCOMP_SELFTEST=gpu: not a thread kind (expected one of: main, vcpu, spawner, virtio-blk, virtio-net, virtio-rng, console, logger)"),
         "{}",
         r.context()
     );

@@ -427,3 +427,133 @@ fn a_stderr_that_cannot_be_written_does_not_end_ember() {
         "{warnings} lines for 1000 writes:\n{stderr}"
     );
 }
+
+/// A guest that prints `g` and a newline on COM1, then asks for ACPI sleep state S3 (a
+/// warning each time, rate-limited) in a loop: `times` times, then exits with `code`
+/// through the debug-exit port; `None`: for ever.
+fn warning_guest(dir: &tempfile::TempDir, name: &str, times: Option<u32>, code: u8) -> PathBuf {
+    guest_kernel(dir, name, |a| {
+        let mut again = a.create_label();
+        a.mov(dx, 0x3f8u32)?;
+        a.mov(al, u32::from(b'g'))?;
+        a.out(dx, al)?;
+        a.mov(al, u32::from(b'\n'))?;
+        a.out(dx, al)?;
+        a.mov(ecx, times.unwrap_or(0))?;
+        a.mov(dx, 0x600u32)?;
+        a.mov(al, (3u32 << 2) | 0x20)?;
+        a.set_label(&mut again)?;
+        a.out(dx, al)?;
+        a.pause()?;
+        if times.is_some() {
+            a.dec(ecx)?;
+            a.jnz(again)?;
+        } else {
+            a.jmp(again)?;
+        }
+        a.mov(al, u32::from(code))?;
+        a.out(0xf4, al)?;
+        a.hlt()
+    })
+}
+
+/// A pipe for `ember`'s stderr that is already full: whatever `ember` writes to it
+/// blocks (the test never reads it). Returns the read end and the write end.
+fn full_stderr_pipe() -> (File, OwnedFd) {
+    let (r, w) = pipe();
+    let (_, size) = pipe_fill(&r);
+    let filler = vec![b'.'; size];
+    // SAFETY: `filler` is valid for reads of its length; `w` is open. The pipe is empty
+    // and exactly `size` bytes long, so the write fills it without blocking.
+    let n = unsafe { libc::write(w.as_raw_fd(), filler.as_ptr().cast(), filler.len()) };
+    assert_eq!(n, size as isize, "{}", std::io::Error::last_os_error());
+    let (queued, size) = pipe_fill(&r);
+    assert!(queued + 4096 > size, "{queued} of {size}");
+    (r, w)
+}
+
+/// Starts `ember` on `kernel` with stderr `stderr`, stdout a pipe the test reads
+/// (returned), and stdin at EOF; waits until the guest has printed its first line.
+fn start_with_stderr(kernel: &Path, stderr: OwnedFd) -> (Child, File) {
+    let (stdout, stdout_w) = pipe();
+    let child = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["--kernel", kernel.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(stdout_w))
+        .stderr(Stdio::from(stderr))
+        .spawn()
+        .expect("cannot start ember");
+    (child, stdout)
+}
+
+#[test]
+fn sigterm_ends_a_guest_that_makes_ember_log_to_a_full_stderr() {
+    if !kvm_available("sigterm_ends_a_guest_that_makes_ember_log_to_a_full_stderr") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = warning_guest(&dir, "warn-forever", None, 0);
+    let mut latencies = Vec::new();
+    for (round, (signo, status)) in [
+        (libc::SIGTERM, 143),
+        (libc::SIGINT, 130),
+        (libc::SIGTERM, 143),
+        (libc::SIGINT, 130),
+        (libc::SIGTERM, 143),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (stderr, stderr_w) = full_stderr_pipe();
+        let (child, stdout) = start_with_stderr(&kernel, stderr_w);
+        let pid = child.id() as libc::pid_t;
+        // The guest runs, and warns right after: give its vCPU time to log a line (and,
+        // before the fix, to block in write(2) with it).
+        let start = Instant::now();
+        while pipe_fill(&stdout).0 == 0 {
+            assert!(start.elapsed() < LIMIT, "the guest never started");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        eprintln!(
+            "round {round}: threads before signal {signo}: {:?}",
+            thread_wchans(pid)
+        );
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        assert_eq!(unsafe { libc::kill(pid, signo) }, 0);
+        let (exit, latency) = wait_exit(child, HANG, || {
+            format!("round {round}: stderr full; threads were blocked")
+        });
+        eprintln!("round {round}: signal {signo} -> exit in {latency:?} ({exit})");
+        assert_eq!(exit.code(), Some(status), "round {round}");
+        // Nothing more fitted in the pipe.
+        let (queued, size) = pipe_fill(&stderr);
+        assert!(queued + 4096 > size, "{queued} of {size}");
+        latencies.push(latency);
+    }
+    latencies.sort();
+    eprintln!(
+        "signal-to-exit latency with a guest making ember log to a full stderr: median {:?}, min {:?}, max {:?} ({} runs)",
+        latencies[latencies.len() / 2],
+        latencies[0],
+        latencies[latencies.len() - 1],
+        latencies.len()
+    );
+}
+
+#[test]
+fn a_guest_that_makes_ember_log_to_a_full_stderr_then_exits_ends() {
+    if !kvm_available("a_guest_that_makes_ember_log_to_a_full_stderr_then_exits_ends") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = warning_guest(&dir, "warn-exit", Some(1000), 7);
+    let (stderr, stderr_w) = full_stderr_pipe();
+    let (child, _stdout) = start_with_stderr(&kernel, stderr_w);
+    // Ember gives up on its stalled log lines once none was written for a while.
+    let (exit, took) = wait_exit(child, LIMIT, || "stderr full".to_string());
+    eprintln!("ended in {took:?} ({exit})");
+    assert_eq!(exit.code(), Some(7));
+    let (queued, size) = pipe_fill(&stderr);
+    assert!(queued + 4096 > size, "{queued} of {size}");
+}
