@@ -89,12 +89,23 @@ fn guest() -> PathBuf {
 enum Scenario {
     Rng,
     Blk,
+    /// virtio-net on the tap of [`NetNamespace`]: the guest sends ten frames.
+    Net,
 }
 
 /// `ember` running the test guest's `scenario`, with `EMBER_SECCOMP_SELFTEST=selftest`
 /// and `extra` arguments. `disk` is the image for [`Scenario::Blk`].
 fn ember(scenario: Scenario, disk: &Path, selftest: Option<&str>, extra: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ember"));
+    let mut command = match scenario {
+        // `ip netns exec` execs ember in the namespace that holds the tap.
+        Scenario::Net => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &NetNamespace::name()])
+                .arg(env!("CARGO_BIN_EXE_ember"));
+            c
+        }
+        _ => Command::new(env!("CARGO_BIN_EXE_ember")),
+    };
     command.arg("--kernel").arg(guest());
     let test = match scenario {
         Scenario::Rng => {
@@ -107,6 +118,10 @@ fn ember(scenario: Scenario, disk: &Path, selftest: Option<&str>, extra: &[&str]
                 .arg(format!("path={}", disk.display()));
             "blk"
         }
+        Scenario::Net => {
+            command.args(["--net", &format!("tap={TAP}")]);
+            "net-tx-saturate ember.bytes=15260 ember.req=1526"
+        }
     };
     command
         .args(extra)
@@ -116,6 +131,61 @@ fn ember(scenario: Scenario, disk: &Path, selftest: Option<&str>, extra: &[&str]
         command.env("EMBER_SECCOMP_SELFTEST", kind);
     }
     command
+}
+
+/// The tap [`Scenario::Net`] uses, inside [`NetNamespace`].
+const TAP: &str = "sctap0";
+
+/// A network namespace holding an existing tap for `--net`, deleted on drop.
+struct NetNamespace;
+
+impl NetNamespace {
+    fn name() -> String {
+        format!("ember-seccomp-{}", std::process::id())
+    }
+
+    /// The namespace with its tap up, or why there is none (not root, no
+    /// `/dev/net/tun`, no iproute2).
+    fn create() -> Result<NetNamespace, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not root".into());
+        }
+        if !Path::new("/dev/net/tun").exists() {
+            return Err("no /dev/net/tun".into());
+        }
+        let ip = |args: &[&str]| -> Result<(), String> {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|e| format!("cannot run ip: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        };
+        let name = Self::name();
+        ip(&["netns", "add", &name])?;
+        let ns = NetNamespace;
+        ip(&[
+            "-n", &name, "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr",
+        ])?;
+        ip(&["-n", &name, "link", "set", TAP, "up"])?;
+        Ok(ns)
+    }
+}
+
+impl Drop for NetNamespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &Self::name()])
+            .status();
+    }
 }
 
 /// A 1 MiB disk image for the `blk` scenario.
@@ -177,6 +247,7 @@ fn forbidden_call_ends_ember(
     let passed = match scenario {
         Scenario::Rng => "virtio-guest: rng passed",
         Scenario::Blk => "virtio-guest: blk passed",
+        Scenario::Net => "virtio-guest: saturate done 15260 bytes 10 requests",
     };
     assert!(off.stdout.contains(passed), "{}", off.context());
 }
@@ -224,6 +295,32 @@ fn a_forbidden_call_on_the_virtio_blk_worker_ends_ember() {
         Scenario::Blk,
         "virtio-blk",
         "ember-virtio-blk",
+        435,
+        "clone3",
+    );
+}
+
+/// Needs root, `/dev/net/tun` and iproute2 for its tap; without them it says so loudly
+/// and passes, unless `EMBER_REQUIRE_TAP=1` (as in CI).
+#[test]
+fn a_forbidden_call_on_the_virtio_net_worker_ends_ember() {
+    const TEST: &str = "a_forbidden_call_on_the_virtio_net_worker_ends_ember";
+    let _netns = match NetNamespace::create() {
+        Ok(ns) => ns,
+        Err(why) => {
+            assert!(
+                std::env::var_os("EMBER_REQUIRE_TAP").is_none_or(|v| v != "1"),
+                "{TEST}: a tap is required (EMBER_REQUIRE_TAP=1) but: {why}"
+            );
+            eprintln!("!!! TAP UNAVAILABLE: test {TEST} did NOT run: {why}");
+            return;
+        }
+    };
+    forbidden_call_ends_ember(
+        TEST,
+        Scenario::Net,
+        "virtio-net",
+        "ember-virtio-net",
         435,
         "clone3",
     );
