@@ -516,6 +516,7 @@ pub fn init(enabled: bool) -> Result<(), SeccompError> {
             _ => None,
         };
     let programs = if enabled {
+        fix_malloc_arena_limit();
         let programs = ThreadKind::ALL
             .into_iter()
             .map(|kind| Ok((kind, compile(kind)?)))
@@ -529,6 +530,25 @@ pub fn init(enabled: bool) -> Result<(), SeccompError> {
     let _ = STATE.set(State { programs, selftest });
     crate::logger::start(|| enter(ThreadKind::Logger).map_err(io::Error::other))
         .map_err(SeccompError::Logger)
+}
+
+/// Sets glibc's malloc arena limit now, while no filter is installed.
+///
+/// Without a limit set, glibc computes one the first time a thread's allocation would
+/// create a ninth arena, by reading `/sys/devices/system/cpu/online` (`openat`): on
+/// whichever thread that happens to be, filtered or not, and no filter here allows
+/// opening files. Setting the limit glibc would compute (8 per CPU on 64-bit) keeps its
+/// behaviour and takes the file read out of every thread. musl has no arenas.
+fn fix_malloc_arena_limit() {
+    #[cfg(target_env = "gnu")]
+    {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let limit = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt takes two integers and only changes malloc's settings.
+        if unsafe { libc::mallopt(libc::M_ARENA_MAX, limit) } == 0 {
+            log::warn!("mallopt(M_ARENA_MAX, {limit}) failed; a thread may hit its filter");
+        }
+    }
 }
 
 /// Installs the calling thread's filter, if filters are on, and runs the self-test if
