@@ -22,6 +22,9 @@
 //!   virtio-rng or out of virtio-net as fast as the device allows, in requests of
 //!   `ember.req=<n>` bytes (default 4096 and 1526), with `saturate ...` lines for the
 //!   host to time (see [`saturate`]);
+//! - `net-rx-saturate`: frames received from virtio-net as fast as they arrive, until
+//!   `ember.bytes=<n>` bytes (default 4 MiB) or `ember.frames=<n>` frames have come,
+//!   with the same `saturate ...` lines;
 //! - `net`: an ARP request for 10.0.2.1 on virtio-net, and the reply;
 //! - `calibrate`: `ember.polls=<n>` polling iterations between two lines, to measure
 //!   [`virtio::POLLS_PER_SECOND`] from the host.
@@ -136,6 +139,11 @@ fn run_scenario(scenario: &str, cmdline: &str, devices: &[cmdline::VirtioMmioDev
             number("ember.bytes", 4 << 20),
             number("ember.req", 1526),
         ),
+        "net-rx-saturate" => saturate::net_rx(
+            devices,
+            number("ember.bytes", 4 << 20),
+            number("ember.frames", 0),
+        ),
         "net" => net::net(devices),
         "calibrate" => {
             calibrate(number("ember.polls", 10 * virtio::POLLS_PER_SECOND));
@@ -145,7 +153,7 @@ fn run_scenario(scenario: &str, cmdline: &str, devices: &[cmdline::VirtioMmioDev
             println!(
                 "virtio-guest: unknown scenario {scenario:?} \
                  (blk, blk-ro, blk-flush, blk-bench, rng, rng-saturate, net, \
-                 net-tx-saturate, calibrate)"
+                 net-tx-saturate, net-rx-saturate, calibrate)"
             );
             rt::exit(2)
         }

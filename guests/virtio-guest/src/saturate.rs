@@ -1,11 +1,16 @@
 //! Scenarios that saturate a device, for the host to measure a rate limiter:
-//! `rng-saturate` and `net-tx-saturate`.
+//! `rng-saturate`, `net-tx-saturate` and `net-rx-saturate`.
 //!
 //! Each prints `virtio-guest: saturate start`, then moves `ember.bytes=<n>` bytes as
 //! fast as the device lets it (in requests of `ember.req=<n>` bytes), with a
-//! `virtio-guest: saturate progress <bytes>` line at every quarter, and ends with
+//! `virtio-guest: saturate progress <n>` line at every quarter, and ends with
 //! `virtio-guest: saturate done <bytes> bytes <requests> requests`. The host times the
 //! lines (the guest has no clock).
+//!
+//! `net-rx-saturate` receives instead, whatever the host sends, as fast as it arrives,
+//! until `ember.bytes=<n>` bytes (virtio-net headers included) or, if given,
+//! `ember.frames=<n>` frames have arrived; it ends with
+//! `virtio-guest: saturate done <bytes> bytes <frames> frames`.
 
 use alloc::format;
 use alloc::string::String;
@@ -45,8 +50,9 @@ impl Progress {
         }
     }
 
-    fn done(self, done: u64, requests: u64) {
-        println!("virtio-guest: saturate done {done} bytes {requests} requests");
+    /// The last line: `bytes` moved in `count` `unit`s (requests, frames).
+    fn done(self, bytes: u64, count: u64, unit: &str) {
+        println!("virtio-guest: saturate done {bytes} bytes {count} {unit}");
     }
 }
 
@@ -85,7 +91,7 @@ pub fn rng(devices: &[VirtioMmioDevice], total: u64, request: u64) -> Result<(),
         requests += 1;
         progress.update(done);
     }
-    progress.done(done, requests);
+    progress.done(done, requests, "requests");
     Ok(())
 }
 
@@ -150,6 +156,61 @@ pub fn net_tx(devices: &[VirtioMmioDevice], total: u64, request: u64) -> Result<
         requests += 1;
         progress.update(done);
     }
-    progress.done(done, requests);
+    progress.done(done, requests, "requests");
+    Ok(())
+}
+
+/// Bytes per receive buffer (virtio-drivers wants at least 1526).
+const RX_BUFFER_LEN: usize = 2048;
+
+/// `ember.test=net-rx-saturate`: receives frames as fast as they arrive, with
+/// [`QUEUE_SIZE`] buffers posted, until `total` bytes (headers included) or, when
+/// `frames` is not 0, `frames` frames have arrived. The start line comes just before
+/// the buffers are posted, so no frame can arrive before it.
+pub fn net_rx(devices: &[VirtioMmioDevice], total: u64, frames: u64) -> Result<(), String> {
+    let transport = virtio::find(devices, DeviceType::Network)
+        .ok_or("no virtio-net device on the command line")?;
+    let mut net = Net::new(transport).map_err(|e| format!("virtio-net init: {e}"))?;
+    let buffers: Vec<&'static mut [u8]> =
+        (0..QUEUE_SIZE).map(|_| dma_buffer(RX_BUFFER_LEN)).collect();
+    // What counts towards the goal: frames, or bytes.
+    let by_frames = frames != 0;
+    let goal = if by_frames { frames } else { total };
+    let mut progress = Progress::start(goal);
+    // Posted buffers: the token receive_begin gave, and the buffer.
+    let mut rx: Vec<(u16, &'static mut [u8])> = Vec::new();
+    for buf in buffers {
+        // SAFETY: the buffer is only read after receive_complete.
+        let token = unsafe { net.receive_begin(buf) }.map_err(|e| format!("posting rx: {e}"))?;
+        rx.push((token, buf));
+    }
+    let mut done = 0u64;
+    let mut received = 0u64;
+    loop {
+        let reached = if by_frames { received } else { done };
+        if reached >= goal {
+            break;
+        }
+        progress.update(reached);
+        let Some(token) = net.poll_receive() else {
+            core::hint::spin_loop();
+            continue;
+        };
+        let slot = rx
+            .iter_mut()
+            .find(|(t, _)| *t == token)
+            .ok_or_else(|| format!("receive: used token {token} was never posted"))?;
+        let buf = &mut *slot.1;
+        // SAFETY: the same buffer as receive_begin got for this token.
+        let (hdr, len) = unsafe { net.receive_complete(token, buf) }
+            .map_err(|e| format!("receive {received}: {e}"))?;
+        // SAFETY: the frame is not looked at; the buffer is only read after the next
+        // receive_complete.
+        slot.0 = unsafe { net.receive_begin(buf) }
+            .map_err(|e| format!("reposting rx {received}: {e}"))?;
+        done += (hdr + len) as u64;
+        received += 1;
+    }
+    progress.done(done, received, "frames");
     Ok(())
 }
