@@ -16,6 +16,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// A function a background output's writer thread runs first, given the thread's name
+/// ([`Serial::with_thread_hook`](crate::Serial::with_thread_hook)); an error stops the
+/// thread before it writes anything.
+pub type ThreadHook = Arc<dyn Fn(&str) -> io::Result<()> + Send + Sync>;
+
 /// How long dropping the UART waits for queued output when the writer makes no
 /// progress at all (the VMM decides for itself with [`OutputQueue::flush`] and
 /// [`OutputQueue::abandon`] before that).
@@ -91,7 +96,7 @@ impl OutputQueue {
         limit: Option<u64>,
         name: String,
         counters: Arc<Counters>,
-        hook: Option<crate::serial::ThreadHook>,
+        hook: Option<ThreadHook>,
     ) -> io::Result<Arc<OutputQueue>> {
         let queue = Arc::new(OutputQueue {
             state: Mutex::new(State {

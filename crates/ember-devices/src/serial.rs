@@ -72,9 +72,7 @@ impl fmt::Debug for SerialOutput {
     }
 }
 
-/// A function a background output's writer thread runs first, given the thread's name
-/// ([`Serial::with_thread_hook`]); an error stops the thread before it writes anything.
-pub type ThreadHook = Arc<dyn Fn(&str) -> io::Result<()> + Send + Sync>;
+pub use crate::output::ThreadHook;
 
 /// What [`SerialOutput::into_writer`] makes: the writer the UART calls and, for a
 /// background output, the queue behind it.
