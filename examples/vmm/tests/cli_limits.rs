@@ -4,44 +4,32 @@
 //! These checks run before KVM is opened, so these tests need no KVM.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use ember_guests::testing::{run_with_timeout, CapturedRun};
 
 /// Runs `ember` with `args`; fails the test if it has not exited within `limit` (a
 /// process reading `/dev/zero` or a FIFO would never exit; it is killed first).
-fn ember_within(args: &[&str], limit: Duration) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start ember");
-    let start = Instant::now();
-    loop {
-        if child.try_wait().expect("wait for ember").is_some() {
-            break;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("wait for ember");
-            panic!(
-                "ember {args:?} still running after {limit:?} (reading the file?); stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("wait for ember");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("panicked"), "ember panicked: {stderr}");
+fn ember_within(args: &[&str], limit: Duration) -> CapturedRun {
+    let out = run_with_timeout(Command::new(env!("CARGO_BIN_EXE_ember")).args(args), limit);
+    assert!(
+        out.status.is_some(),
+        "ember {args:?} still running after {limit:?} (reading the file?); stderr: {}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains("panicked"),
+        "ember panicked: {}",
+        out.stderr
+    );
     out
 }
 
 /// Asserts exit status 1 with exactly one `ember: error:` line containing every needle.
-fn assert_one_error_line(out: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+fn assert_one_error_line(out: &CapturedRun, needles: &[&str]) {
+    let err = &out.stderr;
+    assert_eq!(out.code(), Some(1), "stderr: {err}");
     let lines: Vec<_> = err.lines().collect();
     assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
     assert!(lines[0].starts_with("ember: error: "), "{err}");

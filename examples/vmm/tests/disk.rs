@@ -7,12 +7,12 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ember_guests::rust_guest::build_guest;
-use ember_guests::testing::kvm_available;
+use ember_guests::testing::{kvm_available, run_with_timeout, CapturedRun};
 
 fn guest() -> PathBuf {
     build_guest("virtio-guest").unwrap_or_else(|e| panic!("{e}"))
@@ -118,24 +118,10 @@ impl Running {
     }
 }
 
-/// Runs `ember` to the end (at most `timeout`).
-fn ember_output(command: &mut Command, timeout: Duration) -> Output {
-    let mut child = command.spawn().expect("cannot start ember");
-    let deadline = Instant::now() + timeout;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().unwrap()
-}
-
 /// Asserts exit status 1 with exactly one `ember: error:` line containing every needle.
-fn assert_one_error_line(out: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+fn assert_one_error_line(out: &CapturedRun, needles: &[&str]) {
+    let err = &out.stderr;
+    assert_eq!(out.code(), Some(1), "stderr: {err}");
     let lines: Vec<_> = err.lines().collect();
     assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
     assert!(lines[0].starts_with("ember: error: "), "{err}");
@@ -208,11 +194,11 @@ fn a_second_ember_cannot_open_a_disk_in_use() {
     let first_pid = first.child.id();
     // While the first runs, a second ember fails at once, whether it wants the disk
     // read-write or read-only, with one line naming the image and the holder.
-    let second_rw = ember_output(
+    let second_rw = run_with_timeout(
         &mut ember(&guest, &["--disk", &rw], "ember.test=blk"),
         BOOT_TIMEOUT,
     );
-    let second_ro = ember_output(
+    let second_ro = run_with_timeout(
         &mut ember(&guest, &["--disk", &ro], "ember.test=blk-ro"),
         BOOT_TIMEOUT,
     );
@@ -236,16 +222,11 @@ fn a_second_ember_cannot_open_a_disk_in_use() {
     assert!(second_rw.stdout.is_empty() && second_ro.stdout.is_empty());
 
     // Once the first is gone, the lock is too.
-    let out = ember_output(
+    let out = run_with_timeout(
         &mut ember(&guest, &["--disk", &rw], "ember.test=blk"),
         BOOT_TIMEOUT,
     );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.code(), Some(0), "stderr: {}", out.stderr);
 }
 
 #[test]
@@ -289,7 +270,7 @@ fn disks_that_are_not_files_or_block_devices_are_refused() {
         ("/dev/zero", "character device"),
     ] {
         for readonly in ["off", "on"] {
-            let out = ember_output(
+            let out = run_with_timeout(
                 &mut ember(
                     &guest,
                     &["--disk", &format!("path={path},readonly={readonly}")],
@@ -419,7 +400,7 @@ fn disk_serial_reaches_the_guest() {
     let guest = guest();
     let dir = tempfile::tempdir().unwrap();
     let image = disk_image(&dir, "serial.img", 1 << 20);
-    let out = ember_output(
+    let out = run_with_timeout(
         &mut ember(
             &guest,
             &[
@@ -430,8 +411,8 @@ fn disk_serial_reaches_the_guest() {
         ),
         BOOT_TIMEOUT,
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let stdout = &out.stdout;
+    assert_eq!(out.code(), Some(0), "{stdout}");
     assert!(
         stdout
             .lines()
@@ -439,14 +420,14 @@ fn disk_serial_reaches_the_guest() {
         "{stdout}"
     );
     // Without one, a hash of the path: the same on every run, no inode number.
-    let id = |out: &Output| {
-        String::from_utf8_lossy(&out.stdout)
+    let id = |out: &CapturedRun| {
+        out.stdout
             .lines()
             .find_map(|l| l.strip_prefix("virtio-guest: blk id ").map(str::to_string))
             .unwrap_or_default()
     };
     let run = || {
-        ember_output(
+        run_with_timeout(
             &mut ember(
                 &guest,
                 &["--disk", &format!("path={}", image.display())],

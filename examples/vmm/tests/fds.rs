@@ -19,7 +19,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use ember_guests::rust_guest::build_guest;
-use ember_guests::testing::kvm_available;
+use ember_guests::testing::{kvm_available, tap_part_unavailable, TapNamespace};
 
 /// `O_CLOEXEC` as `/proc/PID/fdinfo` shows it in `flags:` (octal).
 const O_CLOEXEC: u32 = 0o2000000;
@@ -30,54 +30,6 @@ const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
 const FLUSHED_LINE: &str = "virtio-guest: blk-flush flushed";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 const TAP: &str = "efds0";
-
-/// Runs `ip <args>`; the error says what failed.
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run `ip {}`: {e}", args.join(" ")))?;
-    if !out.status.success() {
-        return Err(format!(
-            "`ip {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
-}
-
-/// A private network namespace holding tap [`TAP`], deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    /// The namespace and its tap, or why there is none.
-    fn with_tap() -> Result<Netns, String> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err("not root".into());
-        }
-        if !Path::new("/dev/net/tun").exists() {
-            return Err("no /dev/net/tun".into());
-        }
-        let ns = Netns(format!("ember-fds-{}", std::process::id()));
-        ip(&["netns", "add", &ns.0])?;
-        ip(&[
-            "-n", &ns.0, "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr",
-        ])?;
-        ip(&["-n", &ns.0, "link", "set", TAP, "up"])?;
-        Ok(ns)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Err(e) = ip(&["netns", "del", &self.0]) {
-            eprintln!("cannot delete network namespace {}: {e}", self.0);
-        }
-    }
-}
 
 /// Kills the child when dropped, so a failing assertion leaves no VM running.
 struct KillOnDrop(Child);
@@ -133,29 +85,24 @@ fn disk_image(dir: &Path) -> PathBuf {
 
 #[test]
 fn every_fd_of_a_running_vm_is_close_on_exec() {
-    if !kvm_available("every_fd_of_a_running_vm_is_close_on_exec") {
+    const TEST: &str = "every_fd_of_a_running_vm_is_close_on_exec";
+    if !kvm_available(TEST) {
         return;
     }
     let guest = build_guest("virtio-guest").unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();
     let image = disk_image(dir.path());
-    let netns = match Netns::with_tap() {
+    let netns = match TapNamespace::create("fds", TAP) {
         Ok(ns) => Some(ns),
         Err(why) => {
-            assert!(
-                std::env::var_os("EMBER_REQUIRE_TAP").is_none_or(|v| v != "1"),
-                "EMBER_REQUIRE_TAP=1 but no tap can be made: {why}"
-            );
-            eprintln!("!!! NO TAP ({why}): the fds test runs without --net");
+            tap_part_unavailable(TEST, "the virtio-net part", why);
             None
         }
     };
     // `ip netns exec` execs ember in place: the child's pid is ember's.
     let mut command = match &netns {
         Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", &ns.0])
-                .arg(env!("CARGO_BIN_EXE_ember"));
+            let mut c = ns.exec(env!("CARGO_BIN_EXE_ember"));
             c.args(["--net", &format!("tap={TAP}")]);
             c
         }

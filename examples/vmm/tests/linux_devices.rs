@@ -49,7 +49,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use ember_guests::testing::kvm_available;
+use ember_guests::testing::{kvm_available, tap_part_unavailable, TapNamespace};
 
 const TEST: &str = "linux_userland_drives_every_device";
 
@@ -263,23 +263,6 @@ fn linux_unavailable(why: &str) {
     );
 }
 
-/// Reports that the network step will not run; fatal with `EMBER_REQUIRE_TAP=1`.
-fn tap_unavailable(why: &str) {
-    let required = required("EMBER_REQUIRE_TAP");
-    eprintln!(
-        "!!! TAP UNAVAILABLE: the virtio-net step of test `{TEST}` did NOT run: {why}{}",
-        if required {
-            ""
-        } else {
-            " (set EMBER_REQUIRE_TAP=1 to make this fatal)"
-        }
-    );
-    assert!(
-        !required,
-        "{TEST}: a tap is required (EMBER_REQUIRE_TAP=1) but: {why}"
-    );
-}
-
 /// Runs `bash scripts/<script>` and returns the path it prints for `key` (`KEY=path`).
 fn script_path(script: &str, key: &str) -> Result<PathBuf, String> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -442,83 +425,6 @@ fn initramfs(busybox: &[u8]) -> Vec<u8> {
     }
     cpio.file("init", 0o755, INIT.as_bytes());
     cpio.finish()
-}
-
-// ---------------------------------------------------------------------------------------
-// The network namespace and its tap
-
-/// Runs `ip <args>`.
-fn ip(args: &[&str]) -> Result<String, String> {
-    host_tool("ip", args)
-}
-
-/// A private network namespace, deleted on drop (also when the test fails).
-struct Netns(String);
-
-impl Netns {
-    fn create() -> Result<Netns, String> {
-        let name = format!("ember-devices-{}", std::process::id());
-        ip(&["netns", "add", &name])?;
-        Ok(Netns(name))
-    }
-
-    fn ip(&self, args: &[&str]) -> Result<String, String> {
-        let mut all = vec!["-n", self.0.as_str()];
-        all.extend_from_slice(args);
-        ip(&all)
-    }
-
-    /// The tap with the host side's address, up (no carrier until `ember` opens it).
-    fn add_tap(&self) -> Result<(), String> {
-        self.ip(&["tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"])?;
-        self.ip(&["addr", "add", &format!("{HOST_ADDR}/16"), "dev", TAP])?;
-        self.ip(&["link", "set", TAP, "up"])?;
-        Ok(())
-    }
-
-    /// The tap's (RX, TX) packet counters, from `ip -s link show`.
-    fn counters(&self) -> Result<(u64, u64), String> {
-        let out = self.ip(&["-s", "link", "show", TAP])?;
-        // "    RX:  bytes packets errors ..." with the values on the next line; TX alike.
-        let count = |which: &str| -> Result<u64, String> {
-            let mut lines = out.lines();
-            while let Some(line) = lines.next() {
-                if line.trim_start().starts_with(which) {
-                    return lines
-                        .next()
-                        .and_then(|v| v.split_whitespace().nth(1))
-                        .and_then(|v| v.parse().ok())
-                        .ok_or_else(|| format!("cannot parse `ip -s link`: {out}"));
-                }
-            }
-            Err(format!("no {which} counters in `ip -s link`: {out}"))
-        };
-        Ok((count("RX:")?, count("TX:")?))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Err(e) = ip(&["netns", "del", &self.0]) {
-            eprintln!("cannot delete network namespace {}: {e}", self.0);
-        }
-    }
-}
-
-/// The namespace with its tap, or why there is none.
-fn network() -> Result<Netns, String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("not root".into());
-    }
-    if !Path::new("/dev/net/tun").exists() {
-        return Err("no /dev/net/tun".into());
-    }
-    ip(&["-V"]).map_err(|e| format!("no iproute2: {e}"))?;
-    let ns = Netns::create().map_err(|e| format!("cannot create a network namespace: {e}"))?;
-    ns.add_tap()
-        .map_err(|e| format!("cannot set up {TAP} in {}: {e}", ns.0))?;
-    Ok(ns)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -724,14 +630,14 @@ fn linux_userland_drives_every_device() {
     let initrd = dir.path().join("initramfs.cpio");
     std::fs::write(&initrd, initramfs(&busybox)).unwrap();
 
-    let netns = match network() {
+    let netns = match TapNamespace::with_address("devices", TAP, &format!("{HOST_ADDR}/16")) {
         Ok(ns) => Some(ns),
         Err(why) => {
-            tap_unavailable(&why);
+            tap_part_unavailable(TEST, "the virtio-net step", why);
             None
         }
     };
-    let counters_before = netns.as_ref().map(|ns| ns.counters().unwrap());
+    let counters_before = netns.as_ref().map(|ns| ns.packets().unwrap());
 
     let mut cmdline = format!(
         "console=ttyS0 reboot=k panic=1 printk.devkmsg=on ember.token={write_token} ember.net={}",
@@ -742,11 +648,7 @@ fn linux_userland_drives_every_device() {
     }
     let ember = env!("CARGO_BIN_EXE_ember");
     let mut command = match &netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", &ns.0, ember]);
-            c
-        }
+        Some(ns) => ns.exec(ember),
         None => Command::new(ember),
     };
     command
@@ -894,7 +796,7 @@ fn linux_userland_drives_every_device() {
                 fail(format!("step `net`: want `{want}...`, got `{d}`"));
             }
         }
-        match ns.counters() {
+        match ns.packets() {
             // At least an ARP request and the echo requests from the guest, an ARP reply
             // and the echo replies to it.
             Ok((rx, tx)) => {

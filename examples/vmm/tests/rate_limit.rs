@@ -20,104 +20,34 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ember_guests::rust_guest::build_guest;
-use ember_guests::testing::kvm_available;
+use ember_guests::testing::{
+    kvm_available, run_with_timeout, tap_unavailable, CapturedRun, TapError, TapNamespace,
+};
 
 /// Slack on the lower bound: the guest's lines reach us through the serial port and a
 /// pipe, a little after the transfer starts and ends.
 const SLACK: f64 = 0.95;
 
-/// One run of `ember`, its stdout lines stamped with their arrival time.
-struct Run {
-    status: Option<ExitStatus>,
-    lines: Vec<(Instant, String)>,
-    stderr: String,
+/// Runs `command` (stdout lines stamped with their arrival time), killing it after
+/// `timeout`.
+fn run(mut command: Command, timeout: Duration) -> CapturedRun {
+    run_with_timeout(&mut command, timeout)
 }
 
-impl Run {
-    fn context(&self) -> String {
-        let stdout: String = self.lines.iter().map(|(_, l)| format!("{l}\n")).collect();
-        format!(
-            "status: {:?}\nstdout:\n{stdout}\nstderr:\n{}",
-            self.status, self.stderr
-        )
-    }
-
-    fn assert_success(&self) {
-        assert_eq!(
-            self.status.and_then(|s| s.code()),
-            Some(0),
-            "{}",
-            self.context()
-        );
-        assert!(!self.stderr.contains("panicked"), "{}", self.context());
-    }
-
-    /// The arrival time of the first line starting with `prefix`.
-    fn line(&self, prefix: &str) -> Instant {
-        self.lines
-            .iter()
-            .find(|(_, l)| l.starts_with(prefix))
-            .map(|(t, _)| *t)
-            .unwrap_or_else(|| panic!("no line starts with {prefix:?}\n{}", self.context()))
-    }
-
-    /// The time between the guest's `saturate start` and `saturate done` lines.
-    fn transfer_time(&self) -> Duration {
-        self.line("virtio-guest: saturate done")
-            .duration_since(self.line("virtio-guest: saturate start"))
-    }
-}
-
-/// Runs `command`, killing it after `timeout`.
-fn run(mut command: Command, timeout: Duration) -> Run {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
-    let stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let out_reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            lines.push((Instant::now(), line));
-        }
-        lines
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut text = Vec::new();
-        let _ = stderr.read_to_end(&mut text);
-        String::from_utf8_lossy(&text).into_owned()
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait().expect("waiting for ember") {
-            Some(status) => break Some(status),
-            None if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            None => std::thread::sleep(Duration::from_millis(10)),
-        }
-    };
-    Run {
-        status,
-        lines: out_reader.join().unwrap(),
-        stderr: err_reader.join().unwrap(),
-    }
+/// The time between the guest's `saturate start` and `saturate done` lines.
+fn transfer_time(run: &CapturedRun) -> Duration {
+    run.line_starting("virtio-guest: saturate done")
+        .duration_since(run.line_starting("virtio-guest: saturate start"))
 }
 
 fn guest() -> PathBuf {
@@ -188,8 +118,8 @@ struct Measure<'a> {
     /// after the fact (rx: the frame's size is known only once read).
     overdraft: u64,
     bucket: Bucket,
-    limited: &'a Run,
-    unlimited: &'a Run,
+    limited: &'a CapturedRun,
+    unlimited: &'a CapturedRun,
 }
 
 impl Measure<'_> {
@@ -198,8 +128,8 @@ impl Measure<'_> {
     fn check(&self) {
         self.limited.assert_success();
         self.unlimited.assert_success();
-        let limited = self.limited.transfer_time();
-        let unlimited = self.unlimited.transfer_time();
+        let limited = transfer_time(self.limited);
+        let unlimited = transfer_time(self.unlimited);
         let min = self
             .bucket
             .min_time(self.total, self.overdraft)
@@ -311,84 +241,12 @@ fn rng_ops_limit_holds_a_saturating_guest() {
     .check();
 }
 
-/// Reports that a test needing a tap did not run; fatal with `EMBER_REQUIRE_TAP=1`.
-fn tap_unavailable(test: &str, why: &str) {
-    let required = std::env::var("EMBER_REQUIRE_TAP").is_ok_and(|v| v == "1");
-    eprintln!(
-        "!!! TAP UNAVAILABLE: test `{test}` did NOT run: {why}{}",
-        if required {
-            ""
-        } else {
-            " (set EMBER_REQUIRE_TAP=1 to make this fatal)"
-        }
-    );
-    assert!(
-        !required,
-        "{test}: a tap is required (EMBER_REQUIRE_TAP=1) but: {why}"
-    );
-}
+/// The tap the net tests use, in a [`TapNamespace`] of their own.
+const TAP: &str = "rltap0";
 
-/// Runs `ip <args>`; the error says what failed.
-fn ip(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run `ip {}`: {e}", args.join(" ")))?;
-    if !out.status.success() {
-        return Err(format!(
-            "`ip {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A private network namespace with an up tap `rltap0` in it, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn with_tap() -> Result<Netns, String> {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "ember-rl-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        ip(&["netns", "add", &name])?;
-        let ns = Netns(name);
-        for args in [
-            &["tuntap", "add", "dev", "rltap0", "mode", "tap", "vnet_hdr"][..],
-            &["link", "set", "rltap0", "up"],
-        ] {
-            let mut all = vec!["-n", ns.0.as_str()];
-            all.extend_from_slice(args);
-            ip(&all)?;
-        }
-        Ok(ns)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Err(e) = ip(&["netns", "del", &self.0]) {
-            eprintln!("cannot delete network namespace {}: {e}", self.0);
-        }
-    }
-}
-
-/// A namespace with a tap, or why there is none.
-fn tap_namespace() -> Result<Netns, String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("not root".into());
-    }
-    if !Path::new("/dev/net/tun").exists() {
-        return Err("no /dev/net/tun".into());
-    }
-    ip(&["-V"]).map_err(|e| format!("no iproute2: {e}"))?;
-    Netns::with_tap().map_err(|e| format!("cannot set up a namespace with a tap: {e}"))
+/// A namespace with [`TAP`] in it, or why there is none.
+fn tap_namespace() -> Result<TapNamespace, TapError> {
+    TapNamespace::create("rl", TAP)
 }
 
 #[test]
@@ -399,10 +257,10 @@ fn net_tx_limits_hold_a_saturating_guest() {
     }
     let ns = match tap_namespace() {
         Ok(ns) => ns,
-        Err(why) => return tap_unavailable(TEST, &why),
+        Err(why) => return tap_unavailable(TEST, why),
     };
     let guest = guest();
-    let netns = ["ip", "netns", "exec", ns.0.as_str()];
+    let netns = ["ip", "netns", "exec", ns.name()];
     let net = |limits: &str| {
         if limits.is_empty() {
             "tap=rltap0".to_string()
@@ -497,9 +355,9 @@ struct Flood {
 impl Flood {
     /// Starts sending frames of `len` bytes (Ethernet header included, no FCS) into
     /// `ns`'s `rltap0`.
-    fn start(ns: &Netns, len: usize) -> Flood {
+    fn start(ns: &TapNamespace, len: usize) -> Flood {
         let stop = Arc::new(AtomicBool::new(false));
-        let path = format!("/run/netns/{}", ns.0);
+        let path = format!("/run/netns/{}", ns.name());
         let flag = Arc::clone(&stop);
         let thread = std::thread::spawn(move || flood(&path, len, &flag));
         Flood {
@@ -597,7 +455,7 @@ fn flood(netns: &str, len: usize, stop: &AtomicBool) -> Result<u64, String> {
 /// Runs `ember` in `ns` with `--net tap=rltap0[,limits]` and the `net-rx-saturate`
 /// scenario (`params` added to its command line) while the host floods the tap with
 /// frames of `len` bytes.
-fn rx_run(ns: &Netns, guest: &Path, limits: &str, params: &str, len: usize) -> Run {
+fn rx_run(ns: &TapNamespace, guest: &Path, limits: &str, params: &str, len: usize) -> CapturedRun {
     let net = if limits.is_empty() {
         "tap=rltap0".to_string()
     } else {
@@ -606,7 +464,7 @@ fn rx_run(ns: &Netns, guest: &Path, limits: &str, params: &str, len: usize) -> R
     let flood = Flood::start(ns, len);
     let run = run(
         ember(
-            &["ip", "netns", "exec", ns.0.as_str()],
+            &["ip", "netns", "exec", ns.name()],
             guest,
             &["--net", &net],
             &format!("ember.test=net-rx-saturate {params}"),
@@ -628,7 +486,7 @@ fn net_rx_limits_hold_a_flooded_guest() {
     }
     let ns = match tap_namespace() {
         Ok(ns) => ns,
-        Err(why) => return tap_unavailable(TEST, &why),
+        Err(why) => return tap_unavailable(TEST, why),
     };
     let guest = guest();
     // The tap adds the 12-byte virtio-net header to every frame it hands ember; the

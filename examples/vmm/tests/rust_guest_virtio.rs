@@ -12,117 +12,24 @@
 //! The benchmark moves 8 MiB by default; `EMBER_BENCH_MIB=64` makes it move more:
 //! `EMBER_BENCH_MIB=64 cargo test -p ember-vmm --test rust_guest_virtio virtio_blk_bench -- --nocapture`.
 
-use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use ember_guests::rust_guest::build_guest;
-use ember_guests::testing::kvm_available;
+use ember_guests::testing::{
+    kvm_available, run_with_timeout, tap_unavailable, CapturedRun, TapNamespace,
+};
 
 const SECTOR: usize = 512;
 /// What the `blk` tests put at the start of the disk.
 const DISK_GREETING: &[u8] = b"Hello from the disk";
 
-/// One run of a command, its stdout split into lines stamped with their arrival time.
-struct Run {
-    /// `None` if the run timed out and was killed.
-    status: Option<ExitStatus>,
-    started: Instant,
-    lines: Vec<(Instant, String)>,
-    stderr: String,
-}
-
-impl Run {
-    fn stdout(&self) -> String {
-        self.lines.iter().map(|(_, l)| format!("{l}\n")).collect()
-    }
-
-    fn context(&self) -> String {
-        format!(
-            "status: {:?}\nstdout:\n{}\nstderr:\n{}",
-            self.status,
-            self.stdout(),
-            self.stderr
-        )
-    }
-
-    /// Asserts the run ended by itself with exit code 0 and nothing panicked.
-    fn assert_success(&self) {
-        assert!(self.status.is_some(), "timed out\n{}", self.context());
-        assert_eq!(
-            self.status.and_then(|s| s.code()),
-            Some(0),
-            "{}",
-            self.context()
-        );
-        assert!(!self.stderr.contains("panicked"), "{}", self.context());
-        assert!(!self.stdout().contains("panicked"), "{}", self.context());
-    }
-
-    /// The arrival time of the line equal to `line`; panics if there is none.
-    fn line(&self, line: &str) -> Instant {
-        self.lines
-            .iter()
-            .find(|(_, l)| l == line)
-            .map(|(t, _)| *t)
-            .unwrap_or_else(|| panic!("missing line {line:?}\n{}", self.context()))
-    }
-
-    /// The rest of the first line starting with `prefix`; panics if there is none.
-    fn after(&self, prefix: &str) -> String {
-        self.lines
-            .iter()
-            .find_map(|(_, l)| l.strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no line starts with {prefix:?}\n{}", self.context()))
-            .to_string()
-    }
-}
-
-/// Runs `command` with stdout and stderr captured, killing it after `timeout`.
-fn run(mut command: Command, timeout: Duration) -> Run {
-    let started = Instant::now();
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
-    let stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let out_reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            lines.push((Instant::now(), line));
-        }
-        lines
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut text = Vec::new();
-        let _ = stderr.read_to_end(&mut text);
-        String::from_utf8_lossy(&text).into_owned()
-    });
-    let deadline = started + timeout;
-    let status = loop {
-        match child.try_wait().expect("waiting for the child") {
-            Some(status) => break Some(status),
-            None if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            None => std::thread::sleep(Duration::from_millis(10)),
-        }
-    };
-    Run {
-        status,
-        started,
-        lines: out_reader.join().unwrap(),
-        stderr: err_reader.join().unwrap(),
-    }
+/// Runs `command` with stdout and stderr captured (stdout lines stamped with their
+/// arrival time), killing it after `timeout`.
+fn run(mut command: Command, timeout: Duration) -> CapturedRun {
+    run_with_timeout(&mut command, timeout)
 }
 
 fn guest() -> PathBuf {
@@ -281,89 +188,6 @@ fn virtio_rng_returns_random_bytes() {
     assert_ne!(seen[0], seen[1], "two VMs got the same random bytes");
 }
 
-/// Reports that a test needing a tap did not run; fatal with `EMBER_REQUIRE_TAP=1`.
-fn tap_unavailable(test: &str, why: &str) {
-    let required = std::env::var("EMBER_REQUIRE_TAP").is_ok_and(|v| v == "1");
-    eprintln!(
-        "!!! TAP UNAVAILABLE: test `{test}` did NOT run: {why}{}",
-        if required {
-            ""
-        } else {
-            " (set EMBER_REQUIRE_TAP=1 to make this fatal)"
-        }
-    );
-    assert!(
-        !required,
-        "{test}: a tap is required (EMBER_REQUIRE_TAP=1) but: {why}"
-    );
-}
-
-/// Runs `ip <args>`; the error says what failed.
-fn ip(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run `ip {}`: {e}", args.join(" ")))?;
-    if !out.status.success() {
-        return Err(format!(
-            "`ip {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A private network namespace, deleted on drop (also when the test fails).
-struct Netns(String);
-
-impl Netns {
-    fn create() -> Result<Netns, String> {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "ember-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        ip(&["netns", "add", &name])?;
-        Ok(Netns(name))
-    }
-
-    /// `ip -n <ns> <args>`.
-    fn ip(&self, args: &[&str]) -> Result<String, String> {
-        let mut all = vec!["-n", self.0.as_str()];
-        all.extend_from_slice(args);
-        ip(&all)
-    }
-
-    /// A counter of `dev` from `ip -s link`, e.g. the RX packets.
-    fn rx_packets(&self, dev: &str) -> u64 {
-        let out = self.ip(&["-s", "link", "show", dev]).unwrap();
-        // "    RX:  bytes packets errors ..." then the values on the next line.
-        let mut lines = out.lines();
-        while let Some(line) = lines.next() {
-            if line.trim_start().starts_with("RX:") {
-                let values = lines.next().unwrap_or_default();
-                return values
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or_else(|| panic!("cannot parse `ip -s link`: {out}"));
-            }
-        }
-        panic!("no RX counters in `ip -s link`: {out}")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Err(e) = ip(&["netns", "del", &self.0]) {
-            eprintln!("cannot delete network namespace {}: {e}", self.0);
-        }
-    }
-}
-
 #[test]
 fn virtio_net_gets_an_arp_reply_through_a_tap() {
     const TEST: &str = "virtio_net_gets_an_arp_reply_through_a_tap";
@@ -371,25 +195,10 @@ fn virtio_net_gets_an_arp_reply_through_a_tap() {
     if !kvm_available(TEST) {
         return;
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return tap_unavailable(TEST, "not root");
-    }
-    if !Path::new("/dev/net/tun").exists() {
-        return tap_unavailable(TEST, "no /dev/net/tun");
-    }
-    if let Err(e) = ip(&["-V"]) {
-        return tap_unavailable(TEST, &format!("no iproute2: {e}"));
-    }
-    let ns = match Netns::create() {
+    let ns = match TapNamespace::with_address("virtio", "etap0", "10.0.2.1/24") {
         Ok(ns) => ns,
-        Err(e) => return tap_unavailable(TEST, &format!("cannot create a network namespace: {e}")),
+        Err(why) => return tap_unavailable(TEST, why),
     };
-    ns.ip(&["tuntap", "add", "dev", "etap0", "mode", "tap", "vnet_hdr"])
-        .unwrap();
-    ns.ip(&["addr", "add", "10.0.2.1/24", "dev", "etap0"])
-        .unwrap();
-    ns.ip(&["link", "set", "etap0", "up"]).unwrap();
     let link = ns.ip(&["link", "show", "etap0"]).unwrap();
     let tap_mac = link
         .split_whitespace()
@@ -397,11 +206,11 @@ fn virtio_net_gets_an_arp_reply_through_a_tap() {
         .nth(1)
         .unwrap_or_else(|| panic!("no MAC in `ip link show`: {link}"))
         .to_string();
-    let rx_before = ns.rx_packets("etap0");
+    let (rx_before, _) = ns.packets().unwrap();
 
     let r = run(
         ember(
-            &["ip", "netns", "exec", &ns.0],
+            &["ip", "netns", "exec", ns.name()],
             &["--net", &format!("tap=etap0,mac={GUEST_MAC}")],
             "ember.test=net",
         ),
@@ -421,7 +230,7 @@ fn virtio_net_gets_an_arp_reply_through_a_tap() {
         r.context()
     );
     // The guest's frames reached the host side of the tap.
-    let rx_after = ns.rx_packets("etap0");
+    let (rx_after, _) = ns.packets().unwrap();
     assert!(
         rx_after > rx_before,
         "etap0 received nothing from the guest ({rx_before} -> {rx_after})\n{}",

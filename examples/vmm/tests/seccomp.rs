@@ -10,74 +10,21 @@
 //! inherits allows, so only the worker's own filter stops it). The guest is the Rust
 //! test guest (`guests/virtio-guest`), which starts its virtio device at once.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use ember_guests::rust_guest::build_guest;
-use ember_guests::testing::kvm_available;
+use ember_guests::testing::{
+    kvm_available, run_with_timeout, tap_unavailable, CapturedRun, TapNamespace,
+};
 
 /// Firecracker's exit status after a forbidden system call, which `ember` uses too.
 const BAD_SYSCALL_STATUS: i32 = 148;
 
-struct Run {
-    /// `None` if the run timed out and was killed.
-    status: Option<ExitStatus>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn context(&self) -> String {
-        format!(
-            "status: {:?}\nstdout:\n{}\nstderr:\n{}",
-            self.status, self.stdout, self.stderr
-        )
-    }
-
-    fn code(&self) -> Option<i32> {
-        self.status.and_then(|s| s.code())
-    }
-}
-
 /// Runs `command` with stdout and stderr captured, killing it after 60 s.
-fn run(mut command: Command) -> Run {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
-    let mut stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        match child.try_wait().expect("waiting for ember") {
-            Some(status) => break Some(status),
-            None if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            None => std::thread::sleep(Duration::from_millis(10)),
-        }
-    };
-    Run {
-        status,
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
+fn run(mut command: Command) -> CapturedRun {
+    run_with_timeout(&mut command, Duration::from_secs(60))
 }
 
 fn guest() -> PathBuf {
@@ -86,11 +33,11 @@ fn guest() -> PathBuf {
 
 /// The guest's scenario and the device arguments it needs.
 #[derive(Clone, Copy)]
-enum Scenario {
+enum Scenario<'a> {
     Rng,
     Blk,
-    /// virtio-net on the tap of [`NetNamespace`]: the guest sends ten frames.
-    Net,
+    /// virtio-net on the tap [`TAP`] of this namespace: the guest sends ten frames.
+    Net(&'a TapNamespace),
 }
 
 /// `ember` running the test guest's `scenario`, with `EMBER_SECCOMP_SELFTEST=selftest`
@@ -98,12 +45,7 @@ enum Scenario {
 fn ember(scenario: Scenario, disk: &Path, selftest: Option<&str>, extra: &[&str]) -> Command {
     let mut command = match scenario {
         // `ip netns exec` execs ember in the namespace that holds the tap.
-        Scenario::Net => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", &NetNamespace::name()])
-                .arg(env!("CARGO_BIN_EXE_ember"));
-            c
-        }
+        Scenario::Net(ns) => ns.exec(env!("CARGO_BIN_EXE_ember")),
         _ => Command::new(env!("CARGO_BIN_EXE_ember")),
     };
     command.arg("--kernel").arg(guest());
@@ -118,7 +60,7 @@ fn ember(scenario: Scenario, disk: &Path, selftest: Option<&str>, extra: &[&str]
                 .arg(format!("path={}", disk.display()));
             "blk"
         }
-        Scenario::Net => {
+        Scenario::Net(_) => {
             command.args(["--net", &format!("tap={TAP}")]);
             "net-tx-saturate ember.bytes=15260 ember.req=1526"
         }
@@ -133,60 +75,8 @@ fn ember(scenario: Scenario, disk: &Path, selftest: Option<&str>, extra: &[&str]
     command
 }
 
-/// The tap [`Scenario::Net`] uses, inside [`NetNamespace`].
+/// The tap [`Scenario::Net`] uses.
 const TAP: &str = "sctap0";
-
-/// A network namespace holding an existing tap for `--net`, deleted on drop.
-struct NetNamespace;
-
-impl NetNamespace {
-    fn name() -> String {
-        format!("ember-seccomp-{}", std::process::id())
-    }
-
-    /// The namespace with its tap up, or why there is none (not root, no
-    /// `/dev/net/tun`, no iproute2).
-    fn create() -> Result<NetNamespace, String> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err("not root".into());
-        }
-        if !Path::new("/dev/net/tun").exists() {
-            return Err("no /dev/net/tun".into());
-        }
-        let ip = |args: &[&str]| -> Result<(), String> {
-            let out = Command::new("ip")
-                .args(args)
-                .output()
-                .map_err(|e| format!("cannot run ip: {e}"))?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "ip {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ))
-            }
-        };
-        let name = Self::name();
-        ip(&["netns", "add", &name])?;
-        let ns = NetNamespace;
-        ip(&[
-            "-n", &name, "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr",
-        ])?;
-        ip(&["-n", &name, "link", "set", TAP, "up"])?;
-        Ok(ns)
-    }
-}
-
-impl Drop for NetNamespace {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &Self::name()])
-            .status();
-    }
-}
 
 /// A 1 MiB disk image for the `blk` scenario.
 fn disk(dir: &tempfile::TempDir) -> PathBuf {
@@ -247,7 +137,7 @@ fn forbidden_call_ends_ember(
     let passed = match scenario {
         Scenario::Rng => "virtio-guest: rng passed",
         Scenario::Blk => "virtio-guest: blk passed",
-        Scenario::Net => "virtio-guest: saturate done 15260 bytes 10 requests",
+        Scenario::Net(_) => "virtio-guest: saturate done 15260 bytes 10 requests",
     };
     assert!(off.stdout.contains(passed), "{}", off.context());
 }
@@ -305,20 +195,13 @@ fn a_forbidden_call_on_the_virtio_blk_worker_ends_ember() {
 #[test]
 fn a_forbidden_call_on_the_virtio_net_worker_ends_ember() {
     const TEST: &str = "a_forbidden_call_on_the_virtio_net_worker_ends_ember";
-    let _netns = match NetNamespace::create() {
+    let netns = match TapNamespace::create("seccomp", TAP) {
         Ok(ns) => ns,
-        Err(why) => {
-            assert!(
-                std::env::var_os("EMBER_REQUIRE_TAP").is_none_or(|v| v != "1"),
-                "{TEST}: a tap is required (EMBER_REQUIRE_TAP=1) but: {why}"
-            );
-            eprintln!("!!! TAP UNAVAILABLE: test {TEST} did NOT run: {why}");
-            return;
-        }
+        Err(why) => return tap_unavailable(TEST, why),
     };
     forbidden_call_ends_ember(
         TEST,
-        Scenario::Net,
+        Scenario::Net(&netns),
         "virtio-net",
         "ember-virtio-net",
         435,
