@@ -52,11 +52,11 @@ use vm_memory::bitmap::Bitmap as _;
 use vm_memory::volatile_memory::PtrGuardMut;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
-use crate::rng::{charge_done, handle_timer};
+use crate::limited::{handle_timer, serve_limited};
 use crate::VirtioDeviceError;
 use crate::{read_config_bytes, QUEUE_MAX_SIZE};
 use ember_virtio::chain::{region_slice, walk_into, ChainLayout, CopyError, Cursor};
-use ember_virtio::worker::{drain_queue_until, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
+use ember_virtio::worker::{QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
 
 /// Sector size: virtio-blk addresses the disk in 512-byte sectors.
 pub const SECTOR_SIZE: u64 = 512;
@@ -1284,8 +1284,8 @@ struct BlockHandler {
 }
 
 impl BlockHandler {
-    /// Serves queue `queue` with the worker's drain ([`drain_queue_until`]). With a
-    /// limiter, each request is charged once done ([`charge_done`]: one op and its
+    /// Serves queue `queue` with the worker's drain. With a limiter
+    /// ([`serve_limited`]), each request is charged once done (one op and its
     /// [`data_bytes`]); the drain stops as soon as the limiter blocks, leaving the rest
     /// in the ring until its timer fires ([`QueueHandler::backend_ready`]), or as soon
     /// as the worker is asked to stop.
@@ -1307,33 +1307,10 @@ impl BlockHandler {
             });
             return;
         };
-        if limiter.is_blocked() {
-            // The limiter's timer brings the worker back; the chains wait in the ring.
-            return;
-        }
-        // `drain_queue_until` stops on one flag: set it when the limiter blocks or the
-        // worker is asked to stop (checked after each request, as `process_queue` does).
-        let worker_stop = ctx.stop_flag();
-        let stop = AtomicBool::new(worker_stop.load(Ordering::Relaxed));
-        let mem = ctx.memory();
-        let Some(q) = ctx.queue_mut(queue) else {
-            return;
-        };
-        let drained = drain_queue_until(&*mem, q, QUEUE_BUDGET, &stop, |chain| {
-            let used_len = process_request(disk, &*mem, chain, features, buffers).used_len;
-            charge_done(limiter, data_bytes(buffers));
-            if limiter.is_blocked() || worker_stop.load(Ordering::Relaxed) {
-                stop.store(true, Ordering::Relaxed);
-            }
-            used_len
+        serve_limited(ctx, queue, limiter, |mem, chain| {
+            let used_len = process_request(disk, mem, chain, features, buffers).used_len;
+            (used_len, data_bytes(buffers))
         });
-        if drained.handled > 0 {
-            ctx.signal_used(&mem, queue);
-        }
-        // Budget spent with the limiter still open: come back after the other events.
-        if drained.more && !limiter.is_blocked() && !ctx.stopping() {
-            ctx.kick(queue);
-        }
     }
 }
 

@@ -47,6 +47,7 @@
 
 pub mod block;
 mod error;
+mod limited;
 pub mod net;
 pub mod rng;
 pub mod tap;

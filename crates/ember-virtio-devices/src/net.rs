@@ -34,7 +34,6 @@
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use ember_rate_limiter::{warn_limited, RateLimiter, RateLimiterConfig, RateLimiterError};
 use ember_virtio::{
@@ -45,12 +44,12 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemory};
 
-use crate::rng::{charge_done, handle_timer};
+use crate::limited::{charge_done, handle_timer, serve_limited};
 use crate::tap::Tap;
 use crate::VirtioDeviceError;
 use crate::{read_config_bytes, QUEUE_MAX_SIZE};
 use ember_virtio::chain::{walk_into, ChainLayout, Cursor};
-use ember_virtio::worker::{drain_queue_until, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
+use ember_virtio::worker::{QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
 
 /// Feature bit: the device has a MAC address in its configuration space.
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
@@ -720,33 +719,11 @@ impl NetHandler {
             });
             return;
         };
-        if limiter.is_blocked() {
-            // The limiter's timer brings the worker back; the chains wait in the ring.
-            return;
-        }
-        let worker_stop = ctx.stop_flag();
-        let stop = AtomicBool::new(worker_stop.load(Ordering::Relaxed));
-        let mem = ctx.memory();
-        let Some(q) = ctx.queue_mut(TX_QUEUE) else {
-            return;
-        };
-        let drained = drain_queue_until(&*mem, q, QUEUE_BUDGET, &stop, |chain| {
-            process_tx_chain(&*mem, chain, backend, buffer);
+        serve_limited(ctx, TX_QUEUE, limiter, |mem, chain| {
+            process_tx_chain(mem, chain, backend, buffer);
             // The frame's length as the guest gave it, sent or dropped (capped).
-            let asked = buffer.layout.readable_len.min(MAX_FRAME_LEN as u64);
-            charge_done(limiter, asked);
-            // Blocked: take no more chains until the timer fires.
-            if limiter.is_blocked() || worker_stop.load(Ordering::Relaxed) {
-                stop.store(true, Ordering::Relaxed);
-            }
-            0
+            (0, buffer.layout.readable_len.min(MAX_FRAME_LEN as u64))
         });
-        if drained.handled > 0 {
-            ctx.signal_used(&mem, TX_QUEUE);
-        }
-        if drained.more && !limiter.is_blocked() && !ctx.stopping() {
-            ctx.kick(TX_QUEUE);
-        }
     }
 }
 

@@ -13,11 +13,8 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use ember_rate_limiter::{
-    error_limited, RateLimiter, RateLimiterConfig, RateLimiterError, TokenType,
-};
+use ember_rate_limiter::{error_limited, RateLimiter, RateLimiterConfig, RateLimiterError};
 use ember_virtio::{
     device_type, ActivateDevice, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -25,8 +22,9 @@ use ember_virtio::{
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory};
 
+use crate::limited::{handle_timer, serve_limited};
 use crate::{VirtioDeviceError, QUEUE_MAX_SIZE};
-use ember_virtio::worker::{drain_queue_until, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
+use ember_virtio::worker::{QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
 
 /// At most this many random bytes go into one chain (64 KiB).
 pub const MAX_BYTES_PER_CHAIN: usize = 64 * 1024;
@@ -230,48 +228,10 @@ impl RngHandler {
             });
             return;
         };
-        if limiter.is_blocked() {
-            // The limiter's timer brings the worker back; the chains wait in the ring.
-            return;
-        }
-        let worker_stop = ctx.stop_flag();
-        let stop = AtomicBool::new(worker_stop.load(Ordering::Relaxed));
-        let mem = ctx.memory();
-        let Some(q) = ctx.queue_mut(queue) else {
-            return;
-        };
-        let drained = drain_queue_until(&*mem, q, QUEUE_BUDGET, &stop, |chain| {
-            let len = process_request(&*mem, chain);
-            charge_done(limiter, u64::from(len));
-            // Blocked: take no more chains until the timer fires.
-            if limiter.is_blocked() || worker_stop.load(Ordering::Relaxed) {
-                stop.store(true, Ordering::Relaxed);
-            }
-            len
+        serve_limited(ctx, queue, limiter, |mem, chain| {
+            let len = process_request(mem, chain);
+            (len, u64::from(len))
         });
-        if drained.handled > 0 {
-            ctx.signal_used(&mem, queue);
-        }
-        if drained.more && !limiter.is_blocked() && !ctx.stopping() {
-            ctx.kick(queue);
-        }
-    }
-}
-
-/// Charges a request already done to `limiter`: one op and `bytes` bytes. It never
-/// refuses: what a bucket lacks becomes a debt, and the limiter blocks until it is
-/// repaid.
-pub(crate) fn charge_done(limiter: &mut RateLimiter, bytes: u64) {
-    limiter.force_consume(1, TokenType::Ops);
-    limiter.force_consume(bytes, TokenType::Bytes);
-}
-
-/// The limiter's timer fired (or its fd is otherwise readable): unblock it. A spurious
-/// wake-up is harmless.
-pub(crate) fn handle_timer(limiter: &mut RateLimiter, device: &str) {
-    match limiter.event_handler() {
-        Ok(()) | Err(RateLimiterError::SpuriousEvent) => {}
-        Err(e) => error_limited!("{device}: rate limiter: {e}"),
     }
 }
 
