@@ -53,4 +53,42 @@ pub enum DeviceError {
         #[source]
         source: vm_superio::serial::Error<io::Error>,
     },
+    /// A saved serial state holds more pending input than the UART's FIFO.
+    #[error("serial state holds {len} pending input bytes, more than the FIFO's {max}")]
+    SerialStateInput {
+        /// The bytes in the state.
+        len: usize,
+        /// The FIFO's size.
+        max: usize,
+    },
+    /// Restoring the serial state failed (its pending interrupt could not be raised).
+    #[error("failed to restore the serial state")]
+    RestoreSerial {
+        /// The error from the UART model.
+        #[source]
+        source: vm_superio::serial::Error<io::Error>,
+    },
+    /// A saved i8042 state has more bytes waiting than the output buffer holds.
+    #[error("i8042 state holds {len} output bytes, more than the buffer's {max}")]
+    I8042StateOutput {
+        /// The bytes in the state.
+        len: usize,
+        /// The buffer's size.
+        max: usize,
+    },
+    /// A saved i8042 state has a pending command that takes no parameter.
+    #[error("i8042 state has command {command:#04x} pending, which takes no parameter")]
+    I8042StatePendingCommand {
+        /// The command.
+        command: u8,
+    },
+    /// The i8042's output buffer has no room for the keys (the guest is not reading its
+    /// keyboard).
+    #[error("i8042 keyboard buffer full: {needed} bytes needed, {free} free")]
+    KeyboardBufferFull {
+        /// Bytes the keys need.
+        needed: usize,
+        /// Bytes free.
+        free: usize,
+    },
 }

@@ -89,11 +89,13 @@ pub use boot_done::{BootDone, BOOT_DONE_MAGIC, BOOT_DONE_PORT, BOOT_DONE_PORT_SI
 pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_SIZE};
 pub use error::DeviceError;
 pub use exit::{ExitRequest, ExitSignal};
-pub use i8042::{I8042, I8042_PORT, I8042_PORT_SIZE};
+pub use i8042::{
+    I8042State, I8042, I8042_KEYBOARD_GSI, I8042_OUTPUT_BUFFER_SIZE, I8042_PORT, I8042_PORT_SIZE,
+};
 pub use irq::IrqLine;
 pub use serial::{
-    Serial, SerialOutput, SerialStats, ThreadHook, COM1_GSI, COM1_PORT, DEFAULT_OUTPUT_BUFFER,
-    SERIAL_PORT_SIZE,
+    Serial, SerialOutput, SerialState, SerialStats, ThreadHook, COM1_GSI, COM1_PORT,
+    DEFAULT_OUTPUT_BUFFER, SERIAL_FIFO_SIZE, SERIAL_PORT_SIZE,
 };
 /// The crates this crate's API uses (`BusDevice`, `Trigger`, the UART's error, `EventFd`),
 /// so users get the matching versions.

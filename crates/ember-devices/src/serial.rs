@@ -1,4 +1,5 @@
-//! A 16550A UART (the PC serial port), built on [`vm_superio::Serial`].
+//! A 16550A UART (the PC serial port), built on [`vm_superio::Serial`], and its
+//! snapshot state ([`SerialState`]).
 
 use std::fmt;
 use std::fs::File;
@@ -10,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ember_bus::BusDevice;
+use serde::{Deserialize, Serialize};
 use vm_superio::serial::{Error as UartError, SerialEvents};
 
 use crate::output::{Counters, OutputQueue, QueueWriter};
@@ -21,6 +23,10 @@ pub const COM1_PORT: u16 = ember_arch::layout::COM1_PORT;
 pub const COM1_GSI: u32 = ember_arch::layout::COM1_GSI;
 /// Number of I/O ports a UART occupies.
 pub const SERIAL_PORT_SIZE: u64 = ember_arch::layout::SERIAL_PORT_SIZE;
+
+/// The size of the UART's input FIFO (vm-superio's): the most pending input a
+/// [`SerialState`] may hold.
+pub const SERIAL_FIFO_SIZE: usize = 64;
 
 /// The size of the buffer between the guest and a background output
 /// ([`SerialOutput::Stdout`], [`SerialOutput::File`], [`SerialOutput::Background`]) when
@@ -145,6 +151,78 @@ impl SerialEvents for Counters {
 
 type Uart = vm_superio::Serial<IrqLine, Arc<Counters>, Box<dyn Write + Send>>;
 
+/// The UART's state for a snapshot ([`Serial::save_state`], [`Serial::restore_state`]):
+/// its registers and the input the guest has not read yet. A serde mirror of
+/// [`vm_superio::serial::SerialState`], with `From` conversions both ways.
+///
+/// The output side (writer, background buffer and thread, statistics) is the VMM's
+/// wiring, not state: output the guest already wrote is not in the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState {
+    /// Divisor latch, low byte (DLL).
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte (DLM).
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register (IER).
+    pub interrupt_enable: u8,
+    /// Interrupt identification register (IIR).
+    pub interrupt_identification: u8,
+    /// Line control register (LCR).
+    pub line_control: u8,
+    /// Line status register (LSR).
+    pub line_status: u8,
+    /// Modem control register (MCR).
+    pub modem_control: u8,
+    /// Modem status register (MSR).
+    pub modem_status: u8,
+    /// Scratch register (SCR).
+    pub scratch: u8,
+    /// Input the guest has not read yet, first byte first (at most
+    /// [`SERIAL_FIFO_SIZE`]).
+    pub in_buffer: Vec<u8>,
+}
+
+impl Default for SerialState {
+    /// The power-on state.
+    fn default() -> Self {
+        vm_superio::serial::SerialState::default().into()
+    }
+}
+
+impl From<vm_superio::serial::SerialState> for SerialState {
+    fn from(s: vm_superio::serial::SerialState) -> Self {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<SerialState> for vm_superio::serial::SerialState {
+    fn from(s: SerialState) -> Self {
+        vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
 /// A 16550A UART on a PIO bus (usually at [`COM1_PORT`], interrupting on [`COM1_GSI`]).
 ///
 /// Bus offsets `0..8` are the UART registers (RBR/THR, IER, IIR/FCR, LCR, MCR, LSR,
@@ -247,6 +325,68 @@ impl Serial {
                 source,
             }),
         }
+    }
+
+    /// The UART's registers and pending input, for a snapshot. Take it while the vCPUs
+    /// are paused.
+    ///
+    /// ```
+    /// use ember_bus::BusDevice;
+    /// use ember_devices::{IrqLine, Serial, SerialOutput};
+    ///
+    /// let old = Serial::new(SerialOutput::Sink, IrqLine::new()?)?;
+    /// old.write(7, &[0x5a]); // the scratch register
+    /// old.enqueue_input(b"k")?;
+    /// let new = Serial::new(SerialOutput::Sink, IrqLine::new()?)?;
+    /// new.restore_state(&old.save_state())?;
+    /// let mut byte = [0u8];
+    /// new.read(7, &mut byte);
+    /// assert_eq!(byte, [0x5a]);
+    /// new.read(0, &mut byte);
+    /// assert_eq!(byte, [b'k'], "the input the guest had not read");
+    /// # Ok::<(), ember_devices::DeviceError>(())
+    /// ```
+    pub fn save_state(&self) -> SerialState {
+        self.lock().state().into()
+    }
+
+    /// Restores registers and pending input from [`Serial::save_state`], keeping this
+    /// UART's output (writer, buffer, thread) and statistics. As vm-superio's
+    /// `Serial::from_state` does, the interrupt line is raised if the state has a
+    /// THR-empty or received-data interrupt enabled and pending (16550 drivers read
+    /// IIR, so a repeated interrupt is harmless).
+    ///
+    /// Fails, changing nothing, if the state holds more than [`SERIAL_FIFO_SIZE`]
+    /// input bytes ([`DeviceError::SerialStateInput`]), if the interrupt line cannot
+    /// be duplicated ([`DeviceError::EventFd`]) or raised
+    /// ([`DeviceError::RestoreSerial`]).
+    pub fn restore_state(&self, state: &SerialState) -> Result<(), DeviceError> {
+        if state.in_buffer.len() > SERIAL_FIFO_SIZE {
+            return Err(DeviceError::SerialStateInput {
+                len: state.in_buffer.len(),
+                max: SERIAL_FIFO_SIZE,
+            });
+        }
+        let mut uart = self.lock();
+        let irq = uart.interrupt_evt().try_clone()?;
+        let placeholder: Box<dyn Write + Send> = Box::new(io::sink());
+        let mut restored = vm_superio::Serial::from_state(
+            &state.clone().into(),
+            irq,
+            Arc::clone(&self.counters),
+            placeholder,
+        )
+        .map_err(|source| match source {
+            UartError::FullFifo => DeviceError::SerialStateInput {
+                len: state.in_buffer.len(),
+                max: SERIAL_FIFO_SIZE,
+            },
+            source => DeviceError::RestoreSerial { source },
+        })?;
+        // The output stays this UART's.
+        std::mem::swap(restored.writer_mut(), uart.writer_mut());
+        *uart = restored;
+        Ok(())
     }
 
     /// Free room in the input FIFO, in bytes.
@@ -707,6 +847,24 @@ mod tests {
         assert!(stdout.flush_output(Duration::ZERO));
         assert_eq!(stdout.pending_output(), 0);
         assert_eq!(format!("{:?}", SerialOutput::Sink), "Sink");
+    }
+
+    #[test]
+    fn fifo_size_matches_vm_superio() {
+        let serial = Serial::new(SerialOutput::Sink, IrqLine::new().unwrap()).unwrap();
+        assert_eq!(serial.input_capacity(), SERIAL_FIFO_SIZE);
+        // vm-superio itself refuses one byte more.
+        let state = vm_superio::serial::SerialState {
+            in_buffer: vec![0; SERIAL_FIFO_SIZE + 1],
+            ..Default::default()
+        };
+        let uart = vm_superio::Serial::from_state(
+            &state,
+            IrqLine::new().unwrap(),
+            vm_superio::serial::NoEvents,
+            io::sink(),
+        );
+        assert!(matches!(uart, Err(UartError::FullFifo)));
     }
 
     #[test]

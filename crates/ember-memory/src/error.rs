@@ -197,6 +197,91 @@ pub enum MemoryError {
         /// The rejected GSI.
         gsi: u32,
     },
+    /// A read, write or length change of a guest memory file failed.
+    #[error("{op} the memory file ({len:#x} bytes at offset {offset:#x}) failed: {source}")]
+    MemoryFile {
+        /// What was being done: "writing", "setting the length of", ...
+        op: &'static str,
+        /// File offset of the access (0 for whole-file operations).
+        offset: u64,
+        /// Bytes involved (the new length, for a length change).
+        len: u64,
+        /// The error the system call returned.
+        source: std::io::Error,
+    },
+    /// A memory file is shorter than the guest RAM it is to back.
+    #[error(
+        "memory file is {len:#x} bytes long but the guest has {needed:#x} bytes of RAM \
+         (wrong memory size, or a truncated file)"
+    )]
+    MemoryFileTooShort {
+        /// The file's length.
+        len: u64,
+        /// The guest RAM size it must at least have.
+        needed: u64,
+    },
+    /// vm-memory refused a slice of a guest memory region.
+    #[error(
+        "cannot access {len:#x} bytes at offset {offset:#x} of guest memory region {region}: \
+         {source}"
+    )]
+    GuestSlice {
+        /// Index of the region.
+        region: usize,
+        /// Offset in the region.
+        offset: u64,
+        /// Length asked for.
+        len: u64,
+        /// What vm-memory said.
+        source: vm_memory::GuestMemoryError,
+    },
+    /// A page or region outside a [`DirtyBitmap`](crate::DirtyBitmap) was named.
+    #[error(
+        "dirty page {page} of region {region} is out of range: the bitmap has {regions} \
+         region(s), this one with {pages} page(s)"
+    )]
+    DirtyPageOutOfRange {
+        /// The region named.
+        region: usize,
+        /// The page named.
+        page: u64,
+        /// How many regions the bitmap has.
+        regions: usize,
+        /// How many pages the region has (0 if it does not exist).
+        pages: u64,
+    },
+    /// Bitmap words to merge into a region have the wrong count.
+    #[error("dirty bitmap for region {region} has {found} word(s), expected {expected}")]
+    DirtyBitmapMismatch {
+        /// The region.
+        region: usize,
+        /// Words the region has: one bit per 4 KiB page, rounded up to 64 bits.
+        expected: usize,
+        /// Words given.
+        found: usize,
+    },
+    /// A [`DirtyBitmap`](crate::DirtyBitmap) does not match the guest memory's regions.
+    #[error(
+        "dirty bitmap does not match guest memory: region {region} has {memory_pages} \
+         page(s), the bitmap {}",
+        match .bitmap_pages { Some(p) => format!("{p} page(s)"), None => "no such region".into() }
+    )]
+    DirtyBitmapLayout {
+        /// The first region that differs.
+        region: usize,
+        /// The bitmap's page count for it, if the bitmap has the region at all.
+        bitmap_pages: Option<u64>,
+        /// The memory's page count for it.
+        memory_pages: u64,
+    },
+    /// A [`DirtyBitmap`](crate::DirtyBitmap) has more regions than the guest memory.
+    #[error("dirty bitmap has {bitmap} region(s) but guest memory has {memory}")]
+    DirtyBitmapRegions {
+        /// Regions in the bitmap.
+        bitmap: usize,
+        /// Regions in the memory.
+        memory: usize,
+    },
 }
 
 /// Formats a byte count for messages: "16 MiB" when it is a whole unit, hex otherwise.

@@ -162,7 +162,7 @@ fn map_region<B: NewBitmap>(
 /// `madvise(advice)` on the whole of `mapping` (the guest region at `addr`):
 /// `MADV_HUGEPAGE` (back it with transparent huge pages) or `MADV_DONTDUMP` (leave it
 /// out of core dumps).
-fn advise<B: Bitmap>(
+pub(crate) fn advise<B: Bitmap>(
     mapping: &MmapRegion<B>,
     addr: GuestAddress,
     size: u64,

@@ -9,6 +9,10 @@
 //!   (vm-memory's `AtomicBitmap`) for snapshots and migration.
 //! * [`AddressAllocator`] and [`GsiAllocator`] hand out MMIO ranges and GSIs without
 //!   overlaps.
+//! * Snapshots: [`write_memory_file`] saves all of guest RAM to a memory file,
+//!   [`write_dirty_pages`] only the pages a [`DirtyBitmap`] marks (a diff, with holes
+//!   elsewhere), and [`map_guest_memory_file`] maps a memory file back as guest RAM,
+//!   lazily and privately.
 //!
 //! ```
 //! use ember_memory::vm_memory::{Bytes, GuestAddress};
@@ -37,17 +41,21 @@
 
 mod allocator;
 pub mod checked_write;
+mod dirty;
 mod error;
 mod guest;
 mod layout;
+mod memory_file;
 
 pub use allocator::{AddressAllocator, GsiAllocator};
+pub use dirty::DirtyBitmap;
 pub use error::MemoryError;
 pub use guest::{create_guest_memory, create_guest_memory_with_bitmap, HugePages, HUGE_PAGE_SIZE};
 pub use layout::{
     MemoryLayout, DEVICE_MMIO_END, DEVICE_MMIO_START, GIB, HIGH_MMIO_ALIGN, HIGH_MMIO_SIZE,
     MAX_RAM_SIZE, MIB, MIN_RAM_SIZE, MMIO_HOLE_END, MMIO_HOLE_START, PAGE_SIZE,
 };
+pub use memory_file::{map_guest_memory_file, write_dirty_pages, write_memory_file};
 /// The vm-memory crate this crate is built on, so users get the matching version.
 pub use vm_memory;
 

@@ -71,7 +71,7 @@ pub enum VcpuError {
         /// Maximum supported.
         max: u32,
     },
-    /// KVM accepted only some of the boot MSRs.
+    /// KVM accepted only some of the MSRs (boot MSRs, or a saved state's).
     #[error("KVM_SET_MSRS on vCPU {vcpu} set {set} of {total} MSRs; MSR {failed:#x} was refused")]
     MsrsRejected {
         /// vCPU index.
@@ -201,6 +201,57 @@ pub enum VcpuError {
     /// Waiting for a [`VcpuGroup`](crate::VcpuGroup)'s events failed.
     #[error("waiting for the vCPUs to end (poll) failed: {0}")]
     Wait(std::io::Error),
+    /// The vCPU is not paused, and the operation needs it to be
+    /// ([`RunningVcpu::save_state`](crate::RunningVcpu::save_state)), or it was resumed
+    /// while a pause was being waited for.
+    #[error("vCPU {vcpu} is not paused")]
+    NotPaused {
+        /// vCPU index.
+        vcpu: u32,
+    },
+    /// The vCPU's run loop has ended, so it cannot be paused or asked for its state.
+    #[error("vCPU {vcpu}: its run loop has ended")]
+    NotRunning {
+        /// vCPU index.
+        vcpu: u32,
+    },
+    /// [`RunningVcpu::pause`](crate::RunningVcpu::pause) (or `save_state`) was called on
+    /// the vCPU's own thread (from a device or an exit handler), where it would wait for
+    /// itself; use [`VcpuControl::request_pause`](crate::VcpuControl::request_pause) there.
+    #[error("vCPU {vcpu}: cannot wait for a pause on the vCPU's own thread")]
+    OnVcpuThread {
+        /// vCPU index.
+        vcpu: u32,
+    },
+    /// Completing the exit a vCPU stopped on (`KVM_RUN` with `immediate_exit` set, before
+    /// saving its state) produced an exit that cannot be completed without running the
+    /// guest.
+    #[error("vCPU {vcpu}: completing the pending exit produced exit reason {reason}, which cannot be completed without running the guest")]
+    PendingExit {
+        /// vCPU index.
+        vcpu: u32,
+        /// The `KVM_EXIT_*` number.
+        reason: u32,
+    },
+    /// The list of MSRs to save (`KVM_GET_MSR_INDEX_LIST` on `/dev/kvm`) was not
+    /// available when the vCPU was created.
+    #[error("vCPU {vcpu}: no MSR index list to save MSRs with: {reason}")]
+    MsrIndexList {
+        /// vCPU index.
+        vcpu: u32,
+        /// Why it is missing.
+        reason: String,
+    },
+    /// A saved state's MSR list is longer than one `KVM_SET_MSRS` can take.
+    #[error("vCPU {vcpu}: the saved state holds {count} MSRs, more than the {max} KVM takes")]
+    TooManyMsrs {
+        /// vCPU index.
+        vcpu: u32,
+        /// Entries in the state.
+        count: usize,
+        /// `KVM_MAX_MSR_ENTRIES`.
+        max: usize,
+    },
 }
 
 impl VcpuError {

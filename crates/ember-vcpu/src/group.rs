@@ -6,6 +6,7 @@ use std::sync::Arc;
 use vm_memory::bitmap::Bitmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::state::VcpuState;
 use crate::{ExitStats, RunningVcpu, Vcpu, VcpuError, VcpuOutcome};
 
 /// The vCPUs of a VM, each running on its own thread ([`Vcpu::spawn`]), and what a VMM
@@ -156,6 +157,41 @@ impl VcpuGroup {
         for vcpu in &self.vcpus {
             vcpu.stop();
         }
+    }
+
+    /// Pauses every vCPU ([`RunningVcpu::pause`]): asks them all first, then waits for
+    /// each to park. Paused vCPUs do not count as ended ([`VcpuGroup::wait`] and
+    /// [`VcpuGroup::ended_event`] do not see them). Fails, leaving the others paused, if
+    /// a vCPU's run loop has ended.
+    ///
+    /// ```no_run
+    /// # fn f(group: &ember_vcpu::VcpuGroup) -> Result<(), ember_vcpu::VcpuError> {
+    /// group.pause_all()?;
+    /// let states = group.save_states()?;
+    /// group.resume_all();
+    /// # Ok(()) }
+    /// ```
+    pub fn pause_all(&self) -> Result<(), VcpuError> {
+        for vcpu in &self.vcpus {
+            vcpu.request_pause();
+        }
+        for vcpu in &self.vcpus {
+            vcpu.wait_paused()?;
+        }
+        Ok(())
+    }
+
+    /// Lets every paused vCPU go on ([`RunningVcpu::resume`]).
+    pub fn resume_all(&self) {
+        for vcpu in &self.vcpus {
+            vcpu.resume();
+        }
+    }
+
+    /// The state of every vCPU ([`RunningVcpu::save_state`]), in the order they were
+    /// spawned; they must be paused ([`VcpuGroup::pause_all`]).
+    pub fn save_states(&self) -> Result<Vec<VcpuState>, VcpuError> {
+        self.vcpus.iter().map(RunningVcpu::save_state).collect()
     }
 
     /// Stops every vCPU, waits for every thread, and returns how each ended, in the

@@ -30,6 +30,10 @@
 //!   loop finishes it through an MSR filter on MSR_LSTAR and a trap page, so the guest
 //!   kernel's system call entry runs; counted as `syscall-trap` exits.
 //! * **Stopping** ([`RunningVcpu::stop`]) from any thread, race-free (see [`kick`]).
+//! * **Pausing and snapshots** ([`RunningVcpu::pause`], [`RunningVcpu::save_state`],
+//!   [`Vcpu::save_state`], [`Vcpu::restore_state`], [`state::VcpuState`]): a paused
+//!   vCPU parks on its thread with its pending exit completed; its state (serde) restores
+//!   on a new vCPU of a new VM.
 //! * **Counting** exits per reason ([`ExitStats`]) and, opt-in
 //!   ([`Vcpu::enable_exit_timing`]), timing them: a log2 histogram per exit reason of the
 //!   time from `KVM_RUN` returning to the next `KVM_RUN` call ([`ExitProfile`], printable
@@ -79,6 +83,7 @@
 #![deny(missing_docs)]
 
 pub mod clock;
+mod control;
 pub mod cpuid;
 mod error;
 mod exit;
@@ -89,11 +94,13 @@ pub mod lapic;
 pub mod msrs;
 pub mod regs;
 mod run_area;
+pub mod state;
 mod stats;
 pub mod syscall_trap;
 mod vcpu;
 mod x86;
 
+pub use control::VcpuControl;
 pub use error::{InstructionBytes, VcpuError};
 pub use exit::{ExitAction, UnhandledExit};
 pub use group::{GroupEvent, VcpuGroup, VcpuResult};

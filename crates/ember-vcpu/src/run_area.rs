@@ -128,6 +128,40 @@ impl RunArea {
         Some(result)
     }
 
+    /// Runs `KVM_RUN` on `fd` once with `immediate_exit` set: KVM completes the exit the
+    /// vCPU stopped on (a port or MMIO read's data goes into the guest's registers, the
+    /// instruction retires, dirty synchronised registers are applied) and returns
+    /// `EINTR` without entering the guest. Returns `Ok(false)` then, and `Ok(true)` if
+    /// the completion produced another exit (the next part of a string or split
+    /// access), now in the area. `immediate_exit` is clear again afterwards.
+    ///
+    /// Not a kick window: the kick target is not registered, so a kick changes nothing.
+    pub(crate) fn run_immediate_exit(
+        &self,
+        fd: &impl AsRawFd,
+    ) -> Result<bool, vmm_sys_util::errno::Error> {
+        // SAFETY: the byte is inside the mapping, which lives as long as `self`; every
+        // access to it in this process is atomic, and a u8 is always aligned.
+        let immediate_exit = unsafe { AtomicU8::from_ptr(self.immediate_exit_ptr()) };
+        immediate_exit.store(1, Ordering::Relaxed);
+        compiler_fence(Ordering::SeqCst);
+        // SAFETY: as in `run`: `fd` is the vCPU fd this area maps, KVM_RUN takes no
+        // argument, and no Rust reference into the area exists during the call.
+        let ret = unsafe { ioctl(fd, KVM_RUN()) };
+        let result = if ret == 0 {
+            Ok(true)
+        } else {
+            let e = vmm_sys_util::errno::Error::last();
+            match e.errno() {
+                libc::EINTR | libc::EAGAIN => Ok(false),
+                _ => Err(e),
+            }
+        };
+        compiler_fence(Ordering::SeqCst);
+        immediate_exit.store(0, Ordering::Relaxed);
+        result
+    }
+
     /// Clears `immediate_exit`, which a kick sets.
     #[inline]
     pub(crate) fn clear_immediate_exit(&self) {

@@ -547,6 +547,29 @@ fn is_canonical(addr: u64, la57: bool) -> bool {
     (((addr << unused) as i64) >> unused) as u64 == addr
 }
 
+/// The per-vCPU state of the trap that lives in the VMM, not in KVM: what a snapshot
+/// saves with the vCPU ([`VcpuState::syscall_trap`](crate::state::VcpuState)). KVM's own
+/// MSR_LSTAR holds [`TRAP_ADDRESS`] where the trap is armed, and is saved and restored
+/// as it is with the other MSRs; restored on a vCPU whose VMM re-created the trap at the
+/// same addresses ([`SyscallTrap::new`] with the same pages), the guest goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct SyscallTrapVcpuState {
+    /// The MSR_LSTAR the guest wrote (and reads back).
+    pub guest_lstar: u64,
+    /// Set where the trap is armed on the vCPU: the guest's MSR_LSTAR and the MSR_STAR
+    /// read when the guest wrote it.
+    pub armed: Option<SyscallTrapArmed>,
+}
+
+/// The trap's state on a vCPU where it is armed (part of [`SyscallTrapVcpuState`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct SyscallTrapArmed {
+    /// The guest's MSR_LSTAR, where a system call enters the kernel.
+    pub lstar: u64,
+    /// MSR_STAR when the guest wrote MSR_LSTAR (the kernel's selectors).
+    pub star: u64,
+}
+
 /// The per-vCPU part of the trap, owned by the run loop.
 #[derive(Debug)]
 pub(crate) struct VcpuTrap {
@@ -568,6 +591,26 @@ impl VcpuTrap {
             guest_lstar: 0,
             armed: None,
         }
+    }
+
+    /// The state a snapshot saves.
+    pub(crate) fn save(&self) -> SyscallTrapVcpuState {
+        SyscallTrapVcpuState {
+            guest_lstar: self.guest_lstar,
+            armed: self.armed.map(|a| SyscallTrapArmed {
+                lstar: a.lstar,
+                star: a.star,
+            }),
+        }
+    }
+
+    /// Takes the state a snapshot saved.
+    pub(crate) fn restore(&mut self, state: &SyscallTrapVcpuState) {
+        self.guest_lstar = state.guest_lstar;
+        self.armed = state.armed.map(|a| Armed {
+            lstar: a.lstar,
+            star: a.star,
+        });
     }
 
     /// Turns register synchronisation off again.

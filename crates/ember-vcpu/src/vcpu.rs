@@ -1,8 +1,8 @@
 //! A vCPU: creation, x86-64 set-up, and the run loop that dispatches exits to the buses.
 
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use ember_bus::{Bus, BusHandle};
@@ -12,8 +12,9 @@ use kvm_bindings::{
     KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_INTR, KVM_EXIT_IO, KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT,
     KVM_EXIT_MEMORY_FAULT, KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN, KVM_EXIT_SYSTEM_EVENT,
     KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR, KVM_INTERNAL_ERROR_EMULATION,
-    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, KVM_MP_STATE_RUNNABLE,
-    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, KVM_MAX_CPUID_ENTRIES,
+    KVM_MAX_MSR_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::VcpuFd;
 use vm_memory::bitmap::Bitmap;
@@ -21,12 +22,14 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::clock::ExitClock;
+use crate::control::{Command, Shared, VcpuControl, PAUSE, STOP};
 use crate::exit::{ExitAction, UnhandledExit};
 use crate::fallback::{self, Completion, FallbackInstruction, GuestState, Resolution};
 use crate::kick::{install_kick_handler, kick_signal};
 use crate::msrs::index::LSTAR;
 use crate::regs::BootRegs;
 use crate::run_area::RunArea;
+use crate::state::{VcpuState, XsaveState};
 use crate::syscall_trap::{SyscallTrap, VcpuTrap};
 use crate::x86::{EFER_LMA, PAGE_SIZE};
 use crate::{cpuid, lapic, msrs, regs, ExitKind, ExitStats, InstructionBytes, VcpuError};
@@ -112,7 +115,8 @@ pub struct Vcpu<B = ()> {
     /// Handles cache the buses' device tables: one relaxed load per access.
     pio: BusHandle,
     mmio: BusHandle,
-    stop: Arc<AtomicBool>,
+    /// Stop and pause requests, one word the run loop checks before each `KVM_RUN`.
+    control: Arc<Shared>,
     stats: Arc<ExitStats>,
     /// The clock exits are timed with, if they are ([`Vcpu::enable_exit_timing`]). A
     /// plain field, so that with timing off the exit path pays two well-predicted
@@ -132,6 +136,8 @@ pub struct Vcpu<B = ()> {
     exit_handler: Option<ExitHandler<B>>,
     /// Run first on the vCPU's thread by [`Vcpu::spawn`].
     thread_hook: Option<ThreadHook>,
+    /// The MSRs [`Vcpu::save_state`] saves, or why there is no list.
+    msr_indices: Result<Arc<[u32]>, String>,
     /// The VM, and with it the guest memory: held for as long as `fd` is open, because
     /// the kernel VM (and KVM's access to the memory) lives on while any vCPU fd does.
     vm: Vm<B>,
@@ -173,7 +179,7 @@ impl<B: Bitmap> Vcpu<B> {
             fd,
             pio: pio.handle(),
             mmio: mmio.handle(),
-            stop: Arc::new(AtomicBool::new(false)),
+            control: Arc::new(Shared::default()),
             stats: Arc::new(ExitStats::default()),
             timer: None,
             timed_exit: None,
@@ -182,6 +188,7 @@ impl<B: Bitmap> Vcpu<B> {
             syscall_trap_page: NO_TRAP_PAGE,
             exit_handler: None,
             thread_hook: None,
+            msr_indices: msrs::cached_msr_index_list(),
             vm: vm.clone(),
         })
     }
@@ -256,10 +263,12 @@ impl<B: Bitmap> Vcpu<B> {
         Arc::clone(&self.stats)
     }
 
-    /// The flag that stops the run loop at its next exit. Prefer [`RunningVcpu::stop`],
-    /// which also kicks the vCPU out of `KVM_RUN`.
-    pub fn stop_flag(&self) -> Arc<AtomicBool> {
-        Arc::clone(&self.stop)
+    /// A handle that stops or pauses the run loop at its next check, before its next
+    /// `KVM_RUN` (usable on the vCPU's own thread, from a device or an exit handler).
+    /// From other threads prefer [`RunningVcpu::stop`] and [`RunningVcpu::pause`],
+    /// which also kick the vCPU out of `KVM_RUN`.
+    pub fn control(&self) -> VcpuControl {
+        VcpuControl(Arc::clone(&self.control))
     }
 
     /// Sets CPUID from KVM's `supported` list for vCPU `self.index()` of `count`
@@ -343,9 +352,12 @@ impl<B: Bitmap> Vcpu<B> {
         if let Some(clock) = self.timer {
             self.finish_timed_exit(clock);
         }
-        let stop = &self.stop;
-        let Some(ran) = self.run_area.run(&self.fd, || stop.load(Ordering::Acquire)) else {
-            return Ok(Some(VcpuOutcome::Stopped));
+        let requests = &self.control.requests;
+        let Some(ran) = self
+            .run_area
+            .run(&self.fd, || requests.load(Ordering::Acquire) != 0)
+        else {
+            return self.on_request();
         };
         // Read before anything else looks at the exit.
         let returned = self.timer.map(ExitClock::now);
@@ -463,8 +475,8 @@ impl<B: Bitmap> Vcpu<B> {
                 // A kick leaves immediate_exit set; clear it so a spurious signal does
                 // not turn into a busy loop.
                 self.run_area.clear_immediate_exit();
-                if self.stop.load(Ordering::Acquire) {
-                    return Ok(Some(VcpuOutcome::Stopped));
+                if self.control.requests.load(Ordering::Acquire) != 0 {
+                    return self.on_request();
                 }
                 if let Some(at) = returned {
                     self.timed_exit = Some((ExitKind::Interrupted, at));
@@ -654,7 +666,7 @@ impl<B: Bitmap + Send + Sync + 'static> Vcpu<B> {
     pub fn spawn(mut self, done: Option<EventFd>) -> Result<RunningVcpu, VcpuError> {
         install_kick_handler()?;
         let index = self.index;
-        let stop = Arc::clone(&self.stop);
+        let control = Arc::clone(&self.control);
         let stats = Arc::clone(&self.stats);
         let thread = std::thread::Builder::new()
             .name(format!("ember-vcpu-{index}"))
@@ -667,6 +679,8 @@ impl<B: Bitmap + Send + Sync + 'static> Vcpu<B> {
                     None => Ok(()),
                 }
                 .and_then(|()| self.run());
+                // Before `done`: whoever it wakes finds the vCPU ended.
+                self.control.mark_ended();
                 if let Some(done) = done {
                     // A full counter still wakes the reader; nothing to do on error.
                     let _ = done.write(1);
@@ -680,7 +694,7 @@ impl<B: Bitmap + Send + Sync + 'static> Vcpu<B> {
         Ok(RunningVcpu {
             index,
             thread,
-            stop,
+            control,
             stats,
         })
     }
@@ -917,12 +931,289 @@ impl<B: Bitmap> Vcpu<B> {
     }
 }
 
+/// Completion rounds [`Vcpu::complete_pending_exits`] allows: a string access KVM
+/// splits comes back a page (or 1024 iterations) at a time before it re-enters the
+/// guest, so a handful is the most ever seen.
+const MAX_COMPLETION_ROUNDS: usize = 4096;
+
+impl<B: Bitmap> Vcpu<B> {
+    /// Completes the exit the vCPU stopped on, as the next `KVM_RUN` would, without
+    /// running the guest: `KVM_RUN` with `immediate_exit` set, which makes KVM finish a
+    /// port or MMIO read (the data the device answered reaches the guest's register and
+    /// the instruction retires), apply registers the run loop changed through `kvm_run`,
+    /// and return `EINTR`. A completion that produces another access (the next page of
+    /// a `rep ins`) is dispatched to the bus and completed in turn. Afterwards every bit
+    /// of the vCPU's state is in KVM, where the `KVM_GET_*` ioctls read it. What
+    /// [`Vcpu::save_state`] does first; harmless when there is nothing to complete.
+    pub fn complete_pending_exits(&mut self) -> Result<(), VcpuError> {
+        for _ in 0..MAX_COMPLETION_ROUNDS {
+            let more = self
+                .run_area
+                .run_immediate_exit(&self.fd)
+                .map_err(|source| VcpuError::Run {
+                    vcpu: self.index,
+                    source,
+                })?;
+            if !more {
+                return Ok(());
+            }
+            let run = self.run_area.get_mut();
+            match run.exit_reason {
+                KVM_EXIT_IO => {
+                    // SAFETY: the exit reason says `io` is the active union member.
+                    let kind = match u32::from(unsafe { run.__bindgen_anon_1.io.direction }) {
+                        KVM_EXIT_IO_OUT => ExitKind::IoOut,
+                        _ => ExitKind::IoIn,
+                    };
+                    self.stats.record(kind);
+                    self.dispatch_io();
+                }
+                KVM_EXIT_MMIO => {
+                    // SAFETY: the exit reason says `mmio` is the active union member.
+                    let write = unsafe { run.__bindgen_anon_1.mmio.is_write } != 0;
+                    self.stats.record(match write {
+                        true => ExitKind::MmioWrite,
+                        false => ExitKind::MmioRead,
+                    });
+                    self.dispatch_mmio();
+                }
+                reason => {
+                    return Err(VcpuError::PendingExit {
+                        vcpu: self.index,
+                        reason,
+                    })
+                }
+            }
+        }
+        Err(VcpuError::PendingExit {
+            vcpu: self.index,
+            reason: self.run_area.get_mut().exit_reason,
+        })
+    }
+
+    /// Saves the vCPU's state ([`VcpuState`]; what it holds, and in which order it is
+    /// read, is in [`crate::state`]). Completes the pending exit first
+    /// ([`Vcpu::complete_pending_exits`]), as Firecracker does, so no port or MMIO read
+    /// is lost. The vCPU must not be running (call it on a [`Vcpu`] that is not
+    /// spawned, or through [`RunningVcpu::save_state`] while it is paused), and for a
+    /// consistent snapshot no other vCPU of the VM should run either.
+    ///
+    /// ```no_run
+    /// # fn f(vcpu: &mut ember_vcpu::Vcpu, other: &mut ember_vcpu::Vcpu) -> Result<(), ember_vcpu::VcpuError> {
+    /// let state = vcpu.save_state()?;
+    /// // On a vCPU with the same index of a new VM with the same memory:
+    /// other.restore_state(&state)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn save_state(&mut self) -> Result<VcpuState, VcpuError> {
+        self.complete_pending_exits()?;
+        let vcpu = self.index;
+        let op = |what: &str| format!("{what} on vCPU {vcpu}");
+        let indices = self
+            .msr_indices
+            .clone()
+            .map_err(|reason| VcpuError::MsrIndexList { vcpu, reason })?;
+        // KVM_GET_MP_STATE may change the LAPIC's state: first.
+        let mp_state = self
+            .fd
+            .get_mp_state()
+            .map_err(|e| VcpuError::kvm(op("KVM_GET_MP_STATE"), e))?;
+        let regs = self
+            .fd
+            .get_regs()
+            .map_err(|e| VcpuError::kvm(op("KVM_GET_REGS"), e))?;
+        let sregs = self
+            .fd
+            .get_sregs()
+            .map_err(|e| VcpuError::kvm(op("KVM_GET_SREGS"), e))?;
+        let xsave = self
+            .fd
+            .get_xsave()
+            .map_err(|e| VcpuError::kvm(op("KVM_GET_XSAVE"), e))?;
+        let xcrs = self
+            .fd
+            .get_xcrs()
+            .map_err(|e| VcpuError::kvm(op("KVM_GET_XCRS"), e))?;
+        let debugregs = self
+            .fd
+            .get_debug_regs()
+            .map_err(|e| VcpuError::kvm(op("KVM_GET_DEBUGREGS"), e))?;
+        let lapic = match self.fd.get_lapic() {
+            Ok(lapic) => Some(lapic),
+            // No in-kernel irqchip, no LAPIC in KVM: EINVAL (ENXIO on older kernels).
+            Err(e) if matches!(e.errno(), libc::EINVAL | libc::ENXIO) => None,
+            Err(e) => return Err(VcpuError::kvm(op("KVM_GET_LAPIC"), e)),
+        };
+        let tsc_khz = self.fd.get_tsc_khz().ok();
+        let cpuid = self
+            .fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VcpuError::kvm(op("KVM_GET_CPUID2"), e))?;
+        let (msrs, skipped) = msrs::read_msrs(&self.fd, &indices, vcpu)?;
+        if !skipped.is_empty() {
+            log::debug!("vCPU {vcpu}: MSRs KVM did not read, not saved: {skipped:x?}");
+        }
+        // Read last: the other GET ioctls may change what it holds.
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(|e| VcpuError::kvm(op("KVM_GET_VCPU_EVENTS"), e))?;
+        Ok(VcpuState {
+            index: vcpu,
+            cpuid,
+            msrs,
+            regs,
+            sregs,
+            xsave: XsaveState(xsave),
+            xcrs,
+            lapic,
+            events,
+            mp_state,
+            debugregs,
+            tsc_khz,
+            syscall_trap: self.syscall_trap.as_ref().map(VcpuTrap::save),
+        })
+    }
+
+    /// Restores a state [`Vcpu::save_state`] saved, on a vCPU that has not run, of a VM
+    /// with the same memory contents (and, for a VM that had it, the in-kernel irqchip
+    /// created). The order is Firecracker's (see [`crate::state`]); `KVM_SET_TSC_KHZ`
+    /// only where the frequency differs from this vCPU's. Restore the VM's own state
+    /// (irqchip, PIT, clock) after every vCPU's.
+    ///
+    /// The [syscall trap](crate::syscall_trap): turn it on first
+    /// ([`Vcpu::set_syscall_trap`], same pages) where the saved vCPU had it, and its
+    /// state is restored too. A state with the trap restored on a vCPU without it gets
+    /// the guest's own MSR_LSTAR in the real MSR (system calls then go straight to the
+    /// guest kernel, right on a host without the bug); a state without the trap on a
+    /// vCPU with it leaves the trap unarmed, reading back the real MSR_LSTAR.
+    pub fn restore_state(&mut self, state: &VcpuState) -> Result<(), VcpuError> {
+        let vcpu = self.index;
+        let op = |what: &str| format!("{what} on vCPU {vcpu}");
+        let count = state.msrs.as_slice().len();
+        if count > KVM_MAX_MSR_ENTRIES {
+            return Err(VcpuError::TooManyMsrs {
+                vcpu,
+                count,
+                max: KVM_MAX_MSR_ENTRIES,
+            });
+        }
+        self.fd
+            .set_cpuid2(&state.cpuid)
+            .map_err(|e| VcpuError::kvm(op("KVM_SET_CPUID2"), e))?;
+        if let Some(khz) = state.tsc_khz {
+            if self.fd.get_tsc_khz().ok() != Some(khz) {
+                self.fd
+                    .set_tsc_khz(khz)
+                    .map_err(|e| VcpuError::kvm(op(&format!("KVM_SET_TSC_KHZ {khz}")), e))?;
+            }
+        }
+        self.fd
+            .set_mp_state(state.mp_state)
+            .map_err(|e| VcpuError::kvm(op("KVM_SET_MP_STATE"), e))?;
+        self.fd
+            .set_regs(&state.regs)
+            .map_err(|e| VcpuError::kvm(op("KVM_SET_REGS"), e))?;
+        self.fd
+            .set_sregs(&state.sregs)
+            .map_err(|e| VcpuError::kvm(op("KVM_SET_SREGS"), e))?;
+        // SAFETY: `state.xsave.0` is a whole `kvm_xsave` (4 KiB), the size
+        // KVM_SET_XSAVE reads; the kernel checks its contents.
+        unsafe { self.fd.set_xsave(&state.xsave.0) }
+            .map_err(|e| VcpuError::kvm(op("KVM_SET_XSAVE"), e))?;
+        self.fd
+            .set_xcrs(&state.xcrs)
+            .map_err(|e| VcpuError::kvm(op("KVM_SET_XCRS"), e))?;
+        self.fd
+            .set_debug_regs(&state.debugregs)
+            .map_err(|e| VcpuError::kvm(op("KVM_SET_DEBUGREGS"), e))?;
+        if let Some(lapic) = &state.lapic {
+            self.fd
+                .set_lapic(lapic)
+                .map_err(|e| VcpuError::kvm(op("KVM_SET_LAPIC"), e))?;
+        }
+        msrs::write_msrs(&self.fd, &state.msrs, vcpu)?;
+        self.fd
+            .set_vcpu_events(&state.events)
+            .map_err(|e| VcpuError::kvm(op("KVM_SET_VCPU_EVENTS"), e))?;
+        let guest_lstar = || {
+            state
+                .msrs
+                .as_slice()
+                .iter()
+                .find(|m| m.index == LSTAR)
+                .map_or(0, |m| m.data)
+        };
+        match (self.syscall_trap.as_mut(), &state.syscall_trap) {
+            (Some(trap), Some(saved)) => trap.restore(saved),
+            (Some(trap), None) => trap.restore(&crate::state::SyscallTrapVcpuState {
+                guest_lstar: guest_lstar(),
+                armed: None,
+            }),
+            (None, Some(saved)) => {
+                let entry = kvm_bindings::kvm_msr_entry {
+                    index: LSTAR,
+                    data: saved.guest_lstar,
+                    ..Default::default()
+                };
+                let lstar =
+                    kvm_bindings::Msrs::from_entries(&[entry]).map_err(VcpuError::MsrList)?;
+                msrs::write_msrs(&self.fd, &lstar, vcpu)?;
+            }
+            (None, None) => {}
+        }
+        Ok(())
+    }
+
+    /// The run loop found a request bit set: ends the loop for a stop, parks for a
+    /// pause (until it is lifted), goes on otherwise. Cold: the exit path only loads
+    /// the request word.
+    #[cold]
+    fn on_request(&mut self) -> Result<Option<VcpuOutcome>, VcpuError> {
+        loop {
+            let requests = self.control.requests.load(Ordering::Acquire);
+            if requests & STOP != 0 {
+                return Ok(Some(VcpuOutcome::Stopped));
+            }
+            if requests & PAUSE == 0 {
+                return Ok(None);
+            }
+            self.park();
+        }
+    }
+
+    /// Parks the vCPU on its thread until the pause is lifted or a stop is requested,
+    /// running the commands posted meanwhile.
+    #[cold]
+    fn park(&mut self) {
+        // As Firecracker does on pause: tell a kvmclock guest it was stopped, so its
+        // watchdogs do not take the pause for a lockup. EINVAL: no kvmclock.
+        if let Err(e) = self.fd.kvmclock_ctrl() {
+            if e.errno() != libc::EINVAL {
+                log::warn!("vCPU {}: KVM_KVMCLOCK_CTRL failed: {e}", self.index);
+            }
+        }
+        if let Err(e) = self.complete_pending_exits() {
+            log::warn!("vCPU {}: pausing: {e}", self.index);
+        }
+        log::debug!("vCPU {} paused", self.index);
+        let control = Arc::clone(&self.control);
+        control.park(|command| match command {
+            Command::SaveState(reply) => {
+                // The caller may have given up waiting; nothing to do then.
+                let _ = reply.send(self.save_state());
+            }
+        });
+        log::debug!("vCPU {} resumed", self.index);
+    }
+}
+
 /// A vCPU running on its own thread.
 #[derive(Debug)]
 pub struct RunningVcpu {
     index: u32,
     thread: JoinHandle<Result<VcpuOutcome, VcpuError>>,
-    stop: Arc<AtomicBool>,
+    control: Arc<Shared>,
     stats: Arc<ExitStats>,
 }
 
@@ -955,9 +1246,87 @@ impl RunningVcpu {
     }
 
     /// Asks the vCPU to stop and kicks it out of `KVM_RUN`; returns at once. The run
-    /// loop then ends with [`VcpuOutcome::Stopped`] (unless it had already ended).
+    /// loop then ends with [`VcpuOutcome::Stopped`] (unless it had already ended), paused
+    /// or not.
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::Release);
+        self.control.stop();
+        self.kick();
+    }
+
+    /// Asks the vCPU to pause and kicks it out of `KVM_RUN`; returns at once, before
+    /// the vCPU has parked ([`RunningVcpu::pause`] waits for that).
+    pub fn request_pause(&self) {
+        self.control.request_pause();
+        self.kick();
+    }
+
+    /// Pauses the vCPU: kicks it out of `KVM_RUN` and returns once its thread has
+    /// parked. Before parking, the thread calls `KVM_KVMCLOCK_CTRL` (so a guest with
+    /// kvmclock does not see the pause as a soft lockup; `EINVAL`, for a guest without
+    /// kvmclock, is ignored, as Firecracker does) and completes the exit the vCPU
+    /// stopped on (`KVM_RUN` with `immediate_exit`), so no port or MMIO read is lost.
+    /// A paused vCPU does not count as ended ([`VcpuGroup::wait`](crate::VcpuGroup::wait));
+    /// [`RunningVcpu::stop`] still ends it. Waits as long as the vCPU's thread takes to
+    /// get back to the run loop (a device handler in progress finishes first).
+    ///
+    /// Fails with [`VcpuError::NotRunning`] if the run loop has ended, and
+    /// [`VcpuError::OnVcpuThread`] on the vCPU's own thread.
+    ///
+    /// ```no_run
+    /// # fn f(vcpu: ember_vcpu::Vcpu) -> Result<(), ember_vcpu::VcpuError> {
+    /// let running = vcpu.spawn(None)?;
+    /// running.pause()?;
+    /// let state = running.save_state()?;
+    /// running.resume();
+    /// # Ok(()) }
+    /// ```
+    pub fn pause(&self) -> Result<(), VcpuError> {
+        if std::thread::current().id() == self.thread.thread().id() {
+            return Err(VcpuError::OnVcpuThread { vcpu: self.index });
+        }
+        self.request_pause();
+        self.control.wait_parked(self.index)
+    }
+
+    /// Waits until a vCPU asked to pause ([`RunningVcpu::request_pause`]) has parked.
+    pub fn wait_paused(&self) -> Result<(), VcpuError> {
+        if std::thread::current().id() == self.thread.thread().id() {
+            return Err(VcpuError::OnVcpuThread { vcpu: self.index });
+        }
+        self.control.wait_parked(self.index)
+    }
+
+    /// Lets a paused vCPU go on; returns at once. Does nothing to a vCPU that is not
+    /// paused.
+    pub fn resume(&self) {
+        self.control.resume();
+    }
+
+    /// Whether the vCPU is parked ([`RunningVcpu::pause`]).
+    pub fn is_paused(&self) -> bool {
+        self.control.is_paused()
+    }
+
+    /// A handle on the vCPU's run loop ([`VcpuControl`]).
+    pub fn control(&self) -> VcpuControl {
+        VcpuControl(Arc::clone(&self.control))
+    }
+
+    /// The paused vCPU's state ([`Vcpu::save_state`], run on the vCPU's thread). Fails
+    /// with [`VcpuError::NotPaused`] unless the vCPU is paused.
+    pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
+        if std::thread::current().id() == self.thread.thread().id() {
+            return Err(VcpuError::OnVcpuThread { vcpu: self.index });
+        }
+        let (reply, answer) = mpsc::channel();
+        self.control.post(Command::SaveState(reply), self.index)?;
+        answer
+            .recv()
+            .unwrap_or(Err(VcpuError::NotRunning { vcpu: self.index }))
+    }
+
+    /// Sends the kick signal, if the thread still runs.
+    fn kick(&self) {
         if self.thread.is_finished() {
             return;
         }

@@ -770,7 +770,7 @@ impl Machine {
         kick::install_kick_handler().unwrap();
         let finished = Arc::new(AtomicBool::new(false));
         let fired = Arc::new(AtomicBool::new(false));
-        let stop = self.vcpu.stop_flag();
+        let stop = self.vcpu.control();
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
         let watchdog = {
@@ -780,7 +780,7 @@ impl Machine {
                 while !finished.load(Ordering::Acquire) {
                     if start.elapsed() > RUN_LIMIT {
                         fired.store(true, Ordering::Release);
-                        stop.store(true, Ordering::Release);
+                        stop.stop();
                         // SAFETY: `me` is the test thread, which joins this thread
                         // before it returns from `run`, so the handle is valid; the kick
                         // signal has a handler (installed above), so the signal only

@@ -44,8 +44,8 @@ use ember_rate_limiter::{
     error_limited, warn_limited, RateLimiter, RateLimiterConfig, RateLimiterError,
 };
 use ember_virtio::{
-    device_type, ActivateDevice, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    device_type, ActivateDevice, ActivateError, Activation, ActiveQueue, PauseError, VirtioDevice,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::bitmap::Bitmap as _;
@@ -1214,20 +1214,51 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         if let Some(worker) = self.worker.take() {
-            let limiter = worker.stop().and_then(|handler| handler.limiter);
-            self.rate_limiter = match (limiter, &self.rate_limit) {
-                (Some(limiter), _) => Some(limiter),
-                // The worker panicked and took the limiter with it: a new one.
-                (None, Some(config)) => match self.new_limiter(config) {
-                    Ok(limiter) => Some(limiter),
-                    Err(e) => {
-                        error_limited!("{e}; the disk will fail to activate");
-                        None
-                    }
-                },
-                (None, None) => None,
-            };
+            self.take_back(worker.stop());
         }
+    }
+
+    /// Stops the worker after the request in flight (its data is on the disk, or read,
+    /// and its status written) and gives back the queue. The disk stays open and the
+    /// rate limiter, buckets and debts included, stays with the device for the next
+    /// activation.
+    fn pause(&mut self) -> Result<Vec<ActiveQueue>, PauseError> {
+        let Some(worker) = self.worker.take() else {
+            return Err(PauseError::NotRunning {
+                device_type: device_type::BLOCK,
+            });
+        };
+        match worker.stop_keeping_queues() {
+            Some((handler, queues)) => {
+                self.take_back(Some(handler));
+                Ok(queues)
+            }
+            None => {
+                self.take_back(None);
+                Err(PauseError::WorkerLost {
+                    device_type: device_type::BLOCK,
+                })
+            }
+        }
+    }
+}
+
+impl Block {
+    /// Keeps what a stopped worker's handler had (`None`: the worker panicked).
+    fn take_back(&mut self, handler: Option<BlockHandler>) {
+        let limiter = handler.and_then(|handler| handler.limiter);
+        self.rate_limiter = match (limiter, &self.rate_limit) {
+            (Some(limiter), _) => Some(limiter),
+            // The worker panicked and took the limiter with it: a new one.
+            (None, Some(config)) => match self.new_limiter(config) {
+                Ok(limiter) => Some(limiter),
+                Err(e) => {
+                    error_limited!("{e}; the disk will fail to activate");
+                    None
+                }
+            },
+            (None, None) => None,
+        };
     }
 }
 

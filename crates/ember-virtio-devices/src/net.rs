@@ -37,8 +37,8 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use ember_rate_limiter::{warn_limited, RateLimiter, RateLimiterConfig, RateLimiterError};
 use ember_virtio::{
-    device_type, ActivateDevice, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    device_type, ActivateDevice, ActivateError, Activation, ActiveQueue, PauseError, VirtioDevice,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -559,13 +559,44 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         if let Some(worker) = self.worker.take() {
             if let Some(handler) = worker.stop() {
-                self.backend = Some(handler.backend);
-                if !self.limiters_replaced {
-                    self.rx_limiter = handler.rx_limiter;
-                    self.tx_limiter = handler.tx_limiter;
-                }
+                self.take_back(handler);
             }
             self.limiters_replaced = false;
+        }
+    }
+
+    /// Stops the worker after the frame in flight (an rx pass ends within
+    /// [`RX_BUDGET`] frames) and gives back both queues. The backend (the tap) stays
+    /// open with the device; frames arriving meanwhile wait in it. The rate limiters,
+    /// buckets and debts included, stay with the device for the next activation.
+    fn pause(&mut self) -> Result<Vec<ActiveQueue>, PauseError> {
+        let Some(worker) = self.worker.take() else {
+            return Err(PauseError::NotRunning {
+                device_type: device_type::NET,
+            });
+        };
+        let stopped = worker.stop_keeping_queues();
+        let result = match stopped {
+            Some((handler, queues)) => {
+                self.take_back(handler);
+                Ok(queues)
+            }
+            None => Err(PauseError::WorkerLost {
+                device_type: device_type::NET,
+            }),
+        };
+        self.limiters_replaced = false;
+        result
+    }
+}
+
+impl Net {
+    /// Keeps the backend and limiters of a stopped worker's handler.
+    fn take_back(&mut self, handler: NetHandler) {
+        self.backend = Some(handler.backend);
+        if !self.limiters_replaced {
+            self.rx_limiter = handler.rx_limiter;
+            self.tx_limiter = handler.tx_limiter;
         }
     }
 }
@@ -667,28 +698,39 @@ impl NetHandler {
 
     fn rx<M: GuestAddressSpace>(&mut self, ctx: &mut WorkerContext<M>) {
         let mem = ctx.memory();
+        // One frame at a time, so that a stop request (a reset or a pause) waits for
+        // the frame in flight, not for a whole budget of them.
+        let stop = ctx.stop_flag();
         let Some(queue) = ctx.queue_mut(RX_QUEUE) else {
             return;
         };
-        let report = match &mut self.rx_limiter {
-            None => process_rx(
-                &*mem,
-                queue,
-                &mut *self.backend,
-                &mut self.rx_buffer,
-                RX_BUDGET,
-            ),
-            Some(limiter) => process_rx(
-                &*mem,
-                queue,
-                &mut LimitedRx {
-                    backend: &mut *self.backend,
-                    limiter,
-                },
-                &mut self.rx_buffer,
-                RX_BUDGET,
-            ),
+        let mut report = RxReport {
+            stop: RxStop::Budget,
+            ..RxReport::default()
         };
+        for _ in 0..RX_BUDGET {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let one = match &mut self.rx_limiter {
+                None => process_rx(&*mem, queue, &mut *self.backend, &mut self.rx_buffer, 1),
+                Some(limiter) => process_rx(
+                    &*mem,
+                    queue,
+                    &mut LimitedRx {
+                        backend: &mut *self.backend,
+                        limiter,
+                    },
+                    &mut self.rx_buffer,
+                    1,
+                ),
+            };
+            report.used += one.used;
+            if one.stop != RxStop::Budget {
+                report.stop = one.stop;
+                break;
+            }
+        }
         self.last_stop = report.stop;
         if report.used > 0 {
             ctx.signal_used(&mem, RX_QUEUE);

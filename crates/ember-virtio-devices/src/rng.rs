@@ -16,8 +16,8 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use ember_rate_limiter::{error_limited, RateLimiter, RateLimiterConfig, RateLimiterError};
 use ember_virtio::{
-    device_type, ActivateDevice, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    device_type, ActivateDevice, ActivateError, Activation, ActiveQueue, PauseError, VirtioDevice,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory};
@@ -184,6 +184,23 @@ impl VirtioDevice for Rng {
             }
         }
     }
+
+    /// Stops the worker after the chain in flight and gives back the queue; the rate
+    /// limiter, buckets and debts included, stays with the device for the next
+    /// activation.
+    fn pause(&mut self) -> Result<Vec<ActiveQueue>, PauseError> {
+        let Some(worker) = self.worker.take() else {
+            return Err(PauseError::NotRunning {
+                device_type: device_type::RNG,
+            });
+        };
+        // A worker that panicked took the limiter: `activate` builds a new one.
+        let (handler, queues) = worker.stop_keeping_queues().ok_or(PauseError::WorkerLost {
+            device_type: device_type::RNG,
+        })?;
+        self.limiter = handler.limiter;
+        Ok(queues)
+    }
 }
 
 impl<M: GuestAddressSpace + Send + 'static> ActivateDevice<M> for Rng {
@@ -256,7 +273,7 @@ impl<M: GuestAddressSpace> QueueHandler<M> for RngHandler {
 mod tests {
     use super::*;
     use crate::testutil::*;
-    use ember_virtio::{ActiveQueue, InterruptKind};
+    use ember_virtio::InterruptKind;
     use virtio_queue::QueueT;
 
     fn pop_and_process(mem: &vm_memory::GuestMemoryMmap, q: &mut virtio_queue::Queue) -> u32 {

@@ -30,6 +30,23 @@ pub mod device_type {
     pub const BLOCK: u32 = 2;
     /// Entropy source.
     pub const RNG: u32 = 4;
+
+    /// A short name for device ID `id`, for messages: `"net"`, `"block"`, `"rng"`, or
+    /// `"unknown"` for IDs Ember has no device for.
+    ///
+    /// ```
+    /// use ember_virtio::device_type;
+    /// assert_eq!(device_type::name(device_type::BLOCK), "block");
+    /// assert_eq!(device_type::name(0xfff0), "unknown");
+    /// ```
+    pub fn name(id: u32) -> &'static str {
+        match id {
+            NET => "net",
+            BLOCK => "block",
+            RNG => "rng",
+            _ => "unknown",
+        }
+    }
 }
 
 /// Why a device raises an interrupt.
@@ -203,6 +220,54 @@ pub trait VirtioDevice: Send {
     /// queues, so that it can be activated again. Called when the driver writes 0 to
     /// the status register.
     fn reset(&mut self);
+
+    /// Pauses an active device: stops its worker(s) after at most the request in flight
+    /// ([`Worker::stop_keeping_queues`](crate::worker::Worker::stop_keeping_queues))
+    /// and gives back its queues, positions included, in the order
+    /// [`Activation::queues`] had them. The device keeps its backend (disk, tap, rate
+    /// limiters...) and stays ready for [`ActivateDevice::activate`] with the same
+    /// queues (a resume), or with queues rebuilt from a snapshot (a restore).
+    ///
+    /// The default says the device cannot pause ([`PauseError::Unsupported`]), so that
+    /// a VMM pausing a VM learns which device is in the way instead of waiting.
+    fn pause(&mut self) -> Result<Vec<ActiveQueue>, PauseError> {
+        Err(PauseError::Unsupported {
+            device_type: self.device_type(),
+        })
+    }
+}
+
+/// Why [`VirtioDevice::pause`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    /// The device does not implement pausing.
+    #[error(
+        "virtio device type {device_type} ({}) does not support pause",
+        device_type::name(*device_type)
+    )]
+    Unsupported {
+        /// The device's virtio device ID.
+        device_type: u32,
+    },
+    /// The device has no running worker to pause.
+    #[error(
+        "virtio device type {device_type} ({}) is not running",
+        device_type::name(*device_type)
+    )]
+    NotRunning {
+        /// The device's virtio device ID.
+        device_type: u32,
+    },
+    /// The device's worker thread had panicked: its queues are lost, the device needs a
+    /// reset.
+    #[error(
+        "the worker of virtio device type {device_type} ({}) panicked; its queues are lost",
+        device_type::name(*device_type)
+    )]
+    WorkerLost {
+        /// The device's virtio device ID.
+        device_type: u32,
+    },
 }
 
 /// Starting a [`VirtioDevice`] on guest memory held as `M` (a vm-memory

@@ -125,16 +125,18 @@
 pub mod chain;
 mod device;
 pub mod mmio;
+pub mod state;
 pub mod worker;
 
 pub use device::{
-    device_type, ActivateDevice, ActivateError, Activation, ActiveQueue, InterruptKind, ThreadHook,
-    ThreadSpawner, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC,
+    device_type, ActivateDevice, ActivateError, Activation, ActiveQueue, InterruptKind, PauseError,
+    ThreadHook, ThreadSpawner, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 pub use mmio::{
     MmioTransport, TransportError, TransportStats, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
 };
+pub use state::{MmioQueueState, MmioTransportState, QueueState};
 
 /// The bus crate whose `BusDevice` the transport implements.
 pub use ember_bus;

@@ -26,6 +26,15 @@
 //! most 10 lines per 5 s for each kind (`ember_rate_limiter`'s `warn_limited!`), with
 //! a count of the lines suppressed: a guest cannot flood the host's log. Nothing a guest
 //! writes can panic the transport.
+//!
+//! # Pause, snapshot, restore
+//!
+//! [`MmioTransport::pause`] stops the device's worker after the request in flight and
+//! keeps its queues; [`MmioTransport::resume`] starts it again with them.
+//! [`MmioTransport::save_state`] (while paused) returns a serde
+//! [`MmioTransportState`](crate::MmioTransportState); [`MmioTransport::restore_state`]
+//! puts it into a new transport built on the same kind of device, and the device carries
+//! on from the saved ring positions.
 
 use std::fmt;
 use std::io;
@@ -38,8 +47,8 @@ use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::device::{
-    ActivateDevice, Activation, ActiveQueue, InterruptKind, ThreadHook, ThreadSpawner,
-    VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    device_type, ActivateDevice, Activation, ActiveQueue, InterruptKind, PauseError, ThreadHook,
+    ThreadSpawner, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// Size of the MMIO window a transport occupies: registers and configuration space.
@@ -154,7 +163,7 @@ const UNSUPPORTED_FEATURES: u64 = (1 << 34) // VIRTIO_F_RING_PACKED
     | (1 << 40) // VIRTIO_F_RING_RESET
     | (1 << 41); // VIRTIO_F_ADMIN_VQ
 
-/// Why a transport could not be built.
+/// Why a transport could not be built, paused, resumed, saved or restored.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// The device has no queues.
@@ -180,6 +189,86 @@ pub enum TransportError {
         #[source]
         source: io::Error,
     },
+    /// The device could not be paused ([`MmioTransport::pause`]).
+    #[error("cannot pause: {0}")]
+    Pause(#[from] PauseError),
+    /// [`MmioTransport::save_state`] on a running device: pause it first.
+    #[error(
+        "virtio device type {device_type} ({}) is running: pause it before saving its state",
+        device_type::name(*device_type)
+    )]
+    NotPaused {
+        /// The device's virtio device ID.
+        device_type: u32,
+    },
+    /// The device did not start again with its queues ([`MmioTransport::resume`], or an
+    /// activated state given to [`MmioTransport::restore_state`]).
+    #[error(
+        "virtio device type {device_type} ({}) did not start with its saved queues: {reason}",
+        device_type::name(*device_type)
+    )]
+    Start {
+        /// The device's virtio device ID.
+        device_type: u32,
+        /// What failed.
+        reason: String,
+    },
+    /// [`MmioTransport::restore_state`] on a transport the driver already set up.
+    #[error(
+        "cannot restore virtio device type {device_type} ({}): the transport is not freshly built (status {status:#x}, activated: {activated})",
+        device_type::name(*device_type)
+    )]
+    RestoreNotFresh {
+        /// The device's virtio device ID.
+        device_type: u32,
+        /// The transport's current status register.
+        status: u32,
+        /// Whether it is activated.
+        activated: bool,
+    },
+    /// The saved state is of another kind of device.
+    #[error(
+        "the saved state is of virtio device type {saved} ({}), this transport carries device type {actual} ({})",
+        device_type::name(*saved),
+        device_type::name(*actual)
+    )]
+    RestoreDeviceType {
+        /// The device type in the state.
+        saved: u32,
+        /// This transport's device type.
+        actual: u32,
+    },
+    /// The saved state has another number of queues than the device.
+    #[error("the saved state has {saved} queues, the device has {actual}")]
+    RestoreQueueCount {
+        /// Queues in the state.
+        saved: usize,
+        /// Queues of the device.
+        actual: usize,
+    },
+    /// A queue's maximum size in the saved state differs from the device's.
+    #[error("queue {index}: the saved state has maximum size {saved}, the device has {actual}")]
+    RestoreQueueMaxSize {
+        /// The queue.
+        index: usize,
+        /// Its maximum size in the state.
+        saved: u16,
+        /// Its maximum size on the device.
+        actual: u16,
+    },
+    /// The driver features in the saved state include some this device does not offer.
+    #[error("the saved driver features {driver:#x} include {extra:#x}, which the device does not offer (it offers {offered:#x})")]
+    RestoreFeatures {
+        /// The driver features in the state.
+        driver: u64,
+        /// The device's offered features.
+        offered: u64,
+        /// The bits in `driver` not in `offered`.
+        extra: u64,
+    },
+    /// The saved state is inconsistent, or does not fit guest memory.
+    #[error("invalid saved state: {0}")]
+    RestoreInvalid(String),
 }
 
 /// Counters of guest accesses the transport did not act on, and of other events worth
@@ -305,6 +394,19 @@ impl Registers {
 struct Inner<M: GuestAddressSpace> {
     device: Box<dyn ActivateDevice<M>>,
     regs: Registers,
+    /// While paused: the queues the device gave back, positions included.
+    paused: Option<Vec<ActiveQueue>>,
+    /// Added to the device's configuration generation: a restored transport goes on
+    /// from the saved value. Kept across resets.
+    config_generation_offset: u32,
+}
+
+impl<M: GuestAddressSpace> Inner<M> {
+    fn config_generation(&self) -> u32 {
+        self.device
+            .config_generation()
+            .wrapping_add(self.config_generation_offset)
+    }
 }
 
 /// A virtio device behind the virtio-mmio (version 2) register interface.
@@ -393,7 +495,12 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
                 status: AtomicU32::new(0),
                 irq,
             }),
-            inner: Mutex::new(Inner { device, regs }),
+            inner: Mutex::new(Inner {
+                device,
+                regs,
+                paused: None,
+                config_generation_offset: 0,
+            }),
             activated: AtomicBool::new(false),
             stats: Stats::default(),
             thread_hook: None,
@@ -521,7 +628,7 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
                     _ => regs.status,
                 }
             }
-            reg::CONFIG_GENERATION => self.lock().device.config_generation(),
+            reg::CONFIG_GENERATION => self.lock().config_generation(),
             _ => return None,
         };
         Some(value)
@@ -730,19 +837,9 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
         if inner.regs.activated {
             return;
         }
-        let result = self.build_queues(&inner.regs).and_then(|queues| {
-            inner
-                .device
-                .activate(Activation {
-                    mem: self.mem.clone(),
-                    queues,
-                    interrupt: self.interrupt.clone(),
-                    features: inner.regs.driver_features,
-                    thread_hook: self.thread_hook.clone(),
-                    spawner: self.spawner.clone(),
-                })
-                .map_err(|e| format!("the device failed to start: {e}"))
-        });
+        let result = self
+            .build_queues(&inner.regs)
+            .and_then(|queues| self.start_device(inner, queues));
         match result {
             Ok(()) => {
                 inner.regs.activated = true;
@@ -760,6 +857,21 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
                 }
             }
         }
+    }
+
+    /// Calls the device's `activate` with `queues`.
+    fn start_device(&self, inner: &mut Inner<M>, queues: Vec<ActiveQueue>) -> Result<(), String> {
+        inner
+            .device
+            .activate(Activation {
+                mem: self.mem.clone(),
+                queues,
+                interrupt: self.interrupt.clone(),
+                features: inner.regs.driver_features,
+                thread_hook: self.thread_hook.clone(),
+                spawner: self.spawner.clone(),
+            })
+            .map_err(|e| format!("the device failed to start: {e}"))
     }
 
     /// A `Queue` per ready queue, in index order, validated against guest memory.
@@ -815,6 +927,7 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
     /// requests), never for a batch.
     fn reset(&self, inner: &mut Inner<M>) {
         inner.device.reset();
+        inner.paused = None;
         inner.regs = Registers::new(self.queue_max_sizes.len());
         self.activated.store(false, Ordering::Release);
         // The device's worker has stopped: nothing raises interrupts any more.
@@ -896,6 +1009,8 @@ impl<M: GuestAddressSpace + Send + Sync> ember_bus::BusDevice for MmioTransport<
         }
     }
 }
+
+mod snapshot;
 
 #[cfg(test)]
 mod tests;

@@ -560,8 +560,8 @@ pub struct Worker<H> {
     /// Set before `stop` is written; shared with the thread's [`WorkerContext`].
     stop_flag: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    /// The handler, sent back when the thread ends.
-    done: mpsc::Receiver<H>,
+    /// The handler and the queues, sent back when the thread ends.
+    done: mpsc::Receiver<(H, Vec<ActiveQueue>)>,
 }
 
 impl<H: Send + 'static> Worker<H> {
@@ -614,7 +614,7 @@ impl<H: Send + 'static> Worker<H> {
         // The handler comes back through `done` when the thread ends.
         let (send, recv) = mpsc::channel::<(H, WorkerContext<M>)>();
         let (started_send, started) = mpsc::sync_channel::<io::Result<()>>(1);
-        let (done_send, done) = mpsc::sync_channel::<H>(1);
+        let (done_send, done) = mpsc::sync_channel::<(H, Vec<ActiveQueue>)>(1);
         let name = format!("ember-virtio-{kind}");
         let thread_name = name.clone();
         let body = move || {
@@ -628,7 +628,8 @@ impl<H: Send + 'static> Worker<H> {
                 return;
             }
             if let Ok((handler, ctx)) = recv.recv() {
-                let _ = done_send.send(run(handler, ctx));
+                let (handler, ctx) = run(handler, ctx);
+                let _ = done_send.send((handler, ctx.queues));
             }
         };
         let spawned = match &spawner {
@@ -668,10 +669,54 @@ impl<H> Worker<H> {
     /// [`WorkerContext::process_queue`] for the one request in progress (see the
     /// [module docs](self)).
     pub fn stop(mut self) -> Option<H> {
+        self.stop_and_join().map(|(handler, _)| handler)
+    }
+
+    /// [`stop`](Self::stop), which also gives back the queues with their positions
+    /// (`next_avail`, `next_used`) as the thread left them: every chain popped was
+    /// completed (a stop waits for the request in flight), and the chains still in the
+    /// available ring are left there. Activating the device again with these queues
+    /// carries on where the worker stopped: this is how a device pauses
+    /// ([`VirtioDevice::pause`]). `None` if the thread panicked.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use ember_virtio::vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap};
+    /// use ember_virtio::vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    /// use ember_virtio::virtio_queue::{Queue, QueueT};
+    /// use ember_virtio::worker::{QueueHandler, Worker, WorkerContext};
+    /// use ember_virtio::{Activation, ActiveQueue, InterruptKind, VirtioInterrupt};
+    ///
+    /// struct Idle;
+    /// impl<M: GuestAddressSpace> QueueHandler<M> for Idle {
+    ///     fn queue_notified(&mut self, _ctx: &mut WorkerContext<M>, _queue: usize) {}
+    /// }
+    /// struct NoIrq;
+    /// impl VirtioInterrupt for NoIrq {
+    ///     fn trigger(&self, _kind: InterruptKind) -> std::io::Result<()> { Ok(()) }
+    /// }
+    ///
+    /// let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 16)])?);
+    /// let mut queue = Queue::new(16)?;
+    /// queue.set_next_avail(5);
+    /// let activation = Activation {
+    ///     mem,
+    ///     queues: vec![ActiveQueue { index: 0, queue, notify: EventFd::new(EFD_NONBLOCK)? }],
+    ///     interrupt: Arc::new(NoIrq),
+    ///     features: 0,
+    ///     thread_hook: None,
+    ///     spawner: None,
+    /// };
+    /// let worker = Worker::spawn("idle", Idle, activation).map_err(|e| e.source)?;
+    /// let (_handler, queues) = worker.stop_keeping_queues().expect("the worker did not panic");
+    /// assert_eq!(queues[0].queue.next_avail(), 5);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn stop_keeping_queues(mut self) -> Option<(H, Vec<ActiveQueue>)> {
         self.stop_and_join()
     }
 
-    fn stop_and_join(&mut self) -> Option<H> {
+    fn stop_and_join(&mut self) -> Option<(H, Vec<ActiveQueue>)> {
         let thread = self.thread.take()?;
         // The flag first: the thread may be inside a batch, where it checks only the flag.
         self.stop_flag.store(true, Ordering::Relaxed);
@@ -734,13 +779,26 @@ fn set_up_epoll(queues: &[ActiveQueue], backend_fds: &[RawFd]) -> io::Result<(Ev
     Ok((stop, epoll))
 }
 
-fn run<M: GuestAddressSpace, H: QueueHandler<M>>(mut handler: H, mut ctx: WorkerContext<M>) -> H {
+/// Serves the queues until a stop request; gives back the handler and the context (the
+/// queues in it, positions included).
+fn run<M: GuestAddressSpace, H: QueueHandler<M>>(
+    handler: H,
+    mut ctx: WorkerContext<M>,
+) -> (H, WorkerContext<M>) {
+    let handler = serve(handler, &mut ctx);
+    (handler, ctx)
+}
+
+fn serve<M: GuestAddressSpace, H: QueueHandler<M>>(
+    mut handler: H,
+    ctx: &mut WorkerContext<M>,
+) -> H {
     // Serve whatever the driver queued before activation.
     for i in 0..ctx.queues.len() {
         if ctx.stopping() {
             return handler;
         }
-        handler.queue_notified(&mut ctx, i);
+        handler.queue_notified(ctx, i);
     }
     let mut events = vec![EpollEvent::default(); 8 + ctx.queues.len() + ctx.backend_fds.len()];
     loop {
@@ -763,7 +821,7 @@ fn run<M: GuestAddressSpace, H: QueueHandler<M>>(mut handler: H, mut ctx: Worker
             let token = ev.data();
             if token >= BACKEND_TOKEN_BASE {
                 let index = (token - BACKEND_TOKEN_BASE) as usize;
-                handler.backend_ready(&mut ctx, index);
+                handler.backend_ready(ctx, index);
                 // epoll reports hang-ups and errors whatever the interest set, so a dead
                 // backend fd would wake the loop forever: stop polling it.
                 if ev
@@ -775,7 +833,7 @@ fn run<M: GuestAddressSpace, H: QueueHandler<M>>(mut handler: H, mut ctx: Worker
             } else if token >= QUEUE_TOKEN_BASE {
                 let index = (token - QUEUE_TOKEN_BASE) as usize;
                 if index < ctx.queues.len() {
-                    handler.queue_notified(&mut ctx, index);
+                    handler.queue_notified(ctx, index);
                 }
             }
         }

@@ -98,6 +98,73 @@ pub enum VmError {
         /// The error KVM returned.
         source: kvm_ioctls::Error,
     },
+    /// `KVM_SET_USER_MEMORY_REGION` changing a slot's flags (turning the dirty log on or
+    /// off) failed.
+    #[error("KVM_SET_USER_MEMORY_REGION setting flags {flags:#x} on memory slot {slot} failed: {source}")]
+    SetSlotFlags {
+        /// The slot.
+        slot: u32,
+        /// The flags asked for (`KVM_MEM_LOG_DIRTY_PAGES` or 0).
+        flags: u32,
+        /// The error KVM returned.
+        source: kvm_ioctls::Error,
+    },
+    /// The dirty log was read while it is off.
+    #[error("KVM's dirty log is off: turn it on with Vm::set_dirty_log(true) first")]
+    DirtyLogDisabled,
+    /// `KVM_GET_DIRTY_LOG` failed.
+    #[error("KVM_GET_DIRTY_LOG for memory slot {slot} failed: {source}")]
+    GetDirtyLog {
+        /// The slot.
+        slot: u32,
+        /// The error KVM returned.
+        source: kvm_ioctls::Error,
+    },
+    /// `KVM_GET_IRQCHIP` failed (no in-kernel irqchip?).
+    #[error("KVM_GET_IRQCHIP for the {chip} failed: {source}")]
+    GetIrqchip {
+        /// Which chip: "PIC master", "PIC slave" or "IOAPIC".
+        chip: &'static str,
+        /// The error KVM returned.
+        source: kvm_ioctls::Error,
+    },
+    /// `KVM_SET_IRQCHIP` failed.
+    #[error("KVM_SET_IRQCHIP for the {chip} failed: {source}")]
+    SetIrqchip {
+        /// Which chip: "PIC master", "PIC slave" or "IOAPIC".
+        chip: &'static str,
+        /// The error KVM returned.
+        source: kvm_ioctls::Error,
+    },
+    /// A saved irqchip has the wrong `chip_id` (a corrupt or mismatched state).
+    #[error("saved {chip} state has chip_id {found}, expected {expected}")]
+    StateChipId {
+        /// Which chip the state was for.
+        chip: &'static str,
+        /// The `chip_id` in the state.
+        found: u32,
+        /// The `chip_id` that chip has.
+        expected: u32,
+    },
+    /// `KVM_GET_PIT2` failed (no PIT?).
+    #[error("KVM_GET_PIT2 failed: {0}")]
+    GetPit(#[source] kvm_ioctls::Error),
+    /// `KVM_SET_PIT2` failed.
+    #[error("KVM_SET_PIT2 failed: {0}")]
+    SetPit(#[source] kvm_ioctls::Error),
+    /// `KVM_GET_CLOCK` failed.
+    #[error("KVM_GET_CLOCK failed: {0}")]
+    GetClock(#[source] kvm_ioctls::Error),
+    /// `KVM_SET_CLOCK` failed.
+    #[error("KVM_SET_CLOCK to {clock} ns with flags {flags:#x} failed: {source}")]
+    SetClock {
+        /// The clock value given, in nanoseconds.
+        clock: u64,
+        /// The flags given.
+        flags: u32,
+        /// The error KVM returned.
+        source: kvm_ioctls::Error,
+    },
     /// A VM needs at least one vCPU.
     #[error("a VM needs at least one vCPU (0 requested)")]
     NoVcpus,

@@ -3,6 +3,10 @@
 //! (irqchip and PIT, the TSS and identity-map addresses, irqfds, ioeventfds, and how
 //! many vCPUs a VM may have). Dropping the last handle frees it all.
 //!
+//! For snapshots it saves and restores the VM-level state ([`VmState`]: PICs, IOAPIC,
+//! PIT, kvmclock) and turns KVM's dirty log on and reads it ([`Vm::set_dirty_log`],
+//! [`Vm::dirty_log`]) for diff snapshots.
+//!
 //! It is the counterpart of vmm-reference's `vm-vcpu` `KvmVm`, without the vCPUs:
 //! `ember-vcpu` creates those from a [`Vm`], and each vCPU keeps the VM (and so its
 //! memory) alive for as long as the vCPU exists.
@@ -23,10 +27,12 @@
 mod error;
 mod irqchip;
 mod slots;
+mod state;
 mod vcpus;
 mod vm;
 
 pub use error::VmError;
+pub use state::VmState;
 pub use vcpus::{check_vcpu_count, max_vcpus, MAX_VCPUS};
 pub use vm::Vm;
 /// The rust-vmm crates this crate's API uses, so users get the matching versions.

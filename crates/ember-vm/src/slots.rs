@@ -8,7 +8,8 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion}
 use crate::VmError;
 
 /// Registers every region of `mem` with KVM (`KVM_SET_USER_MEMORY_REGION`), one slot per
-/// region, numbered from 0, and records each in `registered` as soon as KVM has it.
+/// region, numbered from 0, with `flags` (0, or `KVM_MEM_LOG_DIRTY_PAGES`), and records
+/// each in `registered` as soon as KVM has it.
 ///
 /// The caller keeps `mem` (and so every region's mapping) alive, unmoved, until the
 /// slots in `registered` are deleted with [`delete`]: [`crate::Vm`] does, by owning both
@@ -16,6 +17,7 @@ use crate::VmError;
 pub(crate) fn register<B: Bitmap>(
     vm: &VmFd,
     mem: &GuestMemoryMmap<B>,
+    flags: u32,
     registered: &mut Vec<kvm_userspace_memory_region>,
 ) -> Result<(), VmError> {
     // KVM reports how many slots it supports; slot numbers must be below that.
@@ -35,7 +37,7 @@ pub(crate) fn register<B: Bitmap>(
         }
         let entry = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags,
             guest_phys_addr: addr,
             memory_size: size,
             userspace_addr: region.as_ptr() as u64,
@@ -55,6 +57,53 @@ pub(crate) fn register<B: Bitmap>(
         })?;
         registered.push(entry);
         log::debug!("memory slot {slot}: guest {addr:#x}, size {size:#x}");
+    }
+    Ok(())
+}
+
+/// Re-registers every slot in `registered` with `flags` (only the flags change: KVM
+/// keeps the slot's memory, and `KVM_MEM_LOG_DIRTY_PAGES` turns its dirty log on or
+/// off), updating `registered`. If KVM refuses one, the slots already changed get
+/// their old flags back, so all slots keep the same flags.
+pub(crate) fn set_flags(
+    vm: &VmFd,
+    registered: &mut [kvm_userspace_memory_region],
+    flags: u32,
+) -> Result<(), VmError> {
+    for index in 0..registered.len() {
+        let Some(&old) = registered.get(index) else {
+            break;
+        };
+        let entry = kvm_userspace_memory_region { flags, ..old };
+        // SAFETY: the same slot, guest range and host mapping KVM already has (see
+        // `register`, which made it); only the flags differ.
+        match unsafe { vm.set_user_memory_region(entry) } {
+            Ok(()) => {
+                if let Some(slot) = registered.get_mut(index) {
+                    *slot = entry;
+                }
+            }
+            Err(source) => {
+                for changed in registered.iter_mut().take(index) {
+                    let back = kvm_userspace_memory_region {
+                        flags: old.flags,
+                        ..*changed
+                    };
+                    // SAFETY: as above, back to the flags the slot had.
+                    match unsafe { vm.set_user_memory_region(back) } {
+                        Ok(()) => *changed = back,
+                        Err(e) => {
+                            log::error!("restoring the flags of memory slot {}: {e}", changed.slot)
+                        }
+                    }
+                }
+                return Err(VmError::SetSlotFlags {
+                    slot: old.slot,
+                    flags,
+                    source,
+                });
+            }
+        }
     }
     Ok(())
 }

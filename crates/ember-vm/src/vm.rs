@@ -1,10 +1,10 @@
 //! [`Vm`]: a KVM VM that owns its file descriptor and its guest memory.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use ember_arch::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::GuestMemoryMmap;
@@ -53,8 +53,10 @@ struct Inner<B> {
     /// Declared before `memory`: fields drop in order, so the VM file descriptor is
     /// closed before the memory is released.
     fd: VmFd,
-    /// The regions registered with KVM, in slot order, for deleting them.
-    slots: Vec<kvm_userspace_memory_region>,
+    /// The regions registered with KVM, in slot order, with their current flags (all
+    /// slots have the same), for the dirty log and for deleting them. Locked while the
+    /// flags change or the dirty log is read.
+    slots: Mutex<Vec<kvm_userspace_memory_region>>,
     /// `KVM_GET_VCPU_MMAP_SIZE`: how much of a vCPU fd to map for its `kvm_run`.
     vcpu_mmap_size: usize,
     memory: GuestMemoryMmap<B>,
@@ -72,7 +74,7 @@ impl<B> fmt::Debug for Vm<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Vm")
             .field("fd", &self.inner.fd)
-            .field("slots", &self.inner.slots.len())
+            .field("slots", &self.inner.lock_slots().len())
             .finish_non_exhaustive()
     }
 }
@@ -97,6 +99,30 @@ impl<B: Bitmap> Vm<B> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn new(kvm: &Kvm, memory: GuestMemoryMmap<B>) -> Result<Self, VmError> {
+        Self::create(kvm, memory, 0)
+    }
+
+    /// As [`Vm::new`], with KVM's dirty log on from the start: every slot is registered
+    /// with `KVM_MEM_LOG_DIRTY_PAGES`, as [`Vm::set_dirty_log`]`(true)` would re-register
+    /// it. For a VM whose snapshots may be diffs.
+    ///
+    /// ```no_run
+    /// use ember_memory::{create_guest_memory, HugePages, MemoryLayout, MIB};
+    ///
+    /// let kvm = kvm_ioctls::Kvm::new()?;
+    /// let layout = MemoryLayout::new(64 * MIB)?;
+    /// let mem = create_guest_memory(&layout, HugePages::None)?;
+    /// let vm = ember_vm::Vm::new_with_dirty_log(&kvm, mem)?;
+    /// assert!(vm.dirty_log_enabled());
+    /// assert!(vm.dirty_log()?[0].iter().all(|&word| word == 0));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn new_with_dirty_log(kvm: &Kvm, memory: GuestMemoryMmap<B>) -> Result<Self, VmError> {
+        Self::create(kvm, memory, KVM_MEM_LOG_DIRTY_PAGES)
+    }
+
+    /// [`Vm::new`], with `flags` for every slot.
+    fn create(kvm: &Kvm, memory: GuestMemoryMmap<B>, flags: u32) -> Result<Self, VmError> {
         let vcpu_mmap_size = kvm.get_vcpu_mmap_size().map_err(VmError::VcpuMmapSize)?;
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         // Both only matter on Intel hosts, for real-mode code; KVM wants them before vCPUs.
@@ -114,11 +140,12 @@ impl<B: Bitmap> Vm<B> {
         // slots registered so far if registration fails half-way.
         let mut inner = Inner {
             fd,
-            slots: Vec::new(),
+            slots: Mutex::new(Vec::new()),
             vcpu_mmap_size,
             memory,
         };
-        slots::register(&inner.fd, &inner.memory, &mut inner.slots)?;
+        let registered = inner.slots.get_mut().unwrap_or_else(|e| e.into_inner());
+        slots::register(&inner.fd, &inner.memory, flags, registered)?;
         Ok(Vm {
             inner: Arc::new(inner),
         })
@@ -151,7 +178,104 @@ impl<B> Vm<B> {
 
     /// How many memory slots the guest memory took (slots `0..n`, one per region).
     pub fn memory_slots(&self) -> usize {
-        self.inner.slots.len()
+        self.inner.lock_slots().len()
+    }
+
+    /// Turns KVM's dirty log on or off: re-registers every memory slot with
+    /// `KVM_MEM_LOG_DIRTY_PAGES` set or cleared (only the flag changes; the guest keeps
+    /// running on the same memory). Turning it on starts with a clean log; turning it
+    /// off drops what was logged. If KVM refuses a slot, the slots changed before it are
+    /// put back, so [`Vm::dirty_log_enabled`] stays true for all slots or none.
+    ///
+    /// KVM logs the pages the guest (and KVM itself, for example the kvmclock page)
+    /// writes, not those the VMM writes through the memory's mapping: track those with
+    /// vm-memory's `AtomicBitmap` (`ember_memory::DirtyBitmap` merges both).
+    ///
+    /// ```no_run
+    /// # let kvm = kvm_ioctls::Kvm::new()?;
+    /// # let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)])?;
+    /// let vm = ember_vm::Vm::new(&kvm, mem)?;
+    /// vm.set_dirty_log(true)?;
+    /// // ... run the guest, then, with it paused:
+    /// let dirty = vm.dirty_log()?; // one bitmap per slot
+    /// vm.set_dirty_log(false)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn set_dirty_log(&self, on: bool) -> Result<(), VmError> {
+        let mut registered = self.inner.lock_slots();
+        let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        if registered.iter().all(|slot| slot.flags == flags) {
+            return Ok(());
+        }
+        slots::set_flags(&self.inner.fd, &mut registered, flags)?;
+        log::debug!(
+            "dirty log {} for {} memory slot(s)",
+            if on { "on" } else { "off" },
+            registered.len()
+        );
+        Ok(())
+    }
+
+    /// Whether KVM's dirty log is on ([`Vm::set_dirty_log`], [`Vm::new_with_dirty_log`]).
+    ///
+    /// ```no_run
+    /// # let kvm = kvm_ioctls::Kvm::new()?;
+    /// # let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)])?;
+    /// let vm = ember_vm::Vm::new(&kvm, mem)?;
+    /// assert!(!vm.dirty_log_enabled());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn dirty_log_enabled(&self) -> bool {
+        let registered = self.inner.lock_slots();
+        !registered.is_empty()
+            && registered
+                .iter()
+                .all(|slot| slot.flags & KVM_MEM_LOG_DIRTY_PAGES != 0)
+    }
+
+    /// Reads and clears KVM's dirty log (`KVM_GET_DIRTY_LOG`) of every memory slot, in
+    /// slot order, which is the guest memory's region order: bit `p % 64` of word
+    /// `p / 64` of entry `i` is page `p` (4 KiB) of region `i`, set if the guest wrote
+    /// it since the previous call (or since the log was turned on).
+    ///
+    /// Fails with [`VmError::DirtyLogDisabled`] unless the log is on. For a consistent
+    /// snapshot, read it with every vCPU paused.
+    ///
+    /// ```no_run
+    /// use ember_memory::{DirtyBitmap, create_guest_memory, HugePages, MemoryLayout, MIB};
+    ///
+    /// let kvm = kvm_ioctls::Kvm::new()?;
+    /// let mem = create_guest_memory(&MemoryLayout::new(64 * MIB)?, HugePages::None)?;
+    /// let vm = ember_vm::Vm::new_with_dirty_log(&kvm, mem)?;
+    /// // ... run the guest, pause it ...
+    /// let mut dirty = DirtyBitmap::new(vm.memory());
+    /// for (region, words) in vm.dirty_log()?.iter().enumerate() {
+    ///     dirty.or_region_words(region, words)?;
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn dirty_log(&self) -> Result<Vec<Vec<u64>>, VmError> {
+        let registered = self.inner.lock_slots();
+        if registered.is_empty()
+            || registered
+                .iter()
+                .any(|slot| slot.flags & KVM_MEM_LOG_DIRTY_PAGES == 0)
+        {
+            return Err(VmError::DirtyLogDisabled);
+        }
+        registered
+            .iter()
+            .map(|slot| {
+                // vm-memory only builds for 64-bit targets, so u64 -> usize is lossless.
+                self.inner
+                    .fd
+                    .get_dirty_log(slot.slot, slot.memory_size as usize)
+                    .map_err(|source| VmError::GetDirtyLog {
+                        slot: slot.slot,
+                        source,
+                    })
+            })
+            .collect()
     }
 
     /// Routes writes to `fd` to the guest as an edge on `gsi` (`KVM_IRQFD`): how
@@ -249,6 +373,14 @@ fn datamatch_value<T: Into<u64>>(datamatch: T) -> Option<u64> {
     (std::mem::size_of::<T>() > 0).then(|| datamatch.into())
 }
 
+impl<B> Inner<B> {
+    /// The slot list, locked (a panic while it was held changed no slot half-way: the
+    /// list is only updated after KVM accepted each change).
+    fn lock_slots(&self) -> MutexGuard<'_, Vec<kvm_userspace_memory_region>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 impl<B> Drop for Inner<B> {
     fn drop(&mut self) {
         // The last handle is gone, and every `ember_vcpu::Vcpu` holds one, so none of
@@ -257,7 +389,8 @@ impl<B> Drop for Inner<B> {
         // KVM has deleted them it no longer reaches the mapping, and unmapping it (when
         // `memory` drops after this) cannot let a guest read or write whatever the
         // process maps at those addresses next.
-        if !slots::delete(&self.fd, &self.slots) {
+        let registered = self.slots.get_mut().unwrap_or_else(|e| e.into_inner());
+        if !slots::delete(&self.fd, registered) {
             // KVM may still reach the memory: keep it mapped for the rest of the process.
             log::error!("cannot delete the VM's memory slots: leaking its guest memory");
             std::mem::forget(std::mem::take(&mut self.memory));

@@ -26,7 +26,7 @@ const BENCH_CHUNK_SECTORS: u64 = (BENCH_CHUNK / SECTOR_SIZE) as u64;
 
 /// Why a request failed.
 #[derive(Debug)]
-enum IoFailure {
+pub enum IoFailure {
     /// virtio-drivers reported an error (`IoError` for a `VIRTIO_BLK_S_IOERR` status).
     Driver(virtio_drivers::Error),
     /// The device did not complete the request within [`REQUEST_BUDGET`] polls.
@@ -49,14 +49,14 @@ impl From<virtio_drivers::Error> for IoFailure {
 }
 
 /// A virtio-blk device with its request header and status byte in the DMA region.
-struct Disk {
+pub struct Disk {
     blk: VirtIOBlk<GuestHal, MmioTransport<'static>>,
     req: &'static mut BlkReq,
     resp: &'static mut BlkResp,
 }
 
 impl Disk {
-    fn open(devices: &[VirtioMmioDevice]) -> Result<Disk, String> {
+    pub fn open(devices: &[VirtioMmioDevice]) -> Result<Disk, String> {
         let transport = virtio::find(devices, DeviceType::Block)
             .ok_or("no virtio-blk device on the command line")?;
         let blk = VirtIOBlk::new(transport).map_err(|e| format!("virtio-blk init: {e}"))?;
@@ -77,7 +77,7 @@ impl Disk {
         }
     }
 
-    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), IoFailure> {
+    pub fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), IoFailure> {
         // SAFETY: req, buf and resp are not touched until complete_read_blocks (or never
         // again, on a timeout: the scenario then fails and the VM ends).
         let token = unsafe {
@@ -93,7 +93,12 @@ impl Disk {
         Ok(())
     }
 
-    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), IoFailure> {
+    /// The disk's size in sectors.
+    pub fn capacity(&self) -> u64 {
+        self.blk.capacity()
+    }
+
+    pub fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), IoFailure> {
         // SAFETY: as in `read`.
         let token = unsafe {
             self.blk

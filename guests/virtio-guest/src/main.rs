@@ -26,6 +26,8 @@
 //!   `ember.bytes=<n>` bytes (default 4 MiB) or `ember.frames=<n>` frames have come,
 //!   with the same `saturate ...` lines;
 //! - `net`: an ARP request for 10.0.2.1 on virtio-net, and the reply;
+//! - `snapshot`: a long deterministic computation over memory and the first disk, for
+//!   the snapshot tests (see [`snapshot`]);
 //! - `calibrate`: `ember.polls=<n>` polling iterations between two lines, to measure
 //!   [`virtio::POLLS_PER_SECOND`] from the host.
 //!
@@ -46,6 +48,7 @@ mod rng;
 mod rt;
 mod saturate;
 mod serial;
+mod snapshot;
 mod virtio;
 
 use alloc::vec::Vec;
@@ -145,6 +148,12 @@ fn run_scenario(scenario: &str, cmdline: &str, devices: &[cmdline::VirtioMmioDev
             number("ember.frames", 0),
         ),
         "net" => net::net(devices),
+        "snapshot" => snapshot::snapshot(
+            devices,
+            number("ember.rounds", 200),
+            number("ember.pages", 256),
+            number("ember.idle", 0) != 0,
+        ),
         "calibrate" => {
             calibrate(number("ember.polls", 10 * virtio::POLLS_PER_SECOND));
             Ok(())
@@ -153,7 +162,7 @@ fn run_scenario(scenario: &str, cmdline: &str, devices: &[cmdline::VirtioMmioDev
             println!(
                 "virtio-guest: unknown scenario {scenario:?} \
                  (blk, blk-ro, blk-flush, blk-bench, rng, rng-saturate, net, \
-                 net-tx-saturate, net-rx-saturate, calibrate)"
+                 net-tx-saturate, net-rx-saturate, snapshot, calibrate)"
             );
             rt::exit(2)
         }
