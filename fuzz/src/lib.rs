@@ -128,6 +128,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("initrd", targets::initrd::run),
     ("boot_tables", targets::boot_tables::run),
     ("rate_limiter", targets::rate_limiter::run),
+    ("snapshot_state", targets::snapshot_state::run),
 ];
 
 #[cfg(test)]

@@ -966,6 +966,287 @@ fn rate_limiter_seeds() -> Vec<Seed> {
     ]
 }
 
+// ---- snapshot state --------------------------------------------------------
+
+/// Real states: built with the crates' types, devices saved by the devices.
+mod snapshot {
+    use std::sync::Arc;
+
+    use ember_bus::BusDevice;
+    use ember_devices::{ExitSignal, I8042State, SerialState, I8042};
+    use ember_vcpu::state::{SyscallTrapArmed, SyscallTrapVcpuState, VcpuState, XsaveState};
+    use ember_virtio::mmio::{reg, MmioTransport};
+    use ember_virtio::vm_memory::{GuestAddress, GuestMemoryMmap};
+    use ember_virtio::vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    use ember_virtio::{ActivateDevice, MmioTransportState};
+    use ember_virtio_devices::{Net, NetBackend, Rng};
+    use ember_vm::VmState;
+    use kvm_bindings::{
+        kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state,
+        kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events,
+        kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+        KVM_IRQCHIP_PIC_SLAVE,
+    };
+
+    use super::{raw, Seed};
+    use crate::targets::snapshot_state::{
+        FuzzState, MEMORY_SIZE as SNAPSHOT_MEMORY, VERSION as SNAPSHOT_VERSION,
+    };
+
+    fn vcpu_state(index: u8) -> VcpuState {
+        let regs = kvm_regs {
+            rip: 0xffff_ffff_8100_0000,
+            rsp: 0xffff_c900_0000_3f00,
+            rflags: 0x246,
+            ..Default::default()
+        };
+        let mut sregs = kvm_sregs {
+            cr0: 0x8005_0033,
+            cr4: 0x3406f0,
+            efer: 0xd01,
+            apic_base: 0xfee0_0900,
+            ..Default::default()
+        };
+        sregs.cs.selector = 0x10;
+        sregs.cs.l = 1;
+        let mut lapic = kvm_lapic_state::default();
+        // APIC ID, spurious vector 0xff with the APIC enabled (`regs` is `c_char`).
+        for (offset, value) in [(0x23, index), (0xf0, 0xff), (0xf1, 0x01)] {
+            lapic.regs[offset] = value as _;
+        }
+        let msrs = Msrs::from_entries(&[
+            kvm_msr_entry {
+                index: 0x10, // TSC
+                data: 0x1234_5678,
+                ..Default::default()
+            },
+            kvm_msr_entry {
+                index: 0xc000_0080, // EFER
+                data: 0xd01,
+                ..Default::default()
+            },
+        ])
+        .expect("MSR list");
+        let cpuid = CpuId::from_entries(&[
+            kvm_cpuid_entry2 {
+                function: 0,
+                eax: 0xd,
+                ebx: 0x756e_6547,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 1,
+                eax: 0x806f8,
+                ebx: u32::from(index) << 24,
+                ..Default::default()
+            },
+        ])
+        .expect("CPUID list");
+        let mut xsave = kvm_xsave::default();
+        xsave.region[0] = 0x037f; // FCW
+        xsave.region[6] = 0x1f80; // MXCSR
+        let mut xcrs = kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        xcrs.xcrs[0].value = 0x7; // x87, SSE, AVX
+        VcpuState {
+            index: u32::from(index),
+            cpuid,
+            msrs,
+            regs,
+            sregs,
+            xsave: XsaveState(xsave),
+            xcrs,
+            lapic: Some(lapic),
+            events: kvm_vcpu_events::default(),
+            mp_state: kvm_mp_state {
+                mp_state: if index == 0 { 0 } else { 3 }, // RUNNABLE, HALTED
+            },
+            debugregs: kvm_debugregs {
+                dr6: 0xffff_0ff0,
+                dr7: 0x400,
+                ..Default::default()
+            },
+            tsc_khz: Some(2_000_000),
+            syscall_trap: (index == 0).then_some(SyscallTrapVcpuState {
+                guest_lstar: 0xffff_ffff_8160_0000,
+                armed: Some(SyscallTrapArmed {
+                    lstar: 0xffff_ffff_8160_0000,
+                    star: 0x0023_0010_0000_0000,
+                }),
+            }),
+        }
+    }
+
+    fn vm_state() -> VmState {
+        let chip = |chip_id| kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        let mut pit = kvm_pit_state2::default();
+        for channel in &mut pit.channels {
+            channel.count = 0x1_0000;
+            channel.rw_mode = 3;
+            channel.mode = 3;
+        }
+        pit.channels[0].gate = 1;
+        VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER),
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE),
+            ioapic: chip(KVM_IRQCHIP_IOAPIC),
+            pit,
+            clock: kvm_clock_data {
+                clock: 1_234_567_890,
+                ..Default::default()
+            },
+        }
+    }
+
+    type SnapshotMem = Arc<GuestMemoryMmap>;
+
+    /// A transport as `restore_state` finds it: built on the device the harness builds.
+    fn transport(device: Box<dyn ActivateDevice<SnapshotMem>>) -> MmioTransport<SnapshotMem> {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), SNAPSHOT_MEMORY)])
+            .expect("guest memory");
+        MmioTransport::new(
+            device,
+            Arc::new(mem),
+            EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+        )
+        .expect("transport")
+    }
+
+    fn mmio_write(t: &MmioTransport<SnapshotMem>, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    /// A driver's set-up up to FEATURES_OK: every feature the device offers.
+    fn negotiate(t: &MmioTransport<SnapshotMem>) {
+        use ember_virtio::mmio::status::{ACKNOWLEDGE, DRIVER, FEATURES_OK};
+        mmio_write(t, reg::STATUS, ACKNOWLEDGE | DRIVER);
+        let features = t.offered_features();
+        for sel in 0..2 {
+            mmio_write(t, reg::DRIVER_FEATURES_SEL, sel);
+            mmio_write(t, reg::DRIVER_FEATURES, (features >> (32 * sel)) as u32);
+        }
+        mmio_write(t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    }
+
+    /// The saved state of a virtio-rng the driver activated (rings of 64 entries at 4, 8
+    /// and 12 KiB, inside the harness's memory), then paused: a real running device's state.
+    fn activated_rng_state() -> MmioTransportState {
+        use ember_virtio::mmio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
+        let t = transport(Box::new(Rng::new()));
+        negotiate(&t);
+        mmio_write(&t, reg::QUEUE_SEL, 0);
+        mmio_write(&t, reg::QUEUE_NUM, 64);
+        mmio_write(&t, reg::QUEUE_DESC_LOW, 0x1000);
+        mmio_write(&t, reg::QUEUE_DRIVER_LOW, 0x2000);
+        mmio_write(&t, reg::QUEUE_DEVICE_LOW, 0x3000);
+        mmio_write(&t, reg::QUEUE_READY, 1);
+        mmio_write(
+            &t,
+            reg::STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        assert!(t.is_activated(), "the seed's rng activates");
+        t.pause().expect("pause");
+        let state = t.save_state().expect("save");
+        assert!(state.activated && state.queues[0].active.is_some());
+        state
+    }
+
+    /// A virtio-net the driver negotiated features with and set one queue's size on.
+    fn negotiated_net_state() -> MmioTransportState {
+        let t = transport(Box::new(Net::with_backend(
+            Box::new(NoFrames),
+            Some([2, 0, 0, 0, 0, 1]),
+        )));
+        negotiate(&t);
+        mmio_write(&t, reg::QUEUE_SEL, 1);
+        mmio_write(&t, reg::QUEUE_NUM, 128);
+        t.save_state().expect("save")
+    }
+
+    /// A virtio-net backend with nothing to receive.
+    struct NoFrames;
+
+    impl NetBackend for NoFrames {
+        fn read_frame(&mut self, _buf: &mut [u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::WouldBlock.into())
+        }
+
+        fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<usize> {
+            Ok(frame.len())
+        }
+    }
+
+    pub(super) fn snapshot_seeds() -> Vec<Seed> {
+        let fresh_rng = transport(Box::new(Rng::new())).save_state().expect("save");
+        let one = FuzzState {
+            vm: vm_state(),
+            vcpus: vec![vcpu_state(0)],
+            serial: SerialState::default(),
+            i8042: I8042::new(Arc::new(ExitSignal::new().expect("exit signal")))
+                .expect("i8042")
+                .save_state(),
+            virtio: vec![fresh_rng],
+        };
+        let two = FuzzState {
+            vm: vm_state(),
+            vcpus: vec![vcpu_state(0), vcpu_state(1)],
+            serial: SerialState {
+                line_control: 0x03,
+                interrupt_enable: 0x01,
+                line_status: 0x61,
+                in_buffer: b"ls\n".to_vec(),
+                ..SerialState::default()
+            },
+            i8042: I8042State {
+                ctr: 0x65,
+                output_port: 0x03,
+                output: vec![0x1d, 0x38, 0xe0, 0x53],
+                pending_command: Some(0x60),
+                last_was_command: true,
+            },
+            virtio: vec![activated_rng_state(), negotiated_net_state()],
+        };
+        // The devices alone: no vCPU, so that mutations land on the device states.
+        let devices = FuzzState {
+            vcpus: Vec::new(),
+            ..two.clone()
+        };
+        let file =
+            |state: &FuzzState| ember_snapshot::encode(SNAPSHOT_VERSION, state).expect("encode");
+        let payload = |state: &FuzzState| {
+            let file = file(state);
+            ember_snapshot::unframe(&file, SNAPSHOT_VERSION)
+                .expect("unframe")
+                .to_vec()
+        };
+        // Both kinds decode: a whole state file through the first pass of the harness, a
+        // bare payload through the second.
+        for state in [&one, &two, &devices] {
+            let back: FuzzState =
+                ember_snapshot::decode(&file(state), SNAPSHOT_VERSION).expect("seed decodes");
+            assert_eq!(&back, state);
+        }
+        vec![
+            raw("snapshot_state", "file-one-vcpu", file(&one)),
+            raw("snapshot_state", "file-two-vcpus-devices", file(&two)),
+            raw("snapshot_state", "payload-one-vcpu", payload(&one)),
+            raw("snapshot_state", "payload-two-vcpus-devices", payload(&two)),
+            raw(
+                "snapshot_state",
+                "payload-devices-activated-rng",
+                payload(&devices),
+            ),
+        ]
+    }
+}
+use snapshot::snapshot_seeds;
+
 /// Every seed of every target.
 pub fn all() -> Vec<Seed> {
     let mut seeds = Vec::new();
@@ -979,5 +1260,6 @@ pub fn all() -> Vec<Seed> {
     seeds.extend(i8042_seeds());
     seeds.extend(boot_seeds());
     seeds.extend(rate_limiter_seeds());
+    seeds.extend(snapshot_seeds());
     seeds
 }

@@ -523,3 +523,260 @@ pub fn run_with_timeout(command: &mut Command, timeout: Duration) -> CapturedRun
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
     }
 }
+
+/// One HTTP/1.1 request to an API server on the Unix socket `socket` (Firecracker's
+/// API, as `ember --api-sock` serves it), with a JSON `body` if given; returns the
+/// status code and the response body. Each call uses a connection of its own.
+///
+/// ```no_run
+/// let (status, body) = ember_guests::testing::api_request(
+///     std::path::Path::new("/tmp/ember.sock"), "PATCH", "/vm", Some(r#"{"state": "Paused"}"#),
+/// ).unwrap();
+/// assert_eq!(status, 204, "{body}");
+/// ```
+pub fn api_request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    use std::io::Write;
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(600)))?;
+    let body = body.unwrap_or("");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n");
+    if !body.is_empty() || method != "GET" {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    request.push_str("Connection: close\r\n\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes())?;
+    let mut reader = BufReader::new(stream);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line)?;
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
+    let mut length = 0usize;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header)? == 0 || header == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            if name.trim().eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Waits (up to `timeout`) until something listens on the Unix socket `socket`.
+pub fn wait_for_socket(socket: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// A child process whose stdout lines a test watches while it runs (e.g. `ember`
+/// serving an API socket), with stdin a pipe the test may write to. Dropping it kills
+/// the child.
+pub struct LiveChild {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: std::sync::Arc<(std::sync::Mutex<Vec<String>>, std::sync::Condvar)>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl LiveChild {
+    /// Starts `command` with stdin, stdout and stderr piped.
+    pub fn spawn(command: &mut Command) -> LiveChild {
+        use std::sync::{Arc, Condvar, Mutex};
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+        let lines = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut readers = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            let lines = lines.clone();
+            readers.push(std::thread::spawn(move || {
+                for line in BufReader::new(out).split(b'\n').map_while(Result::ok) {
+                    let text = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+                    let (list, changed) = &*lines;
+                    if let Ok(mut list) = list.lock() {
+                        list.push(text);
+                    }
+                    changed.notify_all();
+                }
+            }));
+        }
+        if let Some(mut err) = child.stderr.take() {
+            let stderr = stderr.clone();
+            readers.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = err.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    if let Ok(mut all) = stderr.lock() {
+                        all.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    }
+                }
+            }));
+        }
+        let stdin = child.stdin.take();
+        LiveChild {
+            child,
+            stdin,
+            lines,
+            stderr,
+            readers,
+        }
+    }
+
+    /// The child's process ID.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `timeout` for a stdout line starting with `prefix`, at or after line
+    /// number `from`; returns its index and text.
+    pub fn wait_for_line(&self, prefix: &str, from: usize, timeout: Duration) -> Option<(usize, String)> {
+        let deadline = Instant::now() + timeout;
+        let (list, changed) = &*self.lines;
+        let mut list = list.lock().ok()?;
+        loop {
+            if let Some((i, line)) = list
+                .iter()
+                .enumerate()
+                .skip(from)
+                .find(|(_, l)| l.starts_with(prefix))
+            {
+                return Some((i, line.clone()));
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            list = changed.wait_timeout(list, left).ok()?.0;
+        }
+    }
+
+    /// Every stdout line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.0.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Everything on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Writes `bytes` to the child's stdin.
+    pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        match self.stdin.as_mut() {
+            Some(stdin) => stdin.write_all(bytes).and_then(|()| stdin.flush()),
+            None => Err(std::io::Error::other("stdin is closed")),
+        }
+    }
+
+    /// Kills the child with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits up to `timeout` for the child to exit (killing it then) and for its
+    /// output; returns its exit status (`None` if it had to be killed).
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                _ => {
+                    self.kill();
+                    break None;
+                }
+            }
+        };
+        self.stdin = None;
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        status
+    }
+
+    /// Stdout and stderr so far, for assertion messages.
+    pub fn context(&self) -> String {
+        format!(
+            "stdout:\n{}\nstderr:\n{}",
+            self.lines().join("\n"),
+            self.stderr()
+        )
+    }
+}
+
+impl Drop for LiveChild {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `bash scripts/<script>` from the workspace root (e.g. `linux-guest.sh`,
+/// `small-kernel.sh`, which build and cache the Linux guest) and returns the path it
+/// prints for `key` (a `KEY=path` line).
+pub fn guest_script_path(script: &str, key: &str) -> Result<std::path::PathBuf, String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../scripts")
+        .join(script);
+    let out = Command::new("bash")
+        .arg(&path)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", path.display()))?;
+    if !out.status.success() {
+        return Err(format!("{} failed ({})", path.display(), out.status));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .map(std::path::PathBuf::from)
+        .ok_or_else(|| format!("no {key}= line in the output of {script}: {text}"))
+}
+
+/// Says loudly that `test` did not run because the Linux guest (or a tool it needs) is
+/// missing; panics instead with `EMBER_REQUIRE_LINUX=1` (set by `.ci/run`).
+pub fn linux_unavailable(test: &str, why: &str) {
+    let required = std::env::var("EMBER_REQUIRE_LINUX").is_ok_and(|v| v == "1");
+    eprintln!(
+        "!!! LINUX GUEST UNAVAILABLE: test `{test}` did NOT run: {why}{}",
+        if required {
+            ""
+        } else {
+            " (set EMBER_REQUIRE_LINUX=1 to make this fatal)"
+        }
+    );
+    assert!(
+        !required,
+        "{test}: EMBER_REQUIRE_LINUX=1 but the Linux guest is unavailable: {why}"
+    );
+}

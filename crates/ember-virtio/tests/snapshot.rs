@@ -501,14 +501,31 @@ fn restore_rejects_states_that_do_not_fit() {
         "{err:?}"
     );
 
+    // The device's queue must be the one the registers describe.
+    let mut other_rings = good.clone();
+    other_rings.queues[0].active.as_mut().unwrap().used_ring += 0x1000;
+    let err = t.restore_state(&other_rings).unwrap_err();
+    assert!(err.to_string().contains("other ring addresses"), "{err}");
+    let mut not_ready = good.clone();
+    not_ready.queues[0].active.as_mut().unwrap().ready = false;
+    let err = t.restore_state(&not_ready).unwrap_err();
+    assert!(err.to_string().contains("not ready"), "{err}");
+    let mut event_idx = good.clone();
+    let active = event_idx.queues[0].active.as_mut().unwrap();
+    active.event_idx_enabled = !active.event_idx_enabled;
+    let err = t.restore_state(&event_idx).unwrap_err();
+    assert!(err.to_string().contains("EVENT_IDX"), "{err}");
+
     let mut outside = good.clone();
     outside.queues[0].active.as_mut().unwrap().used_ring = 1 << 20; // just past memory
+    outside.queues[0].used = Some(1 << 20);
     let err = t.restore_state(&outside).unwrap_err();
     assert!(matches!(err, TransportError::RestoreInvalid(_)), "{err:?}");
     assert!(err.to_string().contains("not inside guest memory"), "{err}");
 
     let mut misaligned = good.clone();
     misaligned.queues[0].active.as_mut().unwrap().desc_table = common::DESC + 1;
+    misaligned.queues[0].desc = Some(common::DESC + 1);
     let err = t.restore_state(&misaligned).unwrap_err();
     assert!(err.to_string().contains("queue 0"), "{err}");
 

@@ -19,13 +19,13 @@ use ember_devices::{
     AcpiShutdown, BootDone, DebugExit, DeviceError, ExitSignal, IrqLine, Serial, SerialOutput,
     ACPI_RESET_VALUE, ACPI_SHUTDOWN_PORT, ACPI_SHUTDOWN_PORT_SIZE, BOOT_DONE_PORT,
     BOOT_DONE_PORT_SIZE, COM1_GSI, COM1_PORT, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_SIZE, I8042,
-    I8042_PORT, I8042_PORT_SIZE, S5_SLEEP_TYPE, SERIAL_PORT_SIZE,
+    I8042_KEYBOARD_GSI, I8042_PORT, I8042_PORT_SIZE, S5_SLEEP_TYPE, SERIAL_PORT_SIZE,
 };
 use ember_firmware::acpi::{setup_acpi, AcpiConfig, AcpiShutdown as AcpiShutdownRegister};
 use ember_firmware::aml::Aml;
 use ember_firmware::devices::{Serial16550, VirtioMmio};
 use ember_firmware::mptable::setup_mptable;
-use ember_memory::{create_guest_memory, HugePages, MemoryError, MemoryLayout};
+use ember_memory::{create_guest_memory_with_bitmap, HugePages, MemoryError, MemoryLayout};
 use ember_memory::{AddressAllocator, GsiAllocator};
 use ember_vcpu::{regs, BootRegs, Vcpu, VcpuError};
 use ember_virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
@@ -34,6 +34,7 @@ use ember_virtio_devices::{Block, BlockOptions, Disk, Net, Rng, VirtioDeviceErro
 use ember_vm::VmError;
 use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::Kvm;
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -60,8 +61,22 @@ const _: () = assert!(RESERVED_PAGES * layout::PAGE_SIZE <= layout::VMM_RESERVED
 /// the start of the 32-bit MMIO hole, below the device window, where nothing lives.
 const SYSCALL_TRAP_MMIO: u64 = layout::SYSCALL_TRAP_MMIO_START;
 
-/// How devices hold guest memory: shared, without dirty-page tracking.
-type GuestMemory = Arc<GuestMemoryMmap>;
+/// Guest RAM, with vm-memory's dirty bitmap: the pages the VMM itself writes (virtio
+/// buffers and rings, boot structures) are recorded there, the guest's own writes in
+/// KVM's dirty log; a diff snapshot writes the pages either one marks.
+pub type GuestRam = GuestMemoryMmap<AtomicBitmap>;
+
+/// How devices hold guest memory: shared.
+pub type GuestMemory = Arc<GuestRam>;
+
+/// The KVM VM, on [`GuestRam`].
+pub type KvmVm = ember_vm::Vm<AtomicBitmap>;
+
+/// A vCPU of a [`KvmVm`].
+pub type VmVcpu = Vcpu<AtomicBitmap>;
+
+/// The virtio-mmio transport of a device, as the VMM keeps it for pause and snapshots.
+pub type Transport = MmioTransport<GuestMemory>;
 
 /// A virtio device to attach, with a name for messages.
 type NamedVirtioDevice = (String, Box<dyn ActivateDevice<GuestMemory>>);
@@ -172,6 +187,9 @@ pub enum BuildError {
     /// A VM-level KVM call failed.
     #[error("{0}")]
     Vm(#[from] VmError),
+    /// A snapshot does not fit the VM it describes, or a state could not be restored.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     /// A device could not be placed on a bus.
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
@@ -279,10 +297,16 @@ fn read_boot_file(
 
 /// A VM ready to run: everything created, nothing running yet.
 pub struct Vm {
+    /// What it was built from (for `GET /vm/config` and snapshots).
+    pub config: VmConfig,
+    /// The CPU template in force (`auto` resolved).
+    pub template: CpuTemplate,
     /// The KVM VM and its guest RAM (each vCPU holds it too).
-    pub vm: ember_vm::Vm,
+    pub vm: KvmVm,
+    /// Whether the syscall trap is on (it is re-created on restore).
+    pub syscall_trap: bool,
     /// vCPUs, configured and not yet started.
-    pub vcpus: Vec<Vcpu>,
+    pub vcpus: Vec<VmVcpu>,
     /// Port I/O bus.
     pub pio: Arc<Bus>,
     /// MMIO bus.
@@ -291,6 +315,10 @@ pub struct Vm {
     pub exit: Arc<ExitSignal>,
     /// COM1, for feeding it input.
     pub serial: Arc<Serial>,
+    /// The keyboard controller (Ctrl-Alt-Del, snapshots).
+    pub i8042: Arc<I8042>,
+    /// The virtio devices' transports, in attach order (pause, snapshots).
+    pub transports: Vec<Arc<Transport>>,
     /// Whether serial input comes from stdin.
     pub serial_stdin: bool,
     /// Records when the guest said it finished booting.
@@ -320,7 +348,7 @@ enum Entry {
 /// loader-made state than the 64-bit entry, and it receives its memory map and initrd
 /// through one versioned structure (`hvm_start_info`) instead of the x86-only zero page.
 fn load_kernel(
-    memory: &GuestMemoryMmap,
+    memory: &GuestRam,
     name: &str,
     image: &[u8],
     cmdline: &Cmdline,
@@ -434,40 +462,11 @@ fn load_kernel(
 pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
     let mut inputs = read_boot_inputs(config)?;
     let kvm = Kvm::new().map_err(BuildError::OpenKvm)?;
-    let vm = create_vm(&kvm, config, &inputs)?;
-    let buses = Buses {
-        pio: Arc::new(Bus::new(BusKind::Pio)),
-        mmio: Arc::new(Bus::new(BusKind::Mmio)),
-    };
-    let legacy = attach_legacy_devices(&vm, &buses.pio, &config.serial, start)?;
+    let memory = create_guest_memory_with_bitmap::<AtomicBitmap>(&inputs.layout, HugePages::None)?;
+    let vm = create_vm(&kvm, config, &inputs.layout, memory)?;
+    let devices = attach_devices(&vm, config, &inputs.layout, &mut inputs.cmdline, start)?;
 
-    let mut resources = DeviceResources::new(&inputs.layout)?;
-    // The devices share one handle on guest memory.
-    let virtio_memory: GuestMemory = Arc::new(vm.memory().clone());
-    let mut virtio_descriptions = Vec::new();
-    let devices = virtio_devices(config)?;
-    // Device workers are created by a thread of their own, not by the vCPU thread that
-    // activates them (see `spawner`).
-    let spawner: Option<Arc<dyn ThreadSpawner>> = if devices.is_empty() {
-        None
-    } else {
-        Some(Spawner::start(crate::seccomp::spawner_hook()).map_err(BuildError::Spawner)?)
-    };
-    for (uid, (name, device)) in (0..).zip(devices) {
-        virtio_descriptions.push(attach_virtio_device(
-            uid,
-            &vm,
-            &buses.mmio,
-            &mut resources,
-            &mut inputs.cmdline,
-            &virtio_memory,
-            &name,
-            device,
-            spawner.clone(),
-        )?);
-    }
-
-    let rsdp = write_firmware_tables(vm.memory(), config.vcpus, &virtio_descriptions)?;
+    let rsdp = write_firmware_tables(vm.memory(), config.vcpus, &devices.virtio_descriptions)?;
     let entry = load_kernel(
         vm.memory(),
         &inputs.kernel_name,
@@ -478,17 +477,181 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
         rsdp,
     )?;
     regs::write_boot_tables(vm.memory())?;
-    let vcpus = create_vcpus(&kvm, &vm, config, inputs.template, &buses, entry)?;
-
+    let syscall_trap = create_syscall_trap(&vm, config, inputs.template);
+    let vcpus = create_vcpus(
+        &kvm,
+        &vm,
+        config,
+        inputs.template,
+        &devices.buses,
+        syscall_trap.clone(),
+        entry,
+    )?;
+    if config.track_dirty_pages {
+        vm.set_dirty_log(true)?;
+    }
     Ok(Vm {
+        config: config.clone(),
+        template: inputs.template,
         vm,
+        syscall_trap: syscall_trap.is_some(),
         vcpus,
-        pio: buses.pio,
-        mmio: buses.mmio,
-        exit: legacy.exit,
-        serial: legacy.serial,
+        pio: devices.buses.pio,
+        mmio: devices.buses.mmio,
+        exit: devices.legacy.exit,
+        serial: devices.legacy.serial,
+        i8042: devices.legacy.i8042,
+        transports: devices.transports,
         serial_stdin: config.serial == SerialConfig::Stdio,
-        boot_done: legacy.boot_done,
+        boot_done: devices.legacy.boot_done,
+    })
+}
+
+/// Rebuilds the VM a snapshot describes, in a new process: `config` is the snapshot's
+/// (with this process's console and exit-statistics choices), guest RAM is `memory`
+/// mapped privately (nothing is read until the guest touches it), and every vCPU,
+/// the irqchip, the PIT, the clock and every device get their saved state. The same
+/// stages as [`build_vm`] create the devices, in the same order, so each lands at the
+/// address and interrupt line its saved state expects; the kernel and firmware stages
+/// are skipped (RAM already holds them).
+pub fn restore_vm(
+    config: &VmConfig,
+    state: &crate::snapshot::MicrovmState,
+    memory: &std::fs::File,
+    start: Instant,
+) -> Result<Vm, BuildError> {
+    let layout = MemoryLayout::new(config.memory_bytes)?;
+    let template = CpuTemplate::from_name(&state.cpu_template).ok_or_else(|| {
+        BuildError::Snapshot(format!(
+            "unknown CPU template {:?} in the snapshot",
+            state.cpu_template
+        ))
+    })?;
+    if state.vcpus.len() != config.vcpus as usize {
+        return Err(BuildError::Snapshot(format!(
+            "the snapshot has {} vCPU states for {} vCPUs",
+            state.vcpus.len(),
+            config.vcpus
+        )));
+    }
+    let kvm = Kvm::new().map_err(BuildError::OpenKvm)?;
+    let ram = ember_memory::map_guest_memory_file::<AtomicBitmap>(&layout, memory)?;
+    let vm = create_vm(&kvm, config, &layout, ram)?;
+    // The command line is not used: the guest booted long ago.
+    let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(BuildError::Cmdline)?;
+    let devices = attach_devices(&vm, config, &layout, &mut cmdline, start)?;
+    if devices.transports.len() != state.virtio.len() {
+        return Err(BuildError::Snapshot(format!(
+            "the snapshot has {} virtio device states for {} devices",
+            state.virtio.len(),
+            devices.transports.len()
+        )));
+    }
+    devices.legacy.serial.restore_state(&state.serial)?;
+    devices.legacy.i8042.restore_state(&state.i8042)?;
+
+    let syscall_trap = if state.syscall_trap {
+        Some(
+            SyscallTrap::new(
+                &vm,
+                GuestAddress(SYSCALL_TRAP_PAGES),
+                GuestAddress(SYSCALL_TRAP_MMIO),
+            )
+            .map_err(|e| BuildError::Snapshot(format!("cannot re-create the syscall trap: {e}")))?,
+        )
+    } else {
+        None
+    };
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (index, saved) in (0..).zip(&state.vcpus) {
+        let mut vcpu = new_vcpu(&vm, index, config, template, &devices.buses, syscall_trap.clone())?;
+        vcpu.restore_state(saved)?;
+        vcpus.push(vcpu);
+    }
+    // After the vCPUs (their LAPICs), before the devices, whose restored workers may
+    // raise interrupts at once.
+    vm.restore_state(&state.vm)?;
+    for (transport, saved) in devices.transports.iter().zip(&state.virtio) {
+        transport
+            .restore_state(saved)
+            .map_err(|e| BuildError::Snapshot(format!("virtio device: {e}")))?;
+    }
+    if config.track_dirty_pages {
+        vm.set_dirty_log(true)?;
+    }
+    Ok(Vm {
+        config: config.clone(),
+        template,
+        vm,
+        syscall_trap: syscall_trap.is_some(),
+        vcpus,
+        pio: devices.buses.pio,
+        mmio: devices.buses.mmio,
+        exit: devices.legacy.exit,
+        serial: devices.legacy.serial,
+        i8042: devices.legacy.i8042,
+        transports: devices.transports,
+        serial_stdin: config.serial == SerialConfig::Stdio,
+        boot_done: devices.legacy.boot_done,
+    })
+}
+
+/// The devices of a VM, attached: buses, legacy devices, virtio transports.
+struct Devices {
+    buses: Buses,
+    legacy: LegacyDevices,
+    transports: Vec<Arc<Transport>>,
+    virtio_descriptions: Vec<VirtioMmio>,
+}
+
+/// Stages 2 and 3: the buses, the legacy devices and every virtio device of `config`,
+/// in a fixed order (so that a restored VM gets the same addresses and GSIs).
+fn attach_devices(
+    vm: &KvmVm,
+    config: &VmConfig,
+    layout: &MemoryLayout,
+    cmdline: &mut Cmdline,
+    start: Instant,
+) -> Result<Devices, BuildError> {
+    let buses = Buses {
+        pio: Arc::new(Bus::new(BusKind::Pio)),
+        mmio: Arc::new(Bus::new(BusKind::Mmio)),
+    };
+    let legacy = attach_legacy_devices(vm, &buses.pio, &config.serial, start)?;
+
+    let mut resources = DeviceResources::new(layout)?;
+    // The devices share one handle on guest memory.
+    let virtio_memory: GuestMemory = Arc::new(vm.memory().clone());
+    let mut virtio_descriptions = Vec::new();
+    let mut transports = Vec::new();
+    let devices = virtio_devices(config)?;
+    // Device workers are created by a thread of their own, not by the vCPU thread that
+    // activates them (see `spawner`).
+    let spawner: Option<Arc<dyn ThreadSpawner>> = if devices.is_empty() {
+        None
+    } else {
+        Some(Spawner::start(crate::seccomp::spawner_hook()).map_err(BuildError::Spawner)?)
+    };
+    for (uid, (name, device)) in (0..).zip(devices) {
+        let (transport, description) = attach_virtio_device(
+            uid,
+            vm,
+            &buses.mmio,
+            &mut resources,
+            cmdline,
+            &virtio_memory,
+            &name,
+            device,
+            spawner.clone(),
+        )?;
+        transports.push(transport);
+        virtio_descriptions.push(description);
+    }
+    Ok(Devices {
+        buses,
+        legacy,
+        transports,
+        virtio_descriptions,
     })
 }
 
@@ -513,6 +676,7 @@ struct Buses {
 struct LegacyDevices {
     exit: Arc<ExitSignal>,
     serial: Arc<Serial>,
+    i8042: Arc<I8042>,
     boot_done: Arc<BootDone>,
 }
 
@@ -613,14 +777,15 @@ fn read_boot_inputs(config: &VmConfig) -> Result<BootInputs, BuildError> {
 fn create_vm(
     kvm: &Kvm,
     config: &VmConfig,
-    inputs: &BootInputs,
-) -> Result<ember_vm::Vm, BuildError> {
+    layout: &MemoryLayout,
+    memory: GuestRam,
+) -> Result<KvmVm, BuildError> {
     ember_vm::check_vcpu_count(kvm, config.vcpus)?;
-    let vm = ember_vm::Vm::new(kvm, create_guest_memory(&inputs.layout, HugePages::None)?)?;
+    let vm = ember_vm::Vm::new(kvm, memory)?;
     log::info!(
         "guest memory: {:#x} bytes in {:x?}",
-        inputs.layout.ram_size(),
-        inputs.layout.ram_regions()
+        layout.ram_size(),
+        layout.ram_regions()
     );
     vm.create_irqchip_and_pit()?;
     Ok(vm)
@@ -629,7 +794,7 @@ fn create_vm(
 /// Stage 2: COM1, the i8042, the ACPI shutdown register, the debug-exit and boot-done
 /// ports, on the PIO bus at their [`layout`] ports; COM1 interrupts through an irqfd.
 fn attach_legacy_devices(
-    vm: &ember_vm::Vm,
+    vm: &KvmVm,
     pio: &Bus,
     serial_config: &SerialConfig,
     start: Instant,
@@ -653,11 +818,11 @@ fn attach_legacy_devices(
         crate::seccomp::console_hook(),
     )?);
     pio.insert(COM1_PORT.into(), SERIAL_PORT_SIZE, serial.clone())?;
-    pio.insert(
-        I8042_PORT.into(),
-        I8042_PORT_SIZE,
-        Arc::new(I8042::new(exit.clone())?),
-    )?;
+    // IRQ 1 for the keys `SendCtrlAltDel` queues.
+    let keyboard_irq = IrqLine::new()?;
+    vm.register_irqfd(keyboard_irq.event_fd(), I8042_KEYBOARD_GSI)?;
+    let i8042 = Arc::new(I8042::with_keyboard_irq(exit.clone(), keyboard_irq)?);
+    pio.insert(I8042_PORT.into(), I8042_PORT_SIZE, i8042.clone())?;
     // The FADT's sleep control, sleep status and reset register (see
     // `write_firmware_tables`).
     pio.insert(
@@ -679,6 +844,7 @@ fn attach_legacy_devices(
     Ok(LegacyDevices {
         exit,
         serial,
+        i8042,
         boot_done,
     })
 }
@@ -745,7 +911,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<NamedVirtioDevice>, BuildErro
 #[allow(clippy::too_many_arguments)]
 fn attach_virtio_device(
     uid: u16,
-    vm: &ember_vm::Vm,
+    vm: &KvmVm,
     mmio: &Bus,
     resources: &mut DeviceResources,
     cmdline: &mut Cmdline,
@@ -753,7 +919,7 @@ fn attach_virtio_device(
     name: &str,
     device: Box<dyn ActivateDevice<GuestMemory>>,
     spawner: Option<Arc<dyn ThreadSpawner>>,
-) -> Result<VirtioMmio, BuildError> {
+) -> Result<(Arc<Transport>, VirtioMmio), BuildError> {
     let addr = resources
         .mmio
         .allocate(MMIO_WINDOW_SIZE, MMIO_WINDOW_SIZE)?;
@@ -771,7 +937,8 @@ fn attach_virtio_device(
         let at = IoEventAddress::Mmio(addr.0 + QUEUE_NOTIFY_OFFSET);
         vm.register_ioeventfd(&notify, at, u32::from(queue))?;
     }
-    mmio.insert(addr.0, MMIO_WINDOW_SIZE, Arc::new(transport))?;
+    let transport = Arc::new(transport);
+    mmio.insert(addr.0, MMIO_WINDOW_SIZE, transport.clone())?;
     cmdline
         .insert_str(&format!(
             "virtio_mmio.device={}K@{:#x}:{gsi}",
@@ -780,14 +947,16 @@ fn attach_virtio_device(
         ))
         .map_err(BuildError::Cmdline)?;
     log::info!("{name}: virtio-mmio at {:#x}, GSI {gsi}", addr.0);
-    VirtioMmio::new(uid, addr.0, MMIO_WINDOW_SIZE, gsi).map_err(|e| BuildError::Firmware(e.into()))
+    let description = VirtioMmio::new(uid, addr.0, MMIO_WINDOW_SIZE, gsi)
+        .map_err(|e| BuildError::Firmware(e.into()))?;
+    Ok((transport, description))
 }
 
 /// Stage 4: an MP table for kernels that read it, and ACPI for those that only read the
 /// MADT (Debian's). The FADT says hardware-reduced ACPI, so Linux wires no legacy IRQs by
 /// itself: every device with an interrupt is in the DSDT. Returns the RSDP's address.
 fn write_firmware_tables(
-    memory: &GuestMemoryMmap,
+    memory: &GuestRam,
     vcpus: u32,
     virtio: &[VirtioMmio],
 ) -> Result<GuestAddress, BuildError> {
@@ -817,13 +986,13 @@ fn write_firmware_tables(
 /// (INIT/SIPI); the demo guest starts every vCPU at its entry point.
 fn create_vcpus(
     kvm: &Kvm,
-    vm: &ember_vm::Vm,
+    vm: &KvmVm,
     config: &VmConfig,
     template: CpuTemplate,
     buses: &Buses,
+    syscall_trap: Option<Arc<SyscallTrap>>,
     entry: Entry,
-) -> Result<Vec<Vcpu>, BuildError> {
-    let syscall_trap = create_syscall_trap(vm, config, template);
+) -> Result<Vec<VmVcpu>, BuildError> {
     let start_all = config.kernel == KernelSource::Demo;
     let mut supported = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -831,14 +1000,7 @@ fn create_vcpus(
     template.apply(&mut supported);
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for index in 0..config.vcpus {
-        let mut vcpu = Vcpu::new(vm, index, buses.pio.clone(), buses.mmio.clone())?;
-        if config.exit_stats {
-            vcpu.enable_exit_timing();
-        }
-        vcpu.set_instruction_fallback(template.instruction_fallback());
-        vcpu.set_syscall_trap(syscall_trap.clone());
-        // The vCPU thread installs its seccomp filter before the guest runs.
-        vcpu.set_thread_hook(crate::seccomp::vcpu_hook());
+        let vcpu = new_vcpu(vm, index, config, template, buses, syscall_trap.clone())?;
         vcpu.set_cpuid(&supported, config.vcpus)?;
         vcpu.set_boot_msrs()?;
         vcpu.set_fpu()?;
@@ -863,12 +1025,33 @@ fn create_vcpus(
     Ok(vcpus)
 }
 
+/// A vCPU with the run-loop settings `config` and `template` ask for, before any
+/// architectural state (boot set-up or a snapshot's) is given to it.
+fn new_vcpu(
+    vm: &KvmVm,
+    index: u32,
+    config: &VmConfig,
+    template: CpuTemplate,
+    buses: &Buses,
+    syscall_trap: Option<Arc<SyscallTrap>>,
+) -> Result<VmVcpu, BuildError> {
+    let mut vcpu = Vcpu::new(vm, index, buses.pio.clone(), buses.mmio.clone())?;
+    if config.exit_stats {
+        vcpu.enable_exit_timing();
+    }
+    vcpu.set_instruction_fallback(template.instruction_fallback());
+    vcpu.set_syscall_trap(syscall_trap);
+    // The vCPU thread installs its seccomp filter before the guest runs.
+    vcpu.set_thread_hook(crate::seccomp::vcpu_hook());
+    Ok(vcpu)
+}
+
 /// The syscall trap, where the host needs it: the VM's MSR filter, and the trap's code
 /// page in reserved memory. Without it, a Linux guest's first system call faults.
 /// Setting the MSR filter waits for an SRCU grace period (12-21 ms measured here, most of
 /// start-up), so the embedded demo guest, which never leaves kernel mode, skips it.
 fn create_syscall_trap(
-    vm: &ember_vm::Vm,
+    vm: &KvmVm,
     config: &VmConfig,
     template: CpuTemplate,
 ) -> Option<Arc<SyscallTrap>> {

@@ -116,6 +116,40 @@ pub struct Cli {
     )]
     pub seccomp: bool,
 
+    /// Serve Firecracker's HTTP API (the subset Ember supports) on a Unix socket at PATH:
+    /// pause and resume (`PATCH /vm`), snapshots (`PUT /snapshot/create`), and, when no
+    /// --kernel or --restore is given, the VM's configuration, `InstanceStart` and
+    /// `PUT /snapshot/load` before anything runs. With --kernel the VM boots at once and
+    /// the API serves it.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+
+    /// Restore the snapshot in DIR (its state file `DIR/vmstate` and memory file
+    /// `DIR/memory`, as `PUT /snapshot/create` writes them when given those paths) and
+    /// run it. The VM's devices and sizes come from the snapshot; --serial, --seccomp,
+    /// --exit-stats and --api-sock still apply.
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "cpus", "disk", "net", "rng", "entry", "cpu_template"]
+    )]
+    pub restore: Option<PathBuf>,
+
+    /// Merge the memory file of a diff snapshot (DIFF) onto the memory file of the
+    /// snapshot before it (--into BASE), in place, and exit: BASE then restores with
+    /// the diff snapshot's state file. No VM runs.
+    #[arg(long, value_name = "DIFF", requires = "into")]
+    pub merge_diff: Option<PathBuf>,
+
+    /// The memory file --merge-diff writes into.
+    #[arg(long, value_name = "BASE", requires = "merge_diff")]
+    pub into: Option<PathBuf>,
+
+    /// Log the pages the guest writes from boot on, so that `PUT /snapshot/create` can
+    /// take diff snapshots (Firecracker's `track_dirty_pages`).
+    #[arg(long)]
+    pub track_dirty_pages: bool,
+
     /// Log more (repeat for debug output). Logs go to stderr.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -141,6 +175,7 @@ impl Cli {
             rng: self.rng.is_some(),
             rng_rate_limit: self.rng.flatten(),
             exit_stats: self.exit_stats,
+            track_dirty_pages: self.track_dirty_pages,
         }
     }
 }

@@ -2,8 +2,10 @@
 
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+
 /// Where the kernel comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KernelSource {
     /// The demo guest built into the binary.
     Demo,
@@ -15,7 +17,7 @@ pub enum KernelSource {
 pub const DEFAULT_SERIAL_FILE_MAX: u64 = 64 << 20;
 
 /// Where the serial port's output goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SerialConfig {
     /// Standard output, and standard input goes to the guest.
     Stdio,
@@ -32,7 +34,8 @@ pub enum SerialConfig {
 }
 
 /// Which CPU template to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum CpuTemplateChoice {
     /// Detect the host ([`ember_vcpu::cpuid::CpuTemplate::detect`]).
     Auto,
@@ -40,8 +43,30 @@ pub enum CpuTemplateChoice {
     Fixed(ember_vcpu::cpuid::CpuTemplate),
 }
 
+impl From<CpuTemplateChoice> for String {
+    fn from(choice: CpuTemplateChoice) -> String {
+        match choice {
+            CpuTemplateChoice::Auto => "auto".to_string(),
+            CpuTemplateChoice::Fixed(t) => t.name().to_string(),
+        }
+    }
+}
+
+impl TryFrom<String> for CpuTemplateChoice {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, String> {
+        if name == "auto" {
+            return Ok(CpuTemplateChoice::Auto);
+        }
+        ember_vcpu::cpuid::CpuTemplate::from_name(&name)
+            .map(CpuTemplateChoice::Fixed)
+            .ok_or_else(|| format!("unknown CPU template {name:?}"))
+    }
+}
+
 /// How vCPU 0 enters a Linux kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EntryChoice {
     /// PVH when the kernel has a PVH note, else the 64-bit entry.
     Auto,
@@ -54,7 +79,7 @@ pub enum EntryChoice {
 /// One token bucket of a rate limiter (Firecracker's and Cloud Hypervisor's model):
 /// `size` tokens refilled evenly over `refill_time_ms`, plus `one_time_burst` tokens
 /// that are spent first and never refilled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenBucket {
     /// Bucket capacity (bytes or operations); at least 1.
     pub size: u64,
@@ -65,7 +90,7 @@ pub struct TokenBucket {
 }
 
 /// A device's rate limits: bytes and operations, each optional.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RateLimit {
     /// Data bytes (`bw_*` keys).
     pub bandwidth: Option<TokenBucket>,
@@ -74,7 +99,7 @@ pub struct RateLimit {
 }
 
 /// A virtio-blk disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
     /// The raw image file.
     pub path: PathBuf,
@@ -87,7 +112,7 @@ pub struct DiskConfig {
 }
 
 /// A virtio-net card on a tap device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
     /// The tap interface's name.
     pub tap: String,
@@ -100,7 +125,7 @@ pub struct NetConfig {
 }
 
 /// A VM to build.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
     /// The kernel.
     pub kernel: KernelSource,
@@ -128,6 +153,10 @@ pub struct VmConfig {
     pub rng_rate_limit: Option<RateLimit>,
     /// Whether to time exits and print the exit profile when the VM ends.
     pub exit_stats: bool,
+    /// Whether KVM logs the pages the guest writes from the start, so that snapshots
+    /// after the first can be diff snapshots (Firecracker's `track_dirty_pages`).
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 /// The command line a Linux guest gets when none is given: console on COM1, and reboot

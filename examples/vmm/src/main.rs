@@ -4,14 +4,17 @@
 //! boots a Linux kernel. The exit status is the guest's debug-exit code, 0 after a
 //! reset or power-off, and 1 with one `ember: error: ...` line on any failure.
 
+mod api;
 mod builder;
 mod cli;
 mod config;
 mod console;
+mod control;
 mod hint;
 mod logger;
 mod run;
 mod seccomp;
+mod snapshot;
 mod spawner;
 
 use std::process::ExitCode;
@@ -36,6 +39,20 @@ fn main() -> ExitCode {
         }
     };
     logger::init(cli.verbose);
+    if let Some(diff) = &cli.merge_diff {
+        // `--into` is required with it (clap checks).
+        let base = cli.into.clone().unwrap_or_default();
+        return match snapshot::merge_diff(diff, &base) {
+            Ok(bytes) => {
+                log::info!("merged {bytes} bytes of {} into {}", diff.display(), base.display());
+                ExitCode::SUCCESS
+            }
+            Err(message) => {
+                logger::write_stderr(&format!("ember: error: {message}\n"));
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = cli.vm_config();
 
     // Before any thread exists: the filters are compiled here and installed by each
@@ -58,14 +75,48 @@ fn main() -> ExitCode {
             None
         }
     };
+    // After the filters are compiled (the API thread installs its own first) and the
+    // termination signals are blocked (it must not take them either).
+    let api = match &cli.api_sock {
+        Some(path) => match api::ApiServer::start(path) {
+            Ok(api) => Some(api),
+            Err(e) => {
+                logger::write_stderr(&format!("ember: error: {e}\n"));
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let requests = api.as_ref().map(|(_, requests)| requests);
     let mut profile = ember_vcpu::ExitProfile::default();
-    let result = builder::build_vm(&config, start)
-        .map_err(|e| e.to_string())
-        .and_then(|vm| {
-            let boot_done = vm.boot_done.clone();
-            let report = run::run_vm(vm, signals, &mut profile).map_err(|e| e.to_string())?;
-            Ok((report, boot_done))
-        });
+    let vm = if let Some(dir) = &cli.restore {
+        control::restore(
+            &dir.join(snapshot::STATE_FILE),
+            &dir.join(snapshot::MEMORY_FILE),
+            &config,
+            cli.track_dirty_pages,
+            start,
+        )
+        .map(|vm| (vm, false))
+    } else if let (Some(requests), None) = (requests, &cli.kernel) {
+        match control::pre_boot(requests, config.clone(), signals.as_ref(), start) {
+            Ok(control::Started::Booted(vm)) => Ok((vm, false)),
+            Ok(control::Started::Restored { vm, resume }) => Ok((vm, !resume)),
+            Ok(control::Started::Signal(signo)) => {
+                log::info!("signal {signo} before the VM started");
+                return ExitCode::from((128 + signo).clamp(0, 255) as u8);
+            }
+            Err(message) => Err(message),
+        }
+    } else {
+        builder::build_vm(&config, start).map(|vm| (vm, false)).map_err(|e| e.to_string())
+    };
+    let result = vm.and_then(|(vm, paused)| {
+        let boot_done = vm.boot_done.clone();
+        let report = run::run_vm(vm, signals, &mut profile, requests, paused)
+            .map_err(|e| e.to_string())?;
+        Ok((report, boot_done))
+    });
     if config.exit_stats && profile.vcpus > 0 {
         // The table's first line reads `ember: exit profile: ...`.
         logger::write_stderr(&format!("ember: {profile}"));

@@ -27,7 +27,9 @@ use ember_vcpu::{
 };
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 
+use crate::api::ApiRequests;
 use crate::builder::Vm;
+use crate::control::Control;
 use crate::console::{ConsoleEvent, EscapeParser, RawTerminal};
 use crate::logger::write_stderr;
 
@@ -129,7 +131,7 @@ struct SignalWatcher {
 }
 
 /// Reads one signal from the (non-blocking) signalfd `signals`, if one is pending.
-fn read_signal(mut signals: &File) -> Option<i32> {
+pub fn read_signal(mut signals: &File) -> Option<i32> {
     let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
     match signals.read(&mut info) {
         // ssi_signo is the first field, a u32.
@@ -192,6 +194,27 @@ impl MutEventSubscriber for EndWatcher {
                 log::error!("cannot watch fd {fd}: {e}");
                 self.ended.set(true);
             }
+        }
+    }
+}
+
+/// Wakes the loop when the API thread has a request (see [`ApiRequests`]).
+struct ApiWatcher {
+    fd: i32,
+    pending: Rc<Cell<bool>>,
+}
+
+impl MutEventSubscriber for ApiWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let mut count = [0u8; 8];
+        // SAFETY: reads 8 bytes from the API's (nonblocking) eventfd into `count`.
+        let _ = unsafe { libc::read(self.fd, count.as_mut_ptr().cast(), count.len()) };
+        self.pending.set(true);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new_raw(self.fd, EventSet::IN)) {
+            log::error!("cannot watch the API socket's requests: {e}");
         }
     }
 }
@@ -260,6 +283,8 @@ pub fn run_vm(
     mut vm: Vm,
     signals: Option<std::fs::File>,
     profile: &mut ExitProfile,
+    api: Option<&ApiRequests>,
+    start_paused: bool,
 ) -> Result<RunReport, RunError> {
     let loop_err = |e: &dyn std::fmt::Display| RunError::EventLoop(e.to_string());
     // From here until the VM has ended, no thread waits for stderr. (On an early return,
@@ -277,9 +302,25 @@ pub fn run_vm(
         spawned?;
     }
 
+    if start_paused {
+        vcpus.pause_all()?;
+        for transport in &vm.transports {
+            transport
+                .pause()
+                .map_err(|e| RunError::EventLoop(format!("cannot pause a virtio device: {e}")))?;
+        }
+    }
+
     let ended = Rc::new(Cell::new(false));
     let mut events: EventManager<Box<dyn MutEventSubscriber>> =
         EventManager::new().map_err(|e| loop_err(&e))?;
+    let api_pending = Rc::new(Cell::new(false));
+    if let Some(api) = api {
+        events.add_subscriber(Box::new(ApiWatcher {
+            fd: api.event_fd().as_raw_fd(),
+            pending: api_pending.clone(),
+        }));
+    }
     events.add_subscriber(Box::new(EndWatcher {
         exit_fd: vm.exit.event_fd().as_raw_fd(),
         vcpus_ended: vcpus.ended_event().as_raw_fd(),
@@ -309,8 +350,16 @@ pub fn run_vm(
     // The vCPU threads exist (they must not inherit this thread's filter) and the loop
     // is set up: from here on this thread runs under its seccomp filter.
     crate::seccomp::enter(crate::seccomp::ThreadKind::Main).map_err(RunError::Seccomp)?;
-    while !ended.get() {
-        events.run().map_err(|e| loop_err(&e))?;
+    {
+        let mut control = Control::new(&vm, &vcpus, start_paused);
+        while !ended.get() {
+            events.run().map_err(|e| loop_err(&e))?;
+            if let (true, Some(api)) = (api_pending.replace(false), api) {
+                while let Some((request, responder)) = api.try_recv() {
+                    responder.reply(control.handle(request));
+                }
+            }
+        }
     }
     drop(terminal);
 

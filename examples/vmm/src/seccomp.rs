@@ -18,6 +18,8 @@
 //! - **logger**: the log writer thread (`ember-log`, see [`crate::logger`]), started by
 //!   [`init`] (before any filter is installed, so that it inherits none), before it
 //!   writes anything.
+//! - **api**: the API server thread (`ember-api`, see [`crate::api`]), by itself, before
+//!   it accepts a connection.
 //!
 //! Filters stack: a thread runs under every filter it inherited as well as its own, and
 //! a system call must pass all of them. That matters for the virtio workers, which the
@@ -53,7 +55,11 @@ use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, OnceLock};
 
-use kvm_bindings::{kvm_fpu, kvm_msrs, kvm_regs, kvm_sregs, kvm_translation, kvm_vcpu_events};
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_fpu, kvm_irqchip,
+    kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_translation,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
@@ -124,11 +130,13 @@ pub enum ThreadKind {
     Console,
     /// The log writer thread (`ember-log`).
     Logger,
+    /// The API server thread (`ember-api`, see [`crate::api`]).
+    Api,
 }
 
 impl ThreadKind {
     /// Every kind, in the order of the README's tables.
-    pub const ALL: [ThreadKind; 8] = [
+    pub const ALL: [ThreadKind; 9] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Spawner,
@@ -137,6 +145,7 @@ impl ThreadKind {
         ThreadKind::VirtioRng,
         ThreadKind::Console,
         ThreadKind::Logger,
+        ThreadKind::Api,
     ];
 
     /// The kind's name, as [`SELFTEST_ENV`] takes it.
@@ -150,6 +159,7 @@ impl ThreadKind {
             ThreadKind::VirtioRng => "virtio-rng",
             ThreadKind::Console => "console",
             ThreadKind::Logger => "logger",
+            ThreadKind::Api => "api",
         }
     }
 
@@ -176,7 +186,7 @@ impl ThreadKind {
     /// The system calls this kind's filter allows, each once, by number.
     pub fn allowed(self) -> Vec<Allowed> {
         let groups: &[&[Rule]] = match self {
-            ThreadKind::Main => &[THREAD_LIFE, EVENT_LOOP, MAIN],
+            ThreadKind::Main => &[THREAD_LIFE, EVENT_LOOP, MAIN, MAIN_SNAPSHOT],
             ThreadKind::Vcpu => &[THREAD_LIFE, VCPU],
             ThreadKind::Spawner => &[
                 THREAD_LIFE,
@@ -192,6 +202,7 @@ impl ThreadKind {
             ThreadKind::VirtioRng => &[THREAD_LIFE, EVENT_LOOP, RNG],
             ThreadKind::Console => &[THREAD_LIFE, CONSOLE],
             ThreadKind::Logger => &[THREAD_LIFE, LOGGER],
+            ThreadKind::Api => &[THREAD_LIFE, API],
         };
         merge(groups.iter().flat_map(|g| g.iter()))
     }
@@ -302,6 +313,28 @@ const KVM_SET_MSRS: u64 = kvm_ioc(IOC_WRITE, 0x89, std::mem::size_of::<kvm_msrs>
 const KVM_GET_FPU: u64 = kvm_ioc(IOC_READ, 0x8c, std::mem::size_of::<kvm_fpu>());
 const KVM_GET_VCPU_EVENTS: u64 = kvm_ioc(IOC_READ, 0x9f, std::mem::size_of::<kvm_vcpu_events>());
 const KVM_SET_VCPU_EVENTS: u64 = kvm_ioc(IOC_WRITE, 0xa0, std::mem::size_of::<kvm_vcpu_events>());
+// What saving a paused vCPU's state reads, and the pause's KVM_KVMCLOCK_CTRL.
+const KVM_GET_CPUID2: u64 = kvm_ioc(
+    IOC_READ | IOC_WRITE,
+    0x91,
+    std::mem::size_of::<kvm_cpuid2>(),
+);
+const KVM_GET_LAPIC: u64 = kvm_ioc(IOC_READ, 0x8e, std::mem::size_of::<kvm_lapic_state>());
+const KVM_GET_MP_STATE: u64 = kvm_ioc(IOC_READ, 0x98, std::mem::size_of::<kvm_mp_state>());
+const KVM_GET_XSAVE: u64 = kvm_ioc(IOC_READ, 0xa4, std::mem::size_of::<kvm_xsave>());
+const KVM_GET_XCRS: u64 = kvm_ioc(IOC_READ, 0xa6, std::mem::size_of::<kvm_xcrs>());
+const KVM_GET_DEBUGREGS: u64 = kvm_ioc(IOC_READ, 0xa1, std::mem::size_of::<kvm_debugregs>());
+const KVM_GET_TSC_KHZ: u64 = kvm_ioc(0, 0xa3, 0);
+const KVM_KVMCLOCK_CTRL: u64 = kvm_ioc(0, 0xad, 0);
+// What a snapshot reads from the VM fd on the main thread.
+const KVM_GET_IRQCHIP: u64 = kvm_ioc(
+    IOC_READ | IOC_WRITE,
+    0x62,
+    std::mem::size_of::<kvm_irqchip>(),
+);
+const KVM_GET_PIT2: u64 = kvm_ioc(IOC_READ, 0x9f, std::mem::size_of::<kvm_pit_state2>());
+const KVM_GET_CLOCK: u64 = kvm_ioc(IOC_READ, 0x7c, std::mem::size_of::<kvm_clock_data>());
+const KVM_GET_DIRTY_LOG: u64 = kvm_ioc(IOC_WRITE, 0x42, std::mem::size_of::<kvm_dirty_log>());
 
 /// `tcsetattr(TCSANOW)` (glibc reads the settings back with `TCGETS` to check them):
 /// the console's panic hook restores the terminal from whichever thread panics, and the
@@ -352,8 +385,46 @@ const EVENT_LOOP: &[Rule] = &[
 ];
 
 /// The main thread's event loop, and stopping the vCPUs (`tgkill` with the kick
-/// signal) when the VM ends.
+/// signal) when the VM ends or is paused.
 const MAIN: &[Rule] = &[any(libc::SYS_tgkill)];
+
+/// The main thread's API work on a running VM: pausing and resuming device workers
+/// (a resumed worker's eventfds and epoll set are made here, the thread by the
+/// spawner), and snapshots: the VM's irqchip, PIT, clock and dirty log, the memory
+/// file and the state file (written to a temporary file, synced, renamed into place).
+const MAIN_SNAPSHOT: &[Rule] = &[
+    only(
+        libc::SYS_ioctl,
+        1,
+        &[
+            (KVM_GET_IRQCHIP, "KVM_GET_IRQCHIP"),
+            (KVM_GET_PIT2, "KVM_GET_PIT2"),
+            (KVM_GET_CLOCK, "KVM_GET_CLOCK"),
+            (KVM_GET_DIRTY_LOG, "KVM_GET_DIRTY_LOG"),
+        ],
+    ),
+    any(libc::SYS_eventfd2),
+    any(libc::SYS_epoll_create1),
+    only(
+        libc::SYS_fcntl,
+        1,
+        &[(libc::F_DUPFD_CLOEXEC as u64, "F_DUPFD_CLOEXEC")],
+    ),
+    any(libc::SYS_openat),
+    any(libc::SYS_fstat),
+    any(libc::SYS_newfstatat),
+    any(libc::SYS_statx),
+    any(libc::SYS_lseek),
+    any(libc::SYS_pwrite64),
+    any(libc::SYS_ftruncate),
+    any(libc::SYS_fsync),
+    any(libc::SYS_fdatasync),
+    any(libc::SYS_rename),
+    any(libc::SYS_renameat),
+    any(libc::SYS_renameat2),
+    any(libc::SYS_unlink),
+    any(libc::SYS_unlinkat),
+];
 
 /// A vCPU thread: the run loop's ioctls (`KVM_RUN`; the registers, events, MSRs, FPU
 /// and address translation that the instruction fallback, the syscall trap and the
@@ -375,6 +446,14 @@ const VCPU: &[Rule] = &[
             (KVM_GET_FPU, "KVM_GET_FPU"),
             (KVM_GET_VCPU_EVENTS, "KVM_GET_VCPU_EVENTS"),
             (KVM_SET_VCPU_EVENTS, "KVM_SET_VCPU_EVENTS"),
+            (KVM_GET_CPUID2, "KVM_GET_CPUID2"),
+            (KVM_GET_LAPIC, "KVM_GET_LAPIC"),
+            (KVM_GET_MP_STATE, "KVM_GET_MP_STATE"),
+            (KVM_GET_XSAVE, "KVM_GET_XSAVE"),
+            (KVM_GET_XCRS, "KVM_GET_XCRS"),
+            (KVM_GET_DEBUGREGS, "KVM_GET_DEBUGREGS"),
+            (KVM_GET_TSC_KHZ, "KVM_GET_TSC_KHZ"),
+            (KVM_KVMCLOCK_CTRL, "KVM_KVMCLOCK_CTRL"),
         ],
     ),
     any(libc::SYS_rt_sigreturn),
@@ -452,6 +531,23 @@ const CONSOLE: &[Rule] = &[];
 /// The log writer thread (`ember-log`): nothing beyond [`THREAD_LIFE`], whose `write`
 /// puts the log lines on stderr and whose `futex` waits on the log buffer.
 const LOGGER: &[Rule] = &[];
+
+/// The API server thread (`ember-api`): `poll` over the listener, its wake-up eventfd
+/// and the connections (glibc's `poll` is `poll(2)`; `ppoll` for other C libraries),
+/// `accept4` (non-blocking, close-on-exec connections), `read` for requests and the
+/// eventfd, `sendto` for responses (`send` with `MSG_NOSIGNAL`), `unlink` (or
+/// `unlinkat`) to remove the socket when it stops; `write` (the VMM's eventfd) and
+/// `futex` (the request channel, the reply wait with its timeout) are in
+/// [`THREAD_LIFE`].
+const API: &[Rule] = &[
+    any(libc::SYS_poll),
+    any(libc::SYS_ppoll),
+    any(libc::SYS_accept4),
+    any(libc::SYS_read),
+    any(libc::SYS_sendto),
+    any(libc::SYS_unlink),
+    any(libc::SYS_unlinkat),
+];
 
 /// Compiles `kind`'s filter: the allowed calls pass, anything else raises SIGSYS.
 pub fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
@@ -1092,6 +1188,100 @@ mod tests {
         });
         assert_eq!(random, 8);
         assert_eq!(pread, (-1, libc::EPERM));
+    }
+
+    #[test]
+    fn the_api_filter_forbids_sockets_and_kvm_ioctls() {
+        let (socket, run) =
+            under_filter(ThreadKind::Api, || (socket_errno(), ioctl_errno(KVM_RUN)));
+        assert_eq!(socket, libc::EPERM);
+        assert_eq!(run, libc::EPERM);
+    }
+
+    /// Reads one response (head and `Content-Length` body) from `s`.
+    fn api_response(s: &mut std::os::unix::net::UnixStream) -> String {
+        use std::io::Read;
+        let mut text = Vec::new();
+        let mut byte = [0u8; 1];
+        while !text.ends_with(b"\r\n\r\n") {
+            assert_eq!(s.read(&mut byte).unwrap(), 1, "closed: {text:?}");
+            text.push(byte[0]);
+        }
+        let head = String::from_utf8(text).unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).unwrap();
+        head + std::str::from_utf8(&body).unwrap()
+    }
+
+    /// The API thread's whole life under its filter, with forbidden calls failing with
+    /// EPERM: accepting, keep-alive requests answered by the VMM side, a refused
+    /// request closing its connection, a second client, then shutdown and removal of
+    /// the socket. A call the filter lacks would make one of these fail.
+    #[test]
+    fn the_api_server_runs_under_its_filter() {
+        use crate::api::{ApiReply, ApiRequest, ApiServer, InstanceInfo, InstanceState};
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixStream;
+        use std::time::Duration;
+
+        let program =
+            compile_with(ThreadKind::Api, SeccompAction::Errno(libc::EPERM as u32)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let (server, requests) = ApiServer::start_with_hook(&path, move || {
+            seccompiler::apply_filter(&program).map_err(|e| e.to_string())
+        })
+        .unwrap();
+        let vmm = std::thread::spawn(move || {
+            while let Some((request, responder)) = requests.recv_timeout(Duration::from_secs(20)) {
+                responder.reply(match request {
+                    ApiRequest::GetInstanceInfo => {
+                        ApiReply::Json(InstanceInfo::new("f", InstanceState::NotStarted).to_json())
+                    }
+                    _ => ApiReply::NoContent,
+                });
+            }
+        });
+        let connect = || {
+            let s = UnixStream::connect(&path).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        };
+        let mut s = connect();
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let r = api_response(&mut s);
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(r.contains("\"Not started\""), "{r}");
+        let body = r#"{"vcpu_count": 1, "mem_size_mib": 128}"#;
+        s.write_all(
+            format!(
+                "PUT /machine-config HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let r = api_response(&mut s);
+        assert!(r.starts_with("HTTP/1.1 204 No Content\r\n"), "{r}");
+        s.write_all(b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .unwrap();
+        let r = api_response(&mut s);
+        assert!(r.starts_with("HTTP/1.1 501 "), "{r}");
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        let mut s = connect();
+        s.write_all(b"GET /version HTTP/1.1\r\n\r\n").unwrap();
+        assert!(api_response(&mut s).starts_with("HTTP/1.1 200 OK\r\n"));
+        drop(server);
+        assert!(!path.exists(), "the API thread could not remove its socket");
+        vmm.join().unwrap();
     }
 
     #[test]

@@ -95,6 +95,7 @@ fn forbidden_call_ends_ember(
     thread: &str,
     nr: u32,
     name: &str,
+    extra: &[&str],
 ) {
     if !kvm_available(test) {
         return;
@@ -107,7 +108,7 @@ fn forbidden_call_ends_ember(
          exiting. (--seccomp off disables the filters, for debugging)"
     );
 
-    let on = run(ember(scenario, &disk, Some(kind), &[]));
+    let on = run(ember(scenario, &disk, Some(kind), extra));
     assert_eq!(on.code(), Some(BAD_SYSCALL_STATUS), "{}", on.context());
     assert!(on.stderr.contains(&announced), "{}", on.context());
     assert!(
@@ -117,7 +118,12 @@ fn forbidden_call_ends_ember(
     );
     assert!(!on.stderr.contains("survived"), "{}", on.context());
 
-    let off = run(ember(scenario, &disk, Some(kind), &["--seccomp", "off"]));
+    let off = run(ember(
+        scenario,
+        &disk,
+        Some(kind),
+        &[extra, &["--seccomp", "off"]].concat(),
+    ));
     assert_eq!(off.code(), Some(0), "{}", off.context());
     assert!(off.stderr.contains(&announced), "{}", off.context());
     assert!(
@@ -151,6 +157,7 @@ fn a_forbidden_call_on_the_main_thread_ends_ember() {
         "main",
         41,
         "socket",
+        &[],
     );
 }
 
@@ -163,6 +170,7 @@ fn a_forbidden_call_on_a_vcpu_thread_ends_ember() {
         "ember-vcpu-0",
         41,
         "socket",
+        &[],
     );
 }
 
@@ -175,6 +183,7 @@ fn a_forbidden_call_on_the_virtio_rng_worker_ends_ember() {
         "ember-virtio-rng",
         435,
         "clone3",
+        &[],
     );
 }
 
@@ -187,6 +196,7 @@ fn a_forbidden_call_on_the_virtio_blk_worker_ends_ember() {
         "ember-virtio-blk",
         435,
         "clone3",
+        &[],
     );
 }
 
@@ -206,6 +216,7 @@ fn a_forbidden_call_on_the_virtio_net_worker_ends_ember() {
         "ember-virtio-net",
         435,
         "clone3",
+        &[],
     );
 }
 
@@ -218,6 +229,7 @@ fn a_forbidden_call_on_the_spawner_thread_ends_ember() {
         "ember-spawner",
         41,
         "socket",
+        &[],
     );
 }
 
@@ -230,6 +242,7 @@ fn a_forbidden_call_on_the_console_writer_ends_ember() {
         "serial-output",
         41,
         "socket",
+        &[],
     );
 }
 
@@ -242,6 +255,22 @@ fn a_forbidden_call_on_the_log_writer_ends_ember() {
         "ember-log",
         41,
         "socket",
+        &[],
+    );
+}
+
+#[test]
+fn a_forbidden_call_on_the_api_thread_ends_ember() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    forbidden_call_ends_ember(
+        "a_forbidden_call_on_the_api_thread_ends_ember",
+        Scenario::Rng,
+        "api",
+        "ember-api",
+        41,
+        "socket",
+        &["--api-sock", socket.to_str().unwrap()],
     );
 }
 
@@ -284,7 +313,7 @@ fn bad_seccomp_settings_are_rejected_by_name() {
     assert_eq!(r.code(), Some(1), "{}", r.context());
     assert!(
         r.stderr
-            .contains("EMBER_SECCOMP_SELFTEST=gpu: not a thread kind (expected one of: main, vcpu, spawner, virtio-blk, virtio-net, virtio-rng, console, logger)"),
+            .contains("EMBER_SECCOMP_SELFTEST=gpu: not a thread kind (expected one of: main, vcpu, spawner, virtio-blk, virtio-net, virtio-rng, console, logger, api)"),
         "{}",
         r.context()
     );

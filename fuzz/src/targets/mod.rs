@@ -10,6 +10,7 @@ pub mod i8042;
 pub mod initrd;
 pub mod rate_limiter;
 pub mod serial;
+pub mod snapshot_state;
 pub mod virtio_blk;
 pub mod virtio_mmio;
 pub mod virtio_net;

@@ -11,6 +11,7 @@ use super::{
 };
 use crate::device::{ActiveQueue, VIRTIO_F_VERSION_1};
 use crate::state::{MmioQueueState, MmioTransportState, QueueState};
+use crate::VIRTIO_RING_F_EVENT_IDX;
 
 /// Every status bit a saved state may hold.
 const KNOWN_STATUS: u32 = status::ACKNOWLEDGE
@@ -332,6 +333,35 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
                 return Err(invalid(format!(
                     "queue {index} is ready without a size and all three ring addresses"
                 )));
+            }
+            if let Some(active) = &q.active {
+                // The device's queue is the one the driver's registers describe, as an
+                // activation makes it: ready, same size and rings, and EVENT_IDX as
+                // negotiated. Anything else is a state `save_state` never writes.
+                let event_idx = state.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+                let mismatch = if !q.ready || !active.ready {
+                    Some("is active but not ready".to_string())
+                } else if active.size != q.size {
+                    Some(format!(
+                        "has size {} in its registers, {} in the device",
+                        q.size, active.size
+                    ))
+                } else if q.desc != Some(active.desc_table)
+                    || q.avail != Some(active.avail_ring)
+                    || q.used != Some(active.used_ring)
+                {
+                    Some("has other ring addresses in its registers than in the device".to_string())
+                } else if active.event_idx_enabled != event_idx {
+                    Some(format!(
+                        "has EVENT_IDX {} in the device, but the driver features say {event_idx}",
+                        active.event_idx_enabled
+                    ))
+                } else {
+                    None
+                };
+                if let Some(why) = mismatch {
+                    return Err(invalid(format!("queue {index} {why}")));
+                }
             }
             queues.push(QueueConfig {
                 size: q.size,
