@@ -544,7 +544,8 @@ pub fn api_request(
     let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
     stream.set_read_timeout(Some(Duration::from_secs(600)))?;
     let body = body.unwrap_or("");
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n");
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n");
     if !body.is_empty() || method != "GET" {
         request.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",
@@ -619,7 +620,9 @@ impl LiveChild {
             let lines = lines.clone();
             readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(out).split(b'\n').map_while(Result::ok) {
-                    let text = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+                    let text = String::from_utf8_lossy(&line)
+                        .trim_end_matches('\r')
+                        .to_string();
                     let (list, changed) = &*lines;
                     if let Ok(mut list) = list.lock() {
                         list.push(text);
@@ -659,7 +662,12 @@ impl LiveChild {
 
     /// Waits up to `timeout` for a stdout line starting with `prefix`, at or after line
     /// number `from`; returns its index and text.
-    pub fn wait_for_line(&self, prefix: &str, from: usize, timeout: Duration) -> Option<(usize, String)> {
+    pub fn wait_for_line(
+        &self,
+        prefix: &str,
+        from: usize,
+        timeout: Duration,
+    ) -> Option<(usize, String)> {
         let deadline = Instant::now() + timeout;
         let (list, changed) = &*self.lines;
         let mut list = list.lock().ok()?;

@@ -564,7 +564,14 @@ pub fn restore_vm(
     };
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for (index, saved) in (0..).zip(&state.vcpus) {
-        let mut vcpu = new_vcpu(&vm, index, config, template, &devices.buses, syscall_trap.clone())?;
+        let mut vcpu = new_vcpu(
+            &vm,
+            index,
+            config,
+            template,
+            &devices.buses,
+            syscall_trap.clone(),
+        )?;
         vcpu.restore_state(saved)?;
         vcpus.push(vcpu);
     }

@@ -44,7 +44,11 @@ fn main() -> ExitCode {
         let base = cli.into.clone().unwrap_or_default();
         return match snapshot::merge_diff(diff, &base) {
             Ok(bytes) => {
-                log::info!("merged {bytes} bytes of {} into {}", diff.display(), base.display());
+                log::info!(
+                    "merged {bytes} bytes of {} into {}",
+                    diff.display(),
+                    base.display()
+                );
                 ExitCode::SUCCESS
             }
             Err(message) => {
@@ -109,12 +113,14 @@ fn main() -> ExitCode {
             Err(message) => Err(message),
         }
     } else {
-        builder::build_vm(&config, start).map(|vm| (vm, false)).map_err(|e| e.to_string())
+        builder::build_vm(&config, start)
+            .map(|vm| (vm, false))
+            .map_err(|e| e.to_string())
     };
     let result = vm.and_then(|(vm, paused)| {
         let boot_done = vm.boot_done.clone();
-        let report = run::run_vm(vm, signals, &mut profile, requests, paused)
-            .map_err(|e| e.to_string())?;
+        let report =
+            run::run_vm(vm, signals, &mut profile, requests, paused).map_err(|e| e.to_string())?;
         Ok((report, boot_done))
     });
     if config.exit_stats && profile.vcpus > 0 {

@@ -29,8 +29,8 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 
 use crate::api::ApiRequests;
 use crate::builder::Vm;
-use crate::control::Control;
 use crate::console::{ConsoleEvent, EscapeParser, RawTerminal};
+use crate::control::Control;
 use crate::logger::write_stderr;
 
 /// Once the VM has ended, how long its buffered console output may go without any of
