@@ -349,7 +349,12 @@ pub fn run_vm(
     }
     // The vCPU threads exist (they must not inherit this thread's filter) and the loop
     // is set up: from here on this thread runs under its seccomp filter.
-    crate::seccomp::enter(crate::seccomp::ThreadKind::Main).map_err(RunError::Seccomp)?;
+    let kind = if api.is_some() {
+        crate::seccomp::ThreadKind::MainApi
+    } else {
+        crate::seccomp::ThreadKind::Main
+    };
+    crate::seccomp::enter(kind).map_err(RunError::Seccomp)?;
     {
         let mut control = Control::new(&vm, &vcpus, start_paused);
         while !ended.get() {

@@ -274,6 +274,23 @@ fn a_forbidden_call_on_the_api_thread_ends_ember() {
     );
 }
 
+/// The main thread of an `ember` serving the API runs under a filter of its own (the
+/// main filter plus what pausing and snapshots take); it is still a filter.
+#[test]
+fn a_forbidden_call_on_the_main_thread_of_an_api_ember_ends_ember() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    forbidden_call_ends_ember(
+        "a_forbidden_call_on_the_main_thread_of_an_api_ember_ends_ember",
+        Scenario::Rng,
+        "main-api",
+        "main",
+        41,
+        "socket",
+        &["--api-sock", socket.to_str().unwrap()],
+    );
+}
+
 /// With the filters on and no self-test, the guest's devices work (every other
 /// end-to-end test runs with them on too).
 #[test]
@@ -313,7 +330,7 @@ fn bad_seccomp_settings_are_rejected_by_name() {
     assert_eq!(r.code(), Some(1), "{}", r.context());
     assert!(
         r.stderr
-            .contains("EMBER_SECCOMP_SELFTEST=gpu: not a thread kind (expected one of: main, vcpu, spawner, virtio-blk, virtio-net, virtio-rng, console, logger, api)"),
+            .contains("EMBER_SECCOMP_SELFTEST=gpu: not a thread kind (expected one of: main, vcpu, spawner, virtio-blk, virtio-net, virtio-rng, console, logger, api, main-api)"),
         "{}",
         r.context()
     );
