@@ -457,8 +457,9 @@ fn load_kernel(
 ///
 /// Each stage is a function of its own: [`read_boot_inputs`] (everything the user gave,
 /// checked before KVM is touched), [`create_vm`], [`attach_legacy_devices`],
-/// [`attach_virtio_device`] (once per disk, tap and rng), [`write_firmware_tables`],
-/// [`load_kernel`] and [`create_vcpus`].
+/// [`attach_virtio_device`] (once per disk, tap and rng; both through
+/// [`attach_devices`]), [`write_firmware_tables`], [`load_kernel`], [`create_vcpus`]
+/// and [`finish_vm`].
 pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
     let mut inputs = read_boot_inputs(config)?;
     let kvm = Kvm::new().map_err(BuildError::OpenKvm)?;
@@ -487,24 +488,14 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vm, BuildError> {
         syscall_trap.clone(),
         entry,
     )?;
-    if config.track_dirty_pages {
-        vm.set_dirty_log(true)?;
-    }
-    Ok(Vm {
-        config: config.clone(),
-        template: inputs.template,
+    finish_vm(
+        config,
+        inputs.template,
         vm,
-        syscall_trap: syscall_trap.is_some(),
+        syscall_trap.is_some(),
         vcpus,
-        pio: devices.buses.pio,
-        mmio: devices.buses.mmio,
-        exit: devices.legacy.exit,
-        serial: devices.legacy.serial,
-        i8042: devices.legacy.i8042,
-        transports: devices.transports,
-        serial_stdin: config.serial == SerialConfig::Stdio,
-        boot_done: devices.legacy.boot_done,
-    })
+        devices,
+    )
 }
 
 /// Rebuilds the VM a snapshot describes, in a new process: `config` is the snapshot's
@@ -583,6 +574,19 @@ pub fn restore_vm(
             .restore_state(saved)
             .map_err(|e| BuildError::Snapshot(format!("virtio device: {e}")))?;
     }
+    finish_vm(config, template, vm, syscall_trap.is_some(), vcpus, devices)
+}
+
+/// The last stage, booted or restored: KVM's dirty-page log on if diff snapshots are
+/// wanted, and the parts put together.
+fn finish_vm(
+    config: &VmConfig,
+    template: CpuTemplate,
+    vm: KvmVm,
+    syscall_trap: bool,
+    vcpus: Vec<VmVcpu>,
+    devices: Devices,
+) -> Result<Vm, BuildError> {
     if config.track_dirty_pages {
         vm.set_dirty_log(true)?;
     }
@@ -590,7 +594,7 @@ pub fn restore_vm(
         config: config.clone(),
         template,
         vm,
-        syscall_trap: syscall_trap.is_some(),
+        syscall_trap,
         vcpus,
         pio: devices.buses.pio,
         mmio: devices.buses.mmio,

@@ -49,7 +49,9 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use ember_guests::testing::{kvm_available, tap_part_unavailable, TapNamespace};
+use ember_guests::testing::{
+    guest_script_path, kvm_available, linux_unavailable, tap_part_unavailable, TapNamespace,
+};
 
 const TEST: &str = "linux_userland_drives_every_device";
 
@@ -243,44 +245,6 @@ const APPLETS: &[&str] = &[
 
 fn required(var: &str) -> bool {
     std::env::var(var).is_ok_and(|v| v == "1")
-}
-
-/// Reports that the test did not run because the guest (or a tool it needs) is missing;
-/// fatal with `EMBER_REQUIRE_LINUX=1`.
-fn linux_unavailable(why: &str) {
-    let required = required("EMBER_REQUIRE_LINUX");
-    eprintln!(
-        "!!! LINUX GUEST UNAVAILABLE: test `{TEST}` did NOT run: {why}{}",
-        if required {
-            ""
-        } else {
-            " (set EMBER_REQUIRE_LINUX=1 to make this fatal)"
-        }
-    );
-    assert!(
-        !required,
-        "{TEST}: EMBER_REQUIRE_LINUX=1 but the Linux guest is unavailable: {why}"
-    );
-}
-
-/// Runs `bash scripts/<script>` and returns the path it prints for `key` (`KEY=path`).
-fn script_path(script: &str, key: &str) -> Result<PathBuf, String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../scripts")
-        .join(script);
-    let out = Command::new("bash")
-        .arg(&path)
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", path.display()))?;
-    if !out.status.success() {
-        return Err(format!("{} failed ({})", path.display(), out.status));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-        .map(PathBuf::from)
-        .ok_or_else(|| format!("no {key}= line in the output of {script}: {text}"))
 }
 
 /// Runs a host tool; the error names the command and what it printed.
@@ -581,14 +545,14 @@ fn linux_userland_drives_every_device() {
     }
     let vmlinux = match std::env::var_os("EMBER_SMALL_KERNEL_VMLINUX") {
         Some(path) => PathBuf::from(path),
-        None => match script_path("small-kernel.sh", "SMALL_KERNEL_VMLINUX") {
+        None => match guest_script_path("small-kernel.sh", "SMALL_KERNEL_VMLINUX") {
             Ok(p) => p,
-            Err(e) => return linux_unavailable(&format!("no small kernel: {e}")),
+            Err(e) => return linux_unavailable(TEST, &format!("no small kernel: {e}")),
         },
     };
-    let busybox = match script_path("linux-guest.sh", "BUSYBOX") {
+    let busybox = match guest_script_path("linux-guest.sh", "BUSYBOX") {
         Ok(p) => p,
-        Err(e) => return linux_unavailable(&format!("no busybox: {e}")),
+        Err(e) => return linux_unavailable(TEST, &format!("no busybox: {e}")),
     };
     for (tool, args) in [
         ("mkfs.ext4", &["-V"][..]),
@@ -596,7 +560,7 @@ fn linux_userland_drives_every_device() {
         ("e2fsck", &["-V"][..]),
     ] {
         if let Err(e) = host_tool(tool, args) {
-            return linux_unavailable(&format!("{tool} (e2fsprogs) is unusable: {e}"));
+            return linux_unavailable(TEST, &format!("{tool} (e2fsprogs) is unusable: {e}"));
         }
     }
     let busybox = std::fs::read(&busybox).unwrap_or_else(|e| panic!("{}: {e}", busybox.display()));
