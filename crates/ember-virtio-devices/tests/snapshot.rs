@@ -702,6 +702,7 @@ fn restore_rejects_mismatched_states() {
     let blk = transport(block(&path), &mem);
     let mut outside = blk_state.clone();
     outside.queues[0].active.as_mut().unwrap().avail_ring = MEM_SIZE as u64 - 64;
+    outside.queues[0].avail = Some(MEM_SIZE as u64 - 64);
     let err = blk.restore_state(&outside).unwrap_err();
     assert!(err.to_string().contains("not inside guest memory"), "{err}");
     assert!(!blk.is_activated());
