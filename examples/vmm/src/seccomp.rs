@@ -592,14 +592,18 @@ fn compile_with(kind: ThreadKind, otherwise: SeccompAction) -> Result<BpfProgram
 /// The filters, compiled at start-up, and the self-test.
 struct State {
     /// `None` with `--seccomp off`.
-    programs: Option<BTreeMap<ThreadKind, BpfProgram>>,
+    /// Each kind's filter, compiled by the first thread that enters the kind (a VM
+    /// uses four or five of the kinds; compiling all ten at start-up took about a third
+    /// of a millisecond of a restore's few).
+    programs: Option<BTreeMap<ThreadKind, OnceLock<BpfProgram>>>,
     selftest: Option<ThreadKind>,
 }
 
 static STATE: OnceLock<State> = OnceLock::new();
 
-/// Sets the filters up, once, before any thread is started: with `enabled`, compiles
-/// every filter and installs the SIGSYS handler; either way, reads [`SELFTEST_ENV`].
+/// Sets the filters up, once, before any thread is started: with `enabled`, installs
+/// the SIGSYS handler (each filter is compiled when a thread first needs it; every
+/// kind's compiles, as the unit tests check); either way, reads [`SELFTEST_ENV`].
 /// The filters are then installed by [`enter`] and the hooks ([`vcpu_hook`],
 /// [`worker_hook`]).
 ///
@@ -621,8 +625,8 @@ pub fn init(enabled: bool) -> Result<(), SeccompError> {
         fix_malloc_arena_limit();
         let programs = ThreadKind::ALL
             .into_iter()
-            .map(|kind| Ok((kind, compile(kind)?)))
-            .collect::<Result<BTreeMap<_, _>, SeccompError>>()?;
+            .map(|kind| (kind, OnceLock::new()))
+            .collect::<BTreeMap<_, _>>();
         install_sigsys_handler()?;
         Some(programs)
     } else {
@@ -644,8 +648,13 @@ pub fn init(enabled: bool) -> Result<(), SeccompError> {
 fn fix_malloc_arena_limit() {
     #[cfg(target_env = "gnu")]
     {
-        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-        let limit = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
+        // glibc's own count: the online CPUs (one small read), not
+        // `available_parallelism`, which also reads the cgroup's CPU quota files (a dozen
+        // system calls at every start and restore).
+        // SAFETY: sysconf only reads system configuration.
+        let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        let cpus = libc::c_int::try_from(online).unwrap_or(1).max(1);
+        let limit = cpus.saturating_mul(8);
         // SAFETY: mallopt takes two integers and only changes malloc's settings.
         if unsafe { libc::mallopt(libc::M_ARENA_MAX, limit) } == 0 {
             log::warn!("mallopt(M_ARENA_MAX, {limit}) failed; a thread may hit its filter");
@@ -661,7 +670,15 @@ pub fn enter(kind: ThreadKind) -> Result<(), SeccompError> {
     };
     let thread = std::thread::current();
     let name = thread.name().unwrap_or("main");
-    if let Some(program) = state.programs.as_ref().and_then(|p| p.get(&kind)) {
+    if let Some(cell) = state.programs.as_ref().and_then(|p| p.get(&kind)) {
+        let program = match cell.get() {
+            Some(program) => program,
+            // Two threads of a kind may both compile it; the first result is kept.
+            None => {
+                let compiled = compile(kind)?;
+                cell.get_or_init(|| compiled)
+            }
+        };
         remember_thread_name(name);
         seccompiler::apply_filter(program).map_err(|source| SeccompError::Install {
             thread: name.to_string(),
