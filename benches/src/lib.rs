@@ -30,3 +30,29 @@ pub mod snapshot;
 pub mod vm;
 
 pub use error::Error;
+
+/// The end of a bench binary's `main`, once its arguments are parsed: checks that
+/// `/dev/kvm` can be opened (saying loudly that the bench did not run if not), runs
+/// `run`, and turns its result into the exit status, errors printed as
+/// `<name>: error: ...`.
+pub fn run_with_kvm(
+    name: &str,
+    run: impl FnOnce() -> Result<(), Box<dyn std::error::Error>>,
+) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm");
+    if let Err(e) = kvm {
+        eprintln!("!!! KVM UNAVAILABLE: {name} cannot run: cannot open /dev/kvm: {e}");
+        return ExitCode::FAILURE;
+    }
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -5,7 +5,6 @@
 //! `cargo run --release -p ember-benches --bin exit-rate [-- --help]`
 
 use std::error::Error;
-use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
@@ -39,17 +38,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        eprintln!("!!! KVM UNAVAILABLE: exit-rate cannot run: cannot open /dev/kvm: {e}");
-        return ExitCode::FAILURE;
-    }
-    match run(&options, &argv) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("exit-rate: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    ember_benches::run_with_kvm("exit-rate", || run(&options, &argv))
 }
 
 /// A directory of guest images, removed when dropped.

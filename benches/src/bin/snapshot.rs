@@ -6,7 +6,6 @@
 //! snapshot [-- --help]`
 
 use std::error::Error;
-use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -46,17 +45,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        eprintln!("!!! KVM UNAVAILABLE: snapshot cannot run: cannot open /dev/kvm: {e}");
-        return ExitCode::FAILURE;
-    }
-    match run(&options, &argv) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("snapshot: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    ember_benches::run_with_kvm("snapshot", || run(&options, &argv))
 }
 
 /// `snapshot --floor-restore DIR`: the restore floor, in a process of its own.
