@@ -122,7 +122,7 @@ pub fn tap_unavailable(test: &str, why: impl std::fmt::Display) {
 }
 
 /// Like [`tap_unavailable`], for a test that goes on without the part that needs the tap:
-/// `!!! TAP UNAVAILABLE: <part> of test `<test>` did NOT run: <why>`.
+/// ``!!! TAP UNAVAILABLE: <part> of test `<test>` did NOT run: <why>``.
 pub fn tap_part_unavailable(test: &str, part: &str, why: impl std::fmt::Display) {
     report_tap_unavailable(&format!("{part} of test `{test}`"), test, &why);
 }

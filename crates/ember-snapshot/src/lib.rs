@@ -2,7 +2,7 @@
 //!
 //! A VMM gathers its vCPU, VM and device state into one serde value and writes it with
 //! [`save`]; a new process reads it back with [`load`]. The file is a small container
-//! ([`format`]): the magic `EMBERSNP`, a format version the caller chooses, the payload
+//! ([`mod@format`]): the magic `EMBERSNP`, a format version the caller chooses, the payload
 //! length, the payload ([postcard](https://docs.rs/postcard) encoding of the value) and a
 //! CRC-64 of everything before it. A file that is truncated, corrupted, of another
 //! version or not a state file at all is refused with a [`SnapshotError`] naming what
@@ -35,7 +35,7 @@
 //! limit) and must not hold sequences of zero-sized elements (a declared length of
 //! 2^60 of those would be iterated).
 //!
-//! Modules, one concept each: [`format`] (the byte layout), [`file`] (files on disk)
+//! Modules, one concept each: [`mod@format`] (the byte layout), [`mod@file`] (files on disk)
 //! and [`error`].
 
 #![deny(missing_docs)]

@@ -1,4 +1,4 @@
-//! What the API socket may do to a VM: before it exists ([`PreBoot`]: configure it, start
+//! What the API socket may do to a VM: before it exists ([`PreBootConfig`]: configure it, start
 //! it, or load a snapshot into it) and while it runs ([`Control`]: pause, resume,
 //! snapshot, Ctrl-Alt-Del, describe it).
 //!

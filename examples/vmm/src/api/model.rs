@@ -3,7 +3,7 @@
 //!
 //! Every body struct refuses unknown fields (`deny_unknown_fields`). Fields Firecracker
 //! has and Ember does not support are known here, so that a request using them gets a
-//! 400 that says so ([`check_supported`]) rather than "unknown field".
+//! 400 that says so ([`check_supported_machine`] and the like) rather than "unknown field".
 
 use std::path::PathBuf;
 
