@@ -11,8 +11,13 @@
 //!   non-blocking), leaves requests in the ring while blocked, and calls
 //!   [`RateLimiter::event_handler`] when it fires.
 //! * [`log_limit`] and the [`warn_limited!`], [`error_limited!`] and [`info_limited!`]
-//!   macros: at most 10 lines per 5 s from each call site, with a count of what was
+//!   macros: at most 10 lines per 5 s from each call site for each device (the thread's
+//!   [`log_limit::LogSource`]), with a count of what was
 //!   suppressed, for log lines a guest can trigger.
+//!
+//! * `testing` (feature `test-utils`): a logger that records every line, and the most
+//!   lines rate-limited call sites may log in a given time, for tests that count what a
+//!   guest can make a VMM log.
 //!
 //! No KVM, no threads: the limiter is a plain value owned by the device's worker.
 //!
@@ -40,6 +45,8 @@
 mod bucket;
 mod limiter;
 pub mod log_limit;
+#[cfg(feature = "test-utils")]
+pub mod testing;
 
 use std::io;
 

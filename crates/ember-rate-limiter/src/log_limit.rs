@@ -3,9 +3,15 @@
 //! A device that logs every malformed request lets a guest flood the host's log (and
 //! fill its disk, or stall the VMM on a full stderr). Each call site of
 //! [`warn_limited!`](crate::warn_limited), [`error_limited!`](crate::error_limited) or
-//! [`info_limited!`](crate::info_limited) gets its own [`LogLimiter`]: at most
+//! [`info_limited!`](crate::info_limited) gets its own limit for each device: at most
 //! [`MAX_PER_WINDOW`] lines per [`WINDOW`], the rest counted, and the count appended to
 //! the next line that gets through: `... (N similar messages suppressed)`.
+//!
+//! "Each device" is the thread's current [`LogSource`]: a device enters its own
+//! source on the threads it runs on ([`LogSource::enter`] on its worker thread,
+//! [`LogSource::scope`] around a call on a vCPU thread), so one device a guest floods
+//! with bad requests cannot use up another's lines at the same call site. Lines logged
+//! outside any source share one limit per call site.
 //!
 //! ```
 //! use ember_rate_limiter::warn_limited;
@@ -16,6 +22,7 @@
 //! }
 //! ```
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -127,10 +134,158 @@ impl LogLimiter {
     }
 }
 
+/// Sources a [`LogLimiterSet`] keeps apart; lines from any further source share its
+/// overflow limit.
+pub const SOURCES_PER_SITE: usize = 16;
+
+/// Who a log line is about: one device, for [`LogLimiterSet`] to give each its own
+/// limit at a call site.
+///
+/// ```
+/// use ember_rate_limiter::log_limit::LogSource;
+///
+/// let disk = LogSource::new();
+/// assert_ne!(disk, LogSource::new());
+/// assert_eq!(LogSource::current(), LogSource::SHARED);
+/// {
+///     let _in_disk = disk.scope();
+///     assert_eq!(LogSource::current(), disk);
+/// }
+/// assert_eq!(LogSource::current(), LogSource::SHARED);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LogSource(u64);
+
+thread_local! {
+    static CURRENT_SOURCE: Cell<u64> = const { Cell::new(0) };
+}
+
+impl LogSource {
+    /// Lines about no device in particular: one limit per call site.
+    pub const SHARED: LogSource = LogSource(0);
+
+    /// A source distinct from every other in this process.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> LogSource {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        LogSource(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The calling thread's source ([`SHARED`](Self::SHARED) unless one was entered).
+    pub fn current() -> LogSource {
+        LogSource(CURRENT_SOURCE.with(Cell::get))
+    }
+
+    /// Makes this the calling thread's source for good: for a thread that serves one
+    /// device, at its start.
+    ///
+    /// ```
+    /// use ember_rate_limiter::log_limit::LogSource;
+    ///
+    /// let rng = LogSource::new();
+    /// std::thread::spawn(move || {
+    ///     rng.enter();
+    ///     assert_eq!(LogSource::current(), rng);
+    /// })
+    /// .join()
+    /// .unwrap();
+    /// ```
+    pub fn enter(self) {
+        CURRENT_SOURCE.with(|c| c.set(self.0));
+    }
+
+    /// Makes this the calling thread's source until the guard is dropped, which
+    /// restores the one before: for a call into a device on a thread that serves many.
+    pub fn scope(self) -> LogSourceScope {
+        let previous = CURRENT_SOURCE.with(|c| c.replace(self.0));
+        LogSourceScope { previous }
+    }
+}
+
+/// Restores the thread's previous [`LogSource`] when dropped (see [`LogSource::scope`]).
+#[derive(Debug)]
+#[must_use = "the source is left again when the scope is dropped"]
+pub struct LogSourceScope {
+    previous: u64,
+}
+
+impl Drop for LogSourceScope {
+    fn drop(&mut self) {
+        CURRENT_SOURCE.with(|c| c.set(self.previous));
+    }
+}
+
+/// One call site's limiters: a [`LogLimiter`] for each of up to [`SOURCES_PER_SITE`]
+/// sources, claimed by the first line from each, and one shared by
+/// [`LogSource::SHARED`] and any source beyond those. Lock-free and allocation-free,
+/// for a `static`.
+///
+/// ```
+/// use ember_rate_limiter::log_limit::{LogLimiterSet, LogSource, MAX_PER_WINDOW};
+///
+/// static SITE: LogLimiterSet = LogLimiterSet::new();
+/// let (a, b) = (LogSource::new(), LogSource::new());
+/// let from_a = (0..100).filter(|_| SITE.admit(a).is_some()).count() as u64;
+/// // `a` used up its lines; `b` still has all of its own.
+/// let from_b = (0..100).filter(|_| SITE.admit(b).is_some()).count() as u64;
+/// assert_eq!((from_a, from_b), (MAX_PER_WINDOW, MAX_PER_WINDOW)); // (within one 5 s window)
+/// ```
+#[derive(Debug)]
+pub struct LogLimiterSet {
+    /// Which source each limiter belongs to (0: not claimed yet).
+    sources: [AtomicU64; SOURCES_PER_SITE],
+    limiters: [LogLimiter; SOURCES_PER_SITE],
+    shared: LogLimiter,
+}
+
+impl Default for LogLimiterSet {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LogLimiterSet {
+    /// Limiters of [`MAX_PER_WINDOW`] lines per [`WINDOW`] each.
+    pub const fn new() -> Self {
+        LogLimiterSet {
+            sources: [const { AtomicU64::new(0) }; SOURCES_PER_SITE],
+            limiters: [const { LogLimiter::new() }; SOURCES_PER_SITE],
+            shared: LogLimiter::new(),
+        }
+    }
+
+    /// [`LogLimiter::admit`] on `source`'s limiter.
+    pub fn admit(&self, source: LogSource) -> Option<u64> {
+        self.limiter(source).admit()
+    }
+
+    fn limiter(&self, source: LogSource) -> &LogLimiter {
+        if source == LogSource::SHARED {
+            return &self.shared;
+        }
+        for (owner, limiter) in self.sources.iter().zip(&self.limiters) {
+            let claimed = match owner.load(Ordering::Acquire) {
+                0 => match owner.compare_exchange(0, source.0, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    Ok(_) => source.0,
+                    Err(other) => other,
+                },
+                other => other,
+            };
+            if claimed == source.0 {
+                return limiter;
+            }
+        }
+        &self.shared
+    }
+}
+
 /// Logs at `level` through [`log`](crate::log), at most
 /// [`MAX_PER_WINDOW`](crate::log_limit::MAX_PER_WINDOW) lines per
 /// [`WINDOW`](crate::log_limit::WINDOW) from this call site; the next line that gets
 /// through after some were suppressed ends with `(N similar messages suppressed)`.
+/// Each [`LogSource`] has its own limit here: the thread's
+/// [`current`](crate::log_limit::LogSource::current) one is charged.
 /// Arguments are `format!`'s. Nothing is counted while `level` is disabled.
 ///
 /// ```
@@ -141,8 +296,11 @@ macro_rules! log_limited {
     ($level:expr, $($arg:tt)+) => {{
         let level: $crate::log::Level = $level;
         if $crate::log::log_enabled!(level) {
-            static LIMITER: $crate::log_limit::LogLimiter = $crate::log_limit::LogLimiter::new();
-            if let ::core::option::Option::Some(suppressed) = LIMITER.admit() {
+            static LIMITERS: $crate::log_limit::LogLimiterSet =
+                $crate::log_limit::LogLimiterSet::new();
+            if let ::core::option::Option::Some(suppressed) =
+                LIMITERS.admit($crate::log_limit::LogSource::current())
+            {
                 if suppressed > 0 {
                     $crate::log::log!(
                         level,
@@ -158,7 +316,7 @@ macro_rules! log_limited {
     }};
 }
 
-/// [`log::warn!`](crate::log::warn), rate-limited per call site (see
+/// [`log::warn!`](crate::log::warn), rate-limited per call site and device (see
 /// [`log_limited!`](crate::log_limited)).
 ///
 /// ```
@@ -172,7 +330,7 @@ macro_rules! warn_limited {
     };
 }
 
-/// [`log::error!`](crate::log::error), rate-limited per call site (see
+/// [`log::error!`](crate::log::error), rate-limited per call site and device (see
 /// [`log_limited!`](crate::log_limited)).
 ///
 /// ```
@@ -185,7 +343,7 @@ macro_rules! error_limited {
     };
 }
 
-/// [`log::info!`](crate::log::info), rate-limited per call site (see
+/// [`log::info!`](crate::log::info), rate-limited per call site and device (see
 /// [`log_limited!`](crate::log_limited)).
 ///
 /// ```
@@ -233,6 +391,40 @@ mod tests {
         assert_eq!(l.admit_at(5000), Some(991));
     }
 
+    #[test]
+    fn each_source_has_its_own_limit_up_to_the_slots() {
+        let set = LogLimiterSet::new();
+        let admitted = |source: LogSource| (0..50).filter(|_| set.admit(source).is_some()).count();
+        let sources: Vec<LogSource> = (0..SOURCES_PER_SITE).map(|_| LogSource::new()).collect();
+        for &source in &sources {
+            assert_eq!(admitted(source), MAX_PER_WINDOW as usize);
+        }
+        // Lines from no source, and from sources past the slots, share one limit.
+        assert_eq!(admitted(LogSource::SHARED), MAX_PER_WINDOW as usize);
+        assert_eq!(admitted(LogSource::new()), 0);
+        // A source that has its slot keeps it.
+        assert_eq!(admitted(sources[3]), 0);
+        assert_eq!(set.limiters[3].suppressed(), 90);
+    }
+
+    #[test]
+    fn sources_are_per_thread_and_scopes_nest() {
+        let (a, b) = (LogSource::new(), LogSource::new());
+        assert_eq!(LogSource::current(), LogSource::SHARED);
+        {
+            let _a = a.scope();
+            {
+                let _b = b.scope();
+                assert_eq!(LogSource::current(), b);
+                std::thread::spawn(|| assert_eq!(LogSource::current(), LogSource::SHARED))
+                    .join()
+                    .unwrap();
+            }
+            assert_eq!(LogSource::current(), a);
+        }
+        assert_eq!(LogSource::current(), LogSource::SHARED);
+    }
+
     /// A logger that records lines, to check what the macros emit.
     struct Recorder(Mutex<Vec<String>>);
 
@@ -275,5 +467,21 @@ mod tests {
         }
         let lines = RECORDER.0.lock().unwrap().clone();
         assert_eq!(lines.iter().filter(|l| l.starts_with("INFO")).count(), 3);
+        // The same call site, two devices: each gets its own lines.
+        let (a, b) = (LogSource::new(), LogSource::new());
+        for source in [a, b, a, b] {
+            let _in = source.scope();
+            for _ in 0..20 {
+                crate::info_limited!("device {source:?}");
+            }
+        }
+        let lines = RECORDER.0.lock().unwrap().clone();
+        for source in [a, b] {
+            let n = lines
+                .iter()
+                .filter(|l| l.starts_with(&format!("INFO device {source:?}")))
+                .count();
+            assert!((10..40).contains(&n), "{n}: {lines:?}");
+        }
     }
 }

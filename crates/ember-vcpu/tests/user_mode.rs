@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use ember_bus::{Bus, BusDevice, BusKind};
 use ember_guests::testing::kvm_available;
 use ember_memory::{create_guest_memory, HugePages, MemoryLayout};
+use ember_rate_limiter::testing::{max_lines, LogRecorder};
 use ember_vcpu::cpuid::{self, CpuVendor};
 use ember_vcpu::syscall_trap::{SyscallTrap, TRAP_ADDRESS, TRAP_DATA_ADDRESS};
 use ember_vcpu::{kick, msrs, regs, ExitKind, Vcpu, VcpuError, VcpuOutcome};
@@ -1125,6 +1126,69 @@ fn guest_lstar_accesses_exit_to_the_vmm_through_an_msr_filter() {
         Some(TRAP_MMIO_PHYS)
     );
     assert_eq!(m.vcpu.stats().get(ExitKind::Msr), 2);
+}
+
+/// A guest that writes MSR_LSTAR over and over while the trap cannot be armed (its
+/// PML4 slot is taken) makes the run loop warn each time; the warnings are rate-limited
+/// (`ember_rate_limiter::warn_limited!`), so the guest cannot flood the host's log, and
+/// the guest keeps its own value.
+#[test]
+fn lstar_writes_that_cannot_arm_the_trap_log_a_bounded_number_of_lines() {
+    const WRITES: u32 = 2000;
+    let Some(mut m) = Machine::new(
+        "lstar_writes_that_cannot_arm_the_trap_log_a_bounded_number_of_lines",
+        Layout::LINUX,
+    ) else {
+        return;
+    };
+    // The only test here that installs a logger; others may log into it meanwhile.
+    let log = LogRecorder::install();
+    m.enable_syscall_trap();
+    // PML4 slot 509, the trap's, holds a (harmless, empty) table of the guest's own.
+    let table = m.new_table();
+    m.write_u64s(PML4_PHYS + 509 * 8, &[table | 0x3]);
+    let guest_value = 0xffff_ffff_8123_4560u64;
+    m.kernel_code(EXTRA_OFF, |a| {
+        let mut again = a.create_label();
+        a.mov(ebx, WRITES)?;
+        a.set_label(&mut again)?;
+        a.mov(ecx, msrs::index::LSTAR)?;
+        a.mov(eax, guest_value as u32)?;
+        a.mov(edx, (guest_value >> 32) as u32)?;
+        a.wrmsr()?;
+        a.dec(ebx)?;
+        a.jnz(again)?;
+        a.xor(eax, eax)?;
+        a.xor(edx, edx)?;
+        a.rdmsr()?;
+        a.out(i32::from(KERNEL_PORT), al)?;
+        a.hlt()
+    });
+    m.start_in_kernel(m.layout.extra());
+    let started = Instant::now();
+    let run = m.run();
+    assert_eq!(run.end, End::Hlt, "{run:#x?}");
+    let k = run.kernel_reports()[0];
+    assert_eq!((k.regs.rdx << 32) | k.regs.rax, guest_value, "{k:?}");
+    assert_eq!(m.vcpu.stats().get(ExitKind::Msr), u64::from(WRITES) + 1);
+    // Not armed: the real MSR holds the guest's value.
+    assert_eq!(m.get_msr(msrs::index::LSTAR), guest_value);
+    let lines: Vec<String> = log
+        .take()
+        .into_iter()
+        .filter(|l| l.contains("syscall trap not armed"))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.contains("PML4 slot 509")),
+        "{lines:?}"
+    );
+    let limit = max_lines(1, started);
+    assert!(
+        lines.len() <= limit,
+        "{} lines for {WRITES} writes (limit {limit}): {:?}",
+        lines.len(),
+        lines.first()
+    );
 }
 
 /// A non-canonical MSR_LSTAR is refused with #GP(0), as the CPU refuses it, even though

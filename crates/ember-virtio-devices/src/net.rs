@@ -49,7 +49,7 @@ use crate::tap::Tap;
 use crate::VirtioDeviceError;
 use crate::{read_config_bytes, QUEUE_MAX_SIZE};
 use ember_virtio::chain::{walk_into, ChainLayout, Cursor};
-use ember_virtio::worker::{QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
+use ember_virtio::worker::{pop_chain, Pop, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
 
 /// Feature bit: the device has a MAC address in its configuration space.
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
@@ -255,6 +255,9 @@ pub struct RxReport {
     pub bad_buffers: usize,
     /// Used entries added (delivered + bad buffers).
     pub used: usize,
+    /// Chains skipped because their head index was past the queue size: consumed, with
+    /// no used entry (they name no descriptor).
+    pub skipped: usize,
     /// Why processing stopped.
     pub stop: RxStop,
 }
@@ -275,15 +278,31 @@ pub fn process_rx<M: GuestMemory>(
     } = buffer;
     let mut report = RxReport::default();
     for _ in 0..budget {
-        let chain = match queue.pop_descriptor_chain(mem) {
-            Some(chain) => chain,
-            None => {
+        // `pop_chain` checks the avail index and the head, which virtio-queue leaves to
+        // us (logging an error line on every pop, as often as the guest likes).
+        let chain = match pop_chain(mem, queue) {
+            Pop::Chain(chain) => chain,
+            // No used entry for a head that names no descriptor; it counts against the
+            // budget like any chain.
+            Pop::BadHead(_) => {
+                report.skipped += 1;
+                continue;
+            }
+            Pop::InvalidAvailIndex => {
+                report.stop = RxStop::NoBuffers;
+                return report;
+            }
+            Pop::Empty => {
                 // Ask to be notified when buffers arrive, then look once more (the driver
                 // may have added some in between).
                 let again = matches!(queue.enable_notification(mem), Ok(true));
-                match again.then(|| queue.pop_descriptor_chain(mem)).flatten() {
-                    Some(chain) => chain,
-                    None => {
+                match again.then(|| pop_chain(mem, queue)) {
+                    Some(Pop::Chain(chain)) => chain,
+                    Some(Pop::BadHead(_)) => {
+                        report.skipped += 1;
+                        continue;
+                    }
+                    _ => {
                         report.stop = RxStop::NoBuffers;
                         return report;
                     }

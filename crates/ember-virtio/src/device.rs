@@ -92,7 +92,10 @@ pub struct Activation<M: GuestAddressSpace> {
     /// Runs first on every thread the device starts for this activation, before the
     /// thread touches a queue: where a VMM installs the thread's seccomp filter.
     /// [`Worker::spawn`](crate::worker::Worker::spawn) runs it; a device that starts
-    /// threads of its own must run it too. Set by
+    /// threads of its own must run it too. An [`MmioTransport`](crate::MmioTransport)
+    /// always passes one: it enters the transport's
+    /// [`log_source`](crate::MmioTransport::log_source) (so the thread's rate-limited
+    /// log lines count against this device only), then runs the hook set by
     /// [`MmioTransport::set_thread_hook`](crate::MmioTransport::set_thread_hook).
     pub thread_hook: Option<ThreadHook>,
     /// Creates the device's threads, if set; else they are created where

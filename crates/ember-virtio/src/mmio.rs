@@ -23,9 +23,11 @@
 //! read as 0 or are dropped; writes a register's rules refuse (wrong status stage,
 //! invalid queue size...) are dropped. All are counted in [`TransportStats`] and logged
 //! (bad widths and unknown registers as warnings, refused writes at debug level), at
-//! most 10 lines per 5 s for each kind (`ember_rate_limiter`'s `warn_limited!`), with
-//! a count of the lines suppressed: a guest cannot flood the host's log. Nothing a guest
-//! writes can panic the transport.
+//! most 10 lines per 5 s for each kind and transport (`ember_rate_limiter`'s
+//! `warn_limited!`, under the transport's own [`LogSource`], which its register
+//! accesses and its device's worker threads enter), with a count of the lines
+//! suppressed: a guest cannot flood the host's log, nor use up one device's lines by
+//! flooding another. Nothing a guest writes can panic the transport.
 //!
 //! # Pause, snapshot, restore
 //!
@@ -41,9 +43,10 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use ember_rate_limiter::log_limit::LogSource;
 use ember_rate_limiter::{error_limited, warn_limited};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestAddressSpace};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory, Permissions};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::device::{
@@ -434,6 +437,8 @@ pub struct MmioTransport<M: GuestAddressSpace> {
     thread_hook: Option<ThreadHook>,
     /// Handed to the device in every [`Activation`].
     spawner: Option<Arc<dyn ThreadSpawner>>,
+    /// Whom this transport's and its device's rate-limited log lines are charged to.
+    log_source: LogSource,
 }
 
 impl<M: GuestAddressSpace> fmt::Debug for MmioTransport<M> {
@@ -505,6 +510,34 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
             stats: Stats::default(),
             thread_hook: None,
             spawner: None,
+            log_source: LogSource::new(),
+        })
+    }
+
+    /// The [`LogSource`] this transport's rate-limited log lines are charged to: its
+    /// register accesses run under it, and its device's threads enter it before the
+    /// [thread hook](Self::set_thread_hook). A VMM can enter it too, on a thread of its
+    /// own that serves this device.
+    ///
+    /// ```
+    /// # use ember_virtio::MmioTransport;
+    /// fn log_for<M: vm_memory::GuestAddressSpace>(transport: &MmioTransport<M>) {
+    ///     let _device = transport.log_source().scope();
+    ///     ember_rate_limiter::warn_limited!("charged to this transport's device");
+    /// }
+    /// ```
+    pub fn log_source(&self) -> LogSource {
+        self.log_source
+    }
+
+    /// The hook handed to the device: enters [`log_source`](Self::log_source), then
+    /// runs the VMM's hook, if any.
+    fn device_thread_hook(&self) -> ThreadHook {
+        let source = self.log_source;
+        let hook = self.thread_hook.clone();
+        Arc::new(move |name: &str| {
+            source.enter();
+            hook.as_ref().map_or(Ok(()), |hook| hook(name))
         })
     }
 
@@ -868,7 +901,7 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
                 queues,
                 interrupt: self.interrupt.clone(),
                 features: inner.regs.driver_features,
-                thread_hook: self.thread_hook.clone(),
+                thread_hook: Some(self.device_thread_hook()),
                 spawner: self.spawner.clone(),
             })
             .map_err(|e| format!("the device failed to start: {e}"))
@@ -900,7 +933,7 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
                 .map_err(|e| fail("used ring", &e))?;
             queue.set_event_idx(event_idx);
             queue.set_ready(true);
-            if !queue.is_valid(&*mem) {
+            if !rings_in_memory(&*mem, &queue) {
                 return Err(format!(
                     "queue {index}: rings (descriptors {:#x}, available {:#x}, used {:#x}, size {}) \
                      are not inside guest memory",
@@ -973,8 +1006,27 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
     }
 }
 
+/// Whether each ring of `queue` lies inside `mem`: virtio-queue's `Queue::is_valid`
+/// without its `error!` line, which a guest could have logged at will (bad ring
+/// addresses, DRIVER_OK, reset, again); the caller reports the failure, rate-limited.
+fn rings_in_memory<G: GuestMemory>(mem: &G, queue: &Queue) -> bool {
+    let size = u64::from(queue.size());
+    // Descriptor table: 16 bytes per entry. Available ring: flags, idx, a u16 per
+    // entry, used_event. Used ring: flags, idx, 8 bytes per entry, avail_event.
+    [
+        (queue.desc_table(), 16 * size, Permissions::Read),
+        (queue.avail_ring(), 6 + 2 * size, Permissions::Read),
+        (queue.used_ring(), 6 + 8 * size, Permissions::Write),
+    ]
+    .into_iter()
+    .all(|(addr, len, access)| {
+        usize::try_from(len).is_ok_and(|len| mem.check_range(GuestAddress(addr), len, access))
+    })
+}
+
 impl<M: GuestAddressSpace + Send + Sync> ember_bus::BusDevice for MmioTransport<M> {
     fn read(&self, offset: u64, data: &mut [u8]) {
+        let _device = self.log_source.scope();
         data.fill(0);
         if offset >= reg::CONFIG {
             match Self::config_offset(offset, data.len()) {
@@ -994,6 +1046,7 @@ impl<M: GuestAddressSpace + Send + Sync> ember_bus::BusDevice for MmioTransport<
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
+        let _device = self.log_source.scope();
         if offset >= reg::CONFIG {
             match Self::config_offset(offset, data.len()) {
                 Some(config) => self.lock().device.write_config(config, data),

@@ -451,29 +451,28 @@ where
                     more: true,
                 };
             }
-            if avail_index_invalid(mem, queue) {
-                return Drained {
-                    handled,
-                    more: false,
-                };
-            }
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
-            };
-            popped = true;
-            popped_total += 1;
-            let head = chain.head_index();
-            if head >= queue.size() {
-                warn_limited!(
-                    "virtio queue: head index {head} is past the queue size {}; chain skipped",
-                    queue.size()
-                );
-            } else {
-                let len = handle(chain);
-                if let Err(e) = queue.add_used(mem, head, len) {
-                    error_limited!("virtio queue: cannot add used entry for head {head}: {e}");
+            match pop_chain(mem, queue) {
+                Pop::InvalidAvailIndex => {
+                    return Drained {
+                        handled,
+                        more: false,
+                    }
                 }
-                handled += 1;
+                Pop::Empty => break,
+                Pop::BadHead(_) => {
+                    popped = true;
+                    popped_total += 1;
+                }
+                Pop::Chain(chain) => {
+                    popped = true;
+                    popped_total += 1;
+                    let head = chain.head_index();
+                    let len = handle(chain);
+                    if let Err(e) = queue.add_used(mem, head, len) {
+                        error_limited!("virtio queue: cannot add used entry for head {head}: {e}");
+                    }
+                    handled += 1;
+                }
             }
             if popped_total >= budget {
                 return Drained {
@@ -503,6 +502,62 @@ where
         handled,
         more: false,
     }
+}
+
+/// What [`pop_chain`] found.
+#[derive(Debug)]
+pub enum Pop<'a, G: GuestMemory> {
+    /// The next chain; its head index is inside the queue.
+    Chain(DescriptorChain<&'a G>),
+    /// The next chain's head index is past the queue size: the avail entry is consumed
+    /// (the guest gets no used entry for it, having named no real descriptor) and the
+    /// chain must be dropped. Logged, rate-limited.
+    BadHead(u16),
+    /// Nothing to pop.
+    Empty,
+    /// The driver's avail index is more than the queue size ahead of the device's,
+    /// which no valid driver does: the queue cannot be served until the driver resets
+    /// it, and nothing was popped. Logged, rate-limited.
+    InvalidAvailIndex,
+}
+
+/// Pops the next chain of `queue`, checking what virtio-queue leaves to the caller, or
+/// reports with an error line on every call, which a guest could repeat at will: an
+/// avail index too far ahead, and a head index past the queue. For a device that pops
+/// chains itself (virtio-net's receive path, driven by its backend) rather than through
+/// [`drain_queue`], which uses this.
+///
+/// ```
+/// use ember_virtio::vm_memory::{GuestAddress, GuestMemoryMmap};
+/// use ember_virtio::worker::{pop_chain, Pop};
+/// use virtio_queue::mock::MockSplitQueue;
+/// use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+///
+/// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+/// let driver = MockSplitQueue::new(&mem, 16);
+/// let desc = Descriptor::new(0x8000, 64, 2, 0);
+/// driver.add_desc_chains(&[RawDescriptor::from(desc)], 0).unwrap();
+/// let mut queue = driver.create_queue().unwrap();
+///
+/// assert!(matches!(pop_chain(&mem, &mut queue), Pop::Chain(c) if c.head_index() == 0));
+/// assert!(matches!(pop_chain(&mem, &mut queue), Pop::Empty));
+/// ```
+pub fn pop_chain<'a, G: GuestMemory>(mem: &'a G, queue: &mut Queue) -> Pop<'a, G> {
+    if avail_index_invalid(mem, queue) {
+        return Pop::InvalidAvailIndex;
+    }
+    let Some(chain) = queue.pop_descriptor_chain(mem) else {
+        return Pop::Empty;
+    };
+    let head = chain.head_index();
+    if head >= queue.size() {
+        warn_limited!(
+            "virtio queue: head index {head} is past the queue size {}; chain skipped",
+            queue.size()
+        );
+        return Pop::BadHead(head);
+    }
+    Pop::Chain(chain)
 }
 
 /// Whether the driver's avail index is more than the queue size ahead of the device's,

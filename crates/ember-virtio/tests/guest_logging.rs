@@ -1,56 +1,48 @@
 //! A guest cannot flood the host's log: what it can trigger at will (bad register
 //! accesses on the transport, head indices past the queue, an avail index running
-//! ahead) is logged at most `MAX_PER_WINDOW` lines per `WINDOW` per call site.
+//! ahead) is logged at most `MAX_PER_WINDOW` lines per `WINDOW` per call site and
+//! device.
 //!
 //! One test function, because the logger it installs to count lines is per process.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use ember_bus::BusDevice;
 use ember_rate_limiter::log_limit::{MAX_PER_WINDOW, WINDOW};
+use ember_rate_limiter::testing::{max_lines, LogRecorder};
 use ember_virtio::mmio::{reg, MmioTransport};
 mod common;
 
-use common::Ring;
+use common::{unreadable_avail_ring, Ring};
 use ember_virtio::virtio_queue::QueueT;
 use ember_virtio::vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 use ember_virtio::vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use ember_virtio::worker::{drain_queue, QUEUE_BUDGET};
 use ember_virtio::{ActivateDevice, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
 
-/// Every line logged, as "LEVEL target: message".
-static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
-/// Calls to `log`, in case a line is lost on a poisoned lock.
-static CALLS: AtomicUsize = AtomicUsize::new(0);
-
-struct Capture;
-
-impl log::Log for Capture {
-    fn enabled(&self, _metadata: &log::Metadata<'_>) -> bool {
-        true
-    }
-    fn log(&self, record: &log::Record<'_>) {
-        CALLS.fetch_add(1, Ordering::SeqCst);
-        let line = format!("{} {}: {}", record.level(), record.target(), record.args());
-        LINES.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-    }
-    fn flush(&self) {}
-}
-
-static CAPTURE: Capture = Capture;
-
-/// The lines logged since the last call.
+/// The lines logged since the last call ("LEVEL target: message").
 fn take_lines() -> Vec<String> {
-    std::mem::take(&mut *LINES.lock().unwrap_or_else(|e| e.into_inner()))
+    LogRecorder::install().take()
 }
 
-/// The most lines `sites` rate-limited call sites may log in `elapsed`: one window's
-/// worth each, plus one for every window that began meanwhile. Slowness only raises it.
-fn bound(sites: usize, started: Instant) -> usize {
-    let windows = started.elapsed().as_millis() / WINDOW.as_millis() + 2;
-    sites * MAX_PER_WINDOW as usize * windows as usize
+/// Checks `lines`, logged since `started` by a guest repeating something bad `times`
+/// times: `needle` was logged (the first ones are), and no more lines than `sites`
+/// rate-limited call sites allow.
+fn assert_bounded(lines: &[String], needle: &str, sites: usize, started: Instant, times: usize) {
+    assert!(
+        lines.iter().any(|l| l.contains(needle)),
+        "no {needle:?} among {} lines; first: {:?}",
+        lines.len(),
+        lines.get(..3)
+    );
+    let limit = max_lines(sites, started);
+    assert!(
+        lines.len() <= limit,
+        "{} lines for {times} bad requests (limit {limit}); first: {:?}",
+        lines.len(),
+        lines.first()
+    );
 }
 
 /// A device with one queue that never starts anything.
@@ -98,22 +90,13 @@ fn hammer_the_transport() {
         "every access is still counted"
     );
     assert_eq!(stats.bad_widths, HAMMER as u64);
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("offset 0xf0 ignored: no such register")),
-        "the first bad accesses are logged; {} lines, first: {:?}",
-        lines.len(),
-        lines.get(..3)
-    );
     // Two call sites (unknown register, bad width).
-    let limit = bound(2, started);
-    assert!(
-        lines.len() <= limit,
-        "{} lines for {} bad accesses (limit {limit}); first: {:?}",
-        lines.len(),
+    assert_bounded(
+        &lines,
+        "offset 0xf0 ignored: no such register",
+        2,
+        started,
         2 * HAMMER,
-        lines.first()
     );
 }
 
@@ -147,21 +130,12 @@ fn hammer_bad_heads() {
         offered % 65536,
         "every bad chain was consumed"
     );
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("head index 40 is past the queue size 16")),
-        "{} lines, first: {:?}",
-        lines.len(),
-        lines.get(..3)
-    );
-    let limit = bound(1, started);
-    assert!(
-        lines.len() <= limit,
-        "{} lines for {} bad heads (limit {limit}); first: {:?}",
-        lines.len(),
+    assert_bounded(
+        &lines,
+        "head index 40 is past the queue size 16",
+        1,
+        started,
         offered - 1,
-        lines.first()
     );
 }
 
@@ -178,29 +152,147 @@ fn hammer_bad_avail_index() {
         assert_eq!(drained.handled, 0);
     }
     let lines = take_lines();
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("avail index 17 is 17 entries ahead")),
-        "{} lines, first: {:?}",
-        lines.len(),
-        lines.get(..3)
+    assert_bounded(
+        &lines,
+        "avail index 17 is 17 entries ahead",
+        1,
+        started,
+        HAMMER,
     );
-    let limit = bound(1, started);
-    assert!(
-        lines.len() <= limit,
-        "{} lines for {HAMMER} notifications (limit {limit}); first: {:?}",
-        lines.len(),
-        lines.first()
+}
+
+/// A driver that sets FEATURES_OK with a feature the device never offered, resets the
+/// device and tries again, over and over.
+fn hammer_features_ok_refusals() {
+    use ember_virtio::mmio::status::{ACKNOWLEDGE, DRIVER, FEATURES_OK};
+    let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+    let transport =
+        MmioTransport::new(Box::new(Inert), mem, EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
+    let write = |offset, value: u32| transport.write(offset, &value.to_le_bytes());
+    take_lines();
+    let started = Instant::now();
+    for _ in 0..HAMMER {
+        write(reg::STATUS, ACKNOWLEDGE | DRIVER);
+        // Feature bit 62, never offered (VERSION_1 is bit 32).
+        write(reg::DRIVER_FEATURES_SEL, 1);
+        write(reg::DRIVER_FEATURES, 1 << 30);
+        write(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        write(reg::STATUS, 0);
+    }
+    let lines = take_lines();
+    assert_bounded(&lines, "FEATURES_OK refused", 1, started, HAMMER);
+}
+
+/// A ring whose avail index announces a chain nobody can pop (its entries lie past the
+/// end of memory), drained over and over: the anti-spin guard's warning.
+fn hammer_unpoppable_ring() {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+    let mut queue = unreadable_avail_ring(&mem, 16, 1);
+    take_lines();
+    let started = Instant::now();
+    for _ in 0..HAMMER {
+        assert_eq!(
+            drain_queue(&mem, &mut queue, QUEUE_BUDGET, |_| 0).handled,
+            0
+        );
+    }
+    // virtio-queue's own line for each failed read of the ring is left out: a guest
+    // cannot reach it, as the transport refuses rings outside memory at DRIVER_OK
+    // (`hammer_rings_outside_memory`), and this ring is unreadable only because the
+    // test built it so.
+    let lines: Vec<String> = take_lines()
+        .into_iter()
+        .filter(|l| !l.contains("virtio_queue::queue: Failed to read from memory"))
+        .collect();
+    assert_bounded(
+        &lines,
+        "avail index ahead of poppable chains",
+        1,
+        started,
+        HAMMER,
     );
+}
+
+/// A driver that gives a queue rings outside guest memory and sets DRIVER_OK, resets
+/// the device and tries again, over and over: the transport refuses each activation
+/// with one rate-limited line, and nothing else logs (virtio-queue's `is_valid` would
+/// have logged an unlimited line each time).
+fn hammer_rings_outside_memory() {
+    use ember_virtio::mmio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
+    let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+    let transport =
+        MmioTransport::new(Box::new(Inert), mem, EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
+    let write = |offset, value: u32| transport.write(offset, &value.to_le_bytes());
+    take_lines();
+    let started = Instant::now();
+    for round in 0..HAMMER as u32 {
+        write(reg::STATUS, ACKNOWLEDGE | DRIVER);
+        write(reg::DRIVER_FEATURES_SEL, 1);
+        write(reg::DRIVER_FEATURES, 1); // VERSION_1
+        write(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        write(reg::QUEUE_SEL, 0);
+        write(reg::QUEUE_NUM, 16);
+        // Each ring in turn past the end of the 1 MiB of memory.
+        let outside = 0x10_0000 + (round % 7) * 0x1000;
+        let (desc, avail, used) = match round % 3 {
+            0 => (outside, 0x1000, 0x2000),
+            1 => (0x1000, outside, 0x2000),
+            _ => (0x1000, 0x2000, outside),
+        };
+        write(reg::QUEUE_DESC_LOW, desc);
+        write(reg::QUEUE_DRIVER_LOW, avail);
+        write(reg::QUEUE_DEVICE_LOW, used);
+        write(reg::QUEUE_READY, 1);
+        write(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+        assert!(!transport.is_activated());
+        write(reg::STATUS, 0);
+    }
+    let lines = take_lines();
+    assert_bounded(&lines, "are not inside guest memory", 1, started, HAMMER);
+}
+
+/// A guest flooding one transport with bad accesses uses up that transport's lines
+/// only: another transport's first bad accesses are still logged.
+fn one_flooded_transport_leaves_another_its_lines() {
+    let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+    let new = || {
+        MmioTransport::new(
+            Box::new(Inert),
+            mem.clone(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        )
+        .unwrap()
+    };
+    let (flooded, quiet) = (new(), new());
+    take_lines();
+    let started = Instant::now();
+    for _ in 0..HAMMER {
+        flooded.write(0x0f4, &1u32.to_le_bytes());
+    }
+    let flood_lines = take_lines().len();
+    for _ in 0..5 {
+        quiet.write(0x0f4, &1u32.to_le_bytes());
+    }
+    let quiet_lines = take_lines();
+    // Unless a 5 s window ended meanwhile, the flood used up its call site's budget;
+    // the other transport has a budget of its own at the same site.
+    if started.elapsed() < WINDOW {
+        assert_eq!(flood_lines, MAX_PER_WINDOW as usize);
+    }
+    assert_eq!(quiet_lines.len(), 5, "{quiet_lines:?}");
+    assert!(quiet_lines
+        .iter()
+        .all(|l| l.contains("offset 0xf4 ignored")));
 }
 
 #[test]
 fn guest_triggered_log_lines_are_bounded() {
-    log::set_logger(&CAPTURE).unwrap();
-    log::set_max_level(log::LevelFilter::Debug);
+    LogRecorder::install();
     hammer_the_transport();
     hammer_bad_heads();
     hammer_bad_avail_index();
-    assert!(CALLS.load(Ordering::SeqCst) > 0);
+    hammer_features_ok_refusals();
+    hammer_unpoppable_ring();
+    hammer_rings_outside_memory();
+    one_flooded_transport_leaves_another_its_lines();
 }

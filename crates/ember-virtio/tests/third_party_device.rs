@@ -6,6 +6,7 @@
 //! writes, descriptors and rings written into guest memory, notifications through
 //! QueueNotify, completions read from the used rings.
 
+use ember_rate_limiter::log_limit::LogSource;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -540,6 +541,29 @@ fn failing_thread_hook_fails_the_activation() {
     let status = guest.start(VIRTIO_F_VERSION_1);
     assert_ne!(status & status::DEVICE_NEEDS_RESET, 0, "status {status:#x}");
     assert!(!guest.transport.is_activated());
+}
+
+/// The device's worker thread logs under its transport's `LogSource` (entered before
+/// the VMM's hook runs), so its rate-limited lines count against this device only.
+#[test]
+fn worker_threads_log_under_their_transport() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let hook: ThreadHook = Arc::new(move |_: &str| {
+        let _ = tx.lock().unwrap().send(LogSource::current());
+        Ok(())
+    });
+    let guest = Guest::with_thread_hook(plain_memory(), Some(hook));
+    let source = guest.transport.log_source();
+    assert_ne!(source, LogSource::SHARED);
+    let other = Guest::new(plain_memory());
+    assert_ne!(other.transport.log_source(), source);
+    guest.start(VIRTIO_F_VERSION_1);
+    assert!(guest.transport.is_activated());
+    let seen = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(seen, source);
+    // The thread that drove the transport is back to its own source.
+    assert_eq!(LogSource::current(), LogSource::SHARED);
 }
 
 #[test]

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 mod common;
 
-use common::Ring;
+use common::{unreadable_avail_ring, Ring};
 use ember_virtio::virtio_queue::{Queue, QueueT};
-use ember_virtio::vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use ember_virtio::vm_memory::{GuestAddress, GuestMemoryMmap};
 use ember_virtio::vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use ember_virtio::worker::{drain_queue, QueueHandler, Worker, WorkerContext, QUEUE_BUDGET};
 use ember_virtio::{Activation, ActiveQueue, InterruptKind, VirtioInterrupt, VIRTIO_F_VERSION_1};
@@ -99,28 +99,6 @@ fn stop_waits_for_one_request_not_for_the_batch() {
         "stop waited for {done} of {CHAINS} requests; it should wait for the one in flight"
     );
     assert!(handler.first.is_none());
-}
-
-/// A queue of `size` entries whose avail ring header (flags, idx) is the last 4 bytes of
-/// `mem` and whose ring entries lie past its end: the avail index can be read, its
-/// entries cannot (as after a memory hot-unplug), so `pop_descriptor_chain` finds
-/// nothing while the index says there is something.
-fn unreadable_avail_ring(mem: &GuestMemoryMmap, size: u16, avail_idx: u16) -> Queue {
-    let mem_end = 0x1_0000;
-    let avail = mem_end - 4;
-    mem.write_obj(avail_idx.to_le(), GuestAddress(avail + 2))
-        .unwrap();
-    let mut queue = Queue::new(size).unwrap();
-    queue.try_set_size(size).unwrap();
-    queue.try_set_desc_table_address(GuestAddress(0)).unwrap();
-    queue
-        .try_set_avail_ring_address(GuestAddress(avail))
-        .unwrap();
-    queue
-        .try_set_used_ring_address(GuestAddress(0x2000))
-        .unwrap();
-    queue.set_ready(true);
-    queue
 }
 
 /// Runs the real `drain_queue` on its own thread; `None` if it did not return (the

@@ -912,12 +912,22 @@ fn get_id_is_the_serial_or_a_hash_of_the_path() {
     assert_eq!(id_a, id_a2);
     let id_b = Disk::open(&b, BlockOptions::default()).unwrap().id();
     assert_ne!(id_a, id_b);
-    // Neither the inode nor the device number appears.
+    // Neither the inode nor the device number appears, in decimal or in hex.
     let meta = std::fs::metadata(&a).unwrap();
     let text = String::from_utf8_lossy(&id_a).into_owned();
     for n in [meta.ino(), meta.dev()] {
-        assert!(!text.contains(&n.to_string()), "{text} shows {n}");
+        for shown in [n.to_string(), format!("{n:x}"), format!("{n:X}")] {
+            assert!(!text.contains(&shown), "{text} shows {n} as {shown}");
+        }
     }
+    // The id depends on the path alone: a new file (a new inode) at the same path
+    // gets the same id, so nothing about the host's file system reaches the guest.
+    let moved = dir.path().join("a.old");
+    std::fs::rename(&a, &moved).unwrap();
+    std::fs::write(&a, vec![1u8; 8192]).unwrap();
+    assert_ne!(std::fs::metadata(&a).unwrap().ino(), meta.ino());
+    assert_eq!(Disk::open(&a, BlockOptions::default()).unwrap().id(), id_a);
+    std::fs::rename(&moved, &a).unwrap();
 
     // A serial set by the VMM is what GET_ID returns, NUL-padded.
     let disk = Disk::open(&a, BlockOptions::default())

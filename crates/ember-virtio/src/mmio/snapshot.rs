@@ -409,7 +409,7 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
             )
         })?;
         queue.set_ready(true);
-        if !queue.is_valid(&*self.mem.memory()) {
+        if !super::rings_in_memory(&*self.mem.memory(), &queue) {
             return Err(format!(
                 "queue {index}: rings (descriptors {:#x}, available {:#x}, used {:#x}, size {}) \
                  are not inside guest memory",

@@ -85,3 +85,25 @@ impl<'a> Ring<'a> {
         u16::from_le(self.mem.read_obj(GuestAddress(USED + 2)).unwrap())
     }
 }
+
+/// A queue of `size` entries whose avail ring header (flags, idx) is the last 4 bytes of
+/// `mem` and whose ring entries lie past its end: the avail index can be read, its
+/// entries cannot (as after a memory hot-unplug), so `pop_descriptor_chain` finds
+/// nothing while the index says there is something.
+pub fn unreadable_avail_ring(mem: &GuestMemoryMmap, size: u16, avail_idx: u16) -> Queue {
+    let mem_end = 0x1_0000;
+    let avail = mem_end - 4;
+    mem.write_obj(avail_idx.to_le(), GuestAddress(avail + 2))
+        .unwrap();
+    let mut queue = Queue::new(size).unwrap();
+    queue.try_set_size(size).unwrap();
+    queue.try_set_desc_table_address(GuestAddress(0)).unwrap();
+    queue
+        .try_set_avail_ring_address(GuestAddress(avail))
+        .unwrap();
+    queue
+        .try_set_used_ring_address(GuestAddress(0x2000))
+        .unwrap();
+    queue.set_ready(true);
+    queue
+}
