@@ -11,6 +11,10 @@
 //! * `src/bin/snapshot.rs` (`cargo run --release -p ember-benches --bin snapshot`):
 //!   `ember`'s restore, full snapshot and diff snapshot of a 2-vCPU, 256 MiB VM against
 //!   floors, with the parts in [`snapshot`].
+//! * `src/bin/signal_exit.rs` (`cargo run --release -p ember-benches --bin
+//!   signal-exit`): SIGTERM and SIGINT to `ember` while its guest floods COM1 or its
+//!   log and nobody reads its stdout or stderr, timed to the exit, against an idle
+//!   guest (the floor) and a process with no VM; goal 100 ms.
 //!
 //! This library holds what both share and what is worth unit-testing: the trivial
 //! device ([`device`]), the guests ([`guest`]), the VM set-up ([`vm`]), the in-process
@@ -30,6 +34,21 @@ pub mod snapshot;
 pub mod vm;
 
 pub use error::Error;
+
+/// The target directory the running bench binary was built into (`target` for
+/// `target/release/snapshot`), or `./target`: where `ember` is looked for.
+pub fn target_dir() -> std::path::PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            let mut dir = exe.parent()?.to_path_buf();
+            if dir.file_name().is_some_and(|n| n == "deps") {
+                dir = dir.parent()?.to_path_buf();
+            }
+            Some(dir.parent()?.to_path_buf())
+        })
+        .unwrap_or_else(|| std::path::PathBuf::from("target"))
+}
 
 /// The end of a bench binary's `main`, once its arguments are parsed: checks that
 /// `/dev/kvm` can be opened (saying loudly that the bench did not run if not), runs

@@ -62,21 +62,6 @@ fn floor_mode(dir: &Path, syscall_trap: bool, start: Instant) -> ExitCode {
     }
 }
 
-/// The target directory this binary was built into (`target/release/snapshot`), or
-/// `./target`.
-fn target_dir() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| {
-            let mut dir = exe.parent()?.to_path_buf();
-            if dir.file_name().is_some_and(|n| n == "deps") {
-                dir = dir.parent()?.to_path_buf();
-            }
-            Some(dir.parent()?.to_path_buf())
-        })
-        .unwrap_or_else(|| PathBuf::from("target"))
-}
-
 /// The benchmark's files: `<target-dir>/snapshot-bench-<pid>` (on the target
 /// directory's file system), and the API socket there or, if that path is too long
 /// for a socket, in the temporary directory. Removed when dropped.
@@ -88,7 +73,7 @@ struct WorkDir {
 impl WorkDir {
     fn new() -> std::io::Result<WorkDir> {
         let pid = std::process::id();
-        let path = target_dir().join(format!("snapshot-bench-{pid}"));
+        let path = ember_benches::target_dir().join(format!("snapshot-bench-{pid}"));
         std::fs::create_dir_all(&path)?;
         let mut socket = path.join("api.sock");
         if socket.as_os_str().len() >= 100 {
@@ -151,7 +136,7 @@ fn run(options: &Options, argv: &[String]) -> Result<(), Box<dyn Error>> {
     }
     let ember = match &options.ember {
         Some(path) => path.clone(),
-        None => target_dir().join("release").join("ember"),
+        None => ember_benches::target_dir().join("release").join("ember"),
     };
     if !process::is_executable(&ember) {
         return Err(format!(
@@ -559,7 +544,7 @@ fn print_report(argv: &[String], uptime_before: &str, rows: &[Row], diff: &Diff)
     } else {
         "kvm_pvm not loaded"
     };
-    let fs = filesystem_of(&target_dir()).unwrap_or_else(|| "unknown".into());
+    let fs = filesystem_of(&ember_benches::target_dir()).unwrap_or_else(|| "unknown".into());
     println!("### Snapshot and restore\n");
     println!("Command: `{cargo}`\n");
     println!(

@@ -25,6 +25,7 @@
 pub mod asm;
 pub mod demo;
 pub mod elf;
+pub mod flood;
 pub mod rust_guest;
 pub mod testing;
 
@@ -34,6 +35,14 @@ pub enum GuestError {
     /// iced-x86 refused the code.
     #[error("cannot assemble the guest: {0}")]
     Assemble(#[from] iced_x86::IcedError),
+    /// The code does not fit the room its image leaves for it.
+    #[error("{bytes} bytes of code do not fit in the {room} bytes before the guest's data")]
+    CodeTooLarge {
+        /// The size of the code.
+        bytes: usize,
+        /// The room for it.
+        room: u64,
+    },
     /// Building a Rust guest ([`rust_guest::build_guest`]) failed.
     #[error("cannot build the Rust guest {guest} ({status}):\n{stderr_tail}")]
     Build {

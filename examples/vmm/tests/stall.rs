@@ -9,11 +9,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ember_guests::asm::assemble;
-use ember_guests::elf::{flat_elf, GUEST_LOAD_ADDR};
+use ember_guests::flood::{self, FLOOD_LINE};
 use ember_guests::testing::kvm_available;
-use iced_x86::code_asm::*;
-use iced_x86::IcedError;
+use ember_guests::GuestError;
 
 /// How long `ember` may take to end after SIGTERM before the test calls it hung: a hang
 /// detector, not a timing test (the latency is printed, and measured well below this).
@@ -21,51 +19,17 @@ const HANG: Duration = Duration::from_secs(5);
 /// How long any other step may take.
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// What the guest flood ends with: a line of text, so the output is readable.
-const LINE: &[u8] = b"flooding COM1 with no reader at all, one page at a time........\n";
-
-/// A guest assembled here, wrapped as an ELF kernel in a temporary file.
-fn guest_kernel(
-    dir: &tempfile::TempDir,
-    name: &str,
-    build: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
-) -> PathBuf {
-    let code = assemble(GUEST_LOAD_ADDR, build).unwrap();
+/// Writes the guest image `image` (one of [`ember_guests::flood`]'s) into `dir`.
+fn write_guest(dir: &tempfile::TempDir, name: &str, image: Result<Vec<u8>, GuestError>) -> PathBuf {
     let path = dir.path().join(name);
-    // The code, then (at TEXT) a page of text for `rep outsb` to send.
-    let mut image = code;
-    assert!(image.len() <= 0x1000);
-    image.resize(0x1000, 0xcc);
-    image.extend(LINE.iter().cycle().take(4096));
-    std::fs::write(&path, flat_elf(GUEST_LOAD_ADDR, &image, 0)).unwrap();
+    std::fs::write(&path, image.unwrap()).unwrap();
     path
 }
 
-/// Where [`guest_kernel`] puts a page of text.
-const TEXT: u64 = GUEST_LOAD_ADDR + 0x1000;
-
-/// Sends the page of text to COM1 `pages` times (`None`: for ever) with `rep outsb`
-/// (one exit per page), then exits with `code` through the debug-exit port.
+/// Sends a page of text to COM1 `pages` times (`None`: for ever), one exit per page,
+/// then exits with `code`.
 fn flood_guest(dir: &tempfile::TempDir, name: &str, pages: Option<u32>, code: u8) -> PathBuf {
-    guest_kernel(dir, name, |a| {
-        let mut again = a.create_label();
-        a.cld()?;
-        a.mov(ebx, pages.unwrap_or(0))?;
-        a.set_label(&mut again)?;
-        a.mov(dx, 0x3f8u32)?;
-        a.mov(rsi, TEXT)?;
-        a.mov(ecx, 4096u32)?;
-        a.rep().outsb()?;
-        if pages.is_some() {
-            a.dec(ebx)?;
-            a.jnz(again)?;
-        } else {
-            a.jmp(again)?;
-        }
-        a.mov(al, u32::from(code))?;
-        a.out(0xf4, al)?;
-        a.hlt()
-    })
+    write_guest(dir, name, flood::flood_com1(pages, code))
 }
 
 /// A pipe: (read end, write end), both close-on-exec (the child gets the write end
@@ -355,7 +319,7 @@ fn serial_file_output_stops_at_its_limit() {
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     let written = std::fs::read(&log).unwrap();
     assert_eq!(written.len(), 40 << 10, "{stderr}");
-    let expected: Vec<u8> = LINE.iter().cycle().take(40 << 10).copied().collect();
+    let expected: Vec<u8> = FLOOD_LINE.iter().cycle().take(40 << 10).copied().collect();
     assert!(
         written == expected,
         "the file holds the guest's first 40 KiB"
@@ -382,19 +346,7 @@ fn a_stderr_that_cannot_be_written_does_not_end_ember() {
     }
     let dir = tempfile::tempdir().unwrap();
     // Asks for ACPI sleep state S3 (a warning each time) 1000 times, then exits with 42.
-    let kernel = guest_kernel(&dir, "warn", |a| {
-        let mut again = a.create_label();
-        a.mov(ecx, 1000u32)?;
-        a.mov(dx, 0x600u32)?;
-        a.mov(al, (3u32 << 2) | 0x20)?;
-        a.set_label(&mut again)?;
-        a.out(dx, al)?;
-        a.dec(ecx)?;
-        a.jnz(again)?;
-        a.mov(al, 42u32)?;
-        a.out(0xf4, al)?;
-        a.hlt()
-    });
+    let kernel = warning_guest(&dir, "warn", Some(1000), 42);
     // Every write to /dev/full fails (ENOSPC); `eprintln!` would panic on the first
     // warning, and the release build abort.
     for verbose in [&[][..], &["-vv"][..]] {
@@ -428,33 +380,10 @@ fn a_stderr_that_cannot_be_written_does_not_end_ember() {
     );
 }
 
-/// A guest that prints `g` and a newline on COM1, then asks for ACPI sleep state S3 (a
-/// warning each time, rate-limited) in a loop: `times` times, then exits with `code`
-/// through the debug-exit port; `None`: for ever.
+/// A guest that prints a line, then makes `ember` warn in a loop: `times` times, then
+/// exits with `code`; `None`: for ever.
 fn warning_guest(dir: &tempfile::TempDir, name: &str, times: Option<u32>, code: u8) -> PathBuf {
-    guest_kernel(dir, name, |a| {
-        let mut again = a.create_label();
-        a.mov(dx, 0x3f8u32)?;
-        a.mov(al, u32::from(b'g'))?;
-        a.out(dx, al)?;
-        a.mov(al, u32::from(b'\n'))?;
-        a.out(dx, al)?;
-        a.mov(ecx, times.unwrap_or(0))?;
-        a.mov(dx, 0x600u32)?;
-        a.mov(al, (3u32 << 2) | 0x20)?;
-        a.set_label(&mut again)?;
-        a.out(dx, al)?;
-        a.pause()?;
-        if times.is_some() {
-            a.dec(ecx)?;
-            a.jnz(again)?;
-        } else {
-            a.jmp(again)?;
-        }
-        a.mov(al, u32::from(code))?;
-        a.out(0xf4, al)?;
-        a.hlt()
-    })
+    write_guest(dir, name, flood::warn_in_a_loop(times, code))
 }
 
 /// A pipe for `ember`'s stderr that is already full: whatever `ember` writes to it
