@@ -214,17 +214,41 @@ impl Queue {
         }
     }
 
-    /// Drops (and counts) the queued lines; threads that log wait at most `grace` from
-    /// now, until the mode changes again.
+    /// Stops waiting on stderr beyond `grace` from now: threads that log wait at most
+    /// until then, and [`Queue::end_buffering`] drops (and counts) what is still
+    /// queued then. Lines queued before, such as a vCPU's last line just before a
+    /// SIGTERM, still get the grace period: a working stderr takes them in
+    /// microseconds, and only a stalled one is given up on.
     fn give_up(&self, grace: Duration) {
         let mut st = self.lock();
+        st.mode = Mode::GaveUp {
+            until: Instant::now() + grace,
+        };
+        self.progress.notify_all();
+    }
+
+    /// After [`Queue::give_up`]: waits until the queue is written or the grace period
+    /// is over, then drops and counts whatever is still queued.
+    fn drop_after_grace(&self) {
+        let mut st = self.lock();
+        let Mode::GaveUp { until } = st.mode else {
+            return;
+        };
+        loop {
+            let now = Instant::now();
+            if (st.buf.is_empty() && st.in_flight == 0) || now >= until {
+                break;
+            }
+            st = self
+                .progress
+                .wait_timeout(st, until - now)
+                .map(|(st, _)| st)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
         st.done += st.buf.len() as u64;
         st.dropped += st.lines;
         st.buf.clear();
         st.lines = 0;
-        st.mode = Mode::GaveUp {
-            until: Instant::now() + grace,
-        };
         self.progress.notify_all();
     }
 
@@ -236,6 +260,7 @@ impl Queue {
     /// Leaves [`Mode::Buffered`]: threads wait for their lines again, unless the queue
     /// gave up on stderr. Returns the lines dropped since the last call, if any.
     fn end_buffering(&self) -> Option<u64> {
+        self.drop_after_grace();
         let mut st = self.lock();
         if st.mode == Mode::Buffered {
             st.mode = Mode::Wait;
@@ -653,12 +678,30 @@ mod tests {
         q.log(b"queued\n");
         q.log(b"queued too\n");
         q.give_up(Duration::ZERO);
-        assert_eq!(q.lock().dropped, 2);
         assert!(!q.flush(Duration::from_secs(60)), "returns at once");
         // Not waited for: the grace period is over.
         q.log(b"later\n");
-        assert_eq!(q.end_buffering(), Some(2));
+        assert_eq!(q.end_buffering(), Some(3));
+        assert_eq!(q.lock().dropped, 3);
         assert!(matches!(q.lock().mode, Mode::GaveUp { .. }));
+    }
+
+    /// A line queued just before a signal is written if stderr takes it within the
+    /// grace period (CI once lost a vCPU's last line: `give_up` used to drop the queue
+    /// at once, whatever the writer was doing).
+    #[test]
+    fn lines_queued_before_giving_up_get_the_grace_period() {
+        let (q, open, out) = stuck_queue(1024);
+        q.log(b"the vCPU's last line\n");
+        q.give_up(Duration::from_secs(60));
+        // stderr starts taking lines again a little later.
+        let opener = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let _ = open.send(());
+        });
+        assert_eq!(q.end_buffering(), None);
+        assert_eq!(out.text(), "first\nthe vCPU's last line\n");
+        opener.join().unwrap();
     }
 
     #[test]
