@@ -19,7 +19,11 @@
 //!   `floor_epoll_wait` the notification's: the `epoll_wait` alone. Guest memory is an
 //!   `Arc<GuestMemoryMmap>` of which each notification takes a snapshot, as the worker
 //!   does once per wake-up; `read_4k_dirty` is `read_4k` on memory with a dirty bitmap
-//!   (`AtomicBitmap`), where the device marks the pages it read into.
+//!   (`AtomicBitmap`), where the device marks the pages it read into, and
+//!   `read_4k_drain` is `read_4k` through the worker's own drain loop
+//!   (`ember_virtio::worker::drain_queue`: stop flag, avail-index and head checks).
+//! * `virtio_mmio`: the two register accesses of every virtio interrupt, an
+//!   InterruptStatus read and an InterruptACK write, on an `MmioTransport`.
 //!
 //! At the end, a table of the medians (and MiB/s for virtio-blk) of this run.
 //!
@@ -41,8 +45,11 @@ use std::time::{Duration, SystemTime};
 
 use criterion::measurement::{Measurement, WallTime};
 use criterion::{BatchSize, BenchmarkGroup, Criterion, Throughput};
-use ember_bus::{Bus, BusKind};
+use ember_bus::{Bus, BusDevice, BusKind};
 use ember_devices::{IrqLine, Serial, SerialOutput, COM1_PORT, SERIAL_PORT_SIZE};
+use ember_virtio::mmio::{reg, MmioTransport};
+use ember_virtio::worker::{drain_queue, QUEUE_BUDGET};
+use ember_virtio::{ActivateDevice, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
 use ember_virtio_devices::block::{
     process_request, RequestBuffers, SECTOR_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -322,6 +329,20 @@ impl<'m, B: Bitmap + 'static> Blk<'m, B> {
         black_box(self.queue.needs_notification(mem).expect("needs"));
     }
 
+    /// Device side, as the worker runs it: the same notification through
+    /// `ember_virtio::worker::drain_queue` (its stop, avail-index and head checks).
+    #[inline(never)]
+    fn handle_notification_with_drain(&mut self) {
+        let snapshot = self.mem.memory();
+        let mem = &*snapshot;
+        let (disk, buffers) = (&self.disk, &mut self.buffers);
+        let drained = drain_queue(mem, &mut self.queue, QUEUE_BUDGET, |chain| {
+            process_request(disk, mem, chain, VIRTIO_BLK_F_FLUSH, buffers).used_len
+        });
+        debug_assert_eq!((drained.handled, drained.more), (1, false));
+        black_box(self.queue.needs_notification(mem).expect("needs"));
+    }
+
     /// Checks that the last `CHAINS` requests completed with `VIRTIO_BLK_S_OK`, that
     /// every published request was used, and (reads) that the data is the disk's.
     fn check(&self) {
@@ -360,6 +381,7 @@ fn bench_blk<M: Measurement, B: Bitmap + 'static>(
     disk: Disk,
     req_type: u32,
     kick: bool,
+    drain: bool,
 ) {
     let batch = BatchSize::NumIterations(u64::from(CHAINS));
     let blk = RefCell::new(Blk::new(mem, disk, req_type));
@@ -378,7 +400,11 @@ fn bench_blk<M: Measurement, B: Bitmap + 'static>(
                 if kick {
                     notify.wait_one();
                 }
-                blk.borrow_mut().handle_notification();
+                if drain {
+                    blk.borrow_mut().handle_notification_with_drain();
+                } else {
+                    blk.borrow_mut().handle_notification();
+                }
             },
             batch,
         )
@@ -403,7 +429,7 @@ fn virtio_blk<M: Measurement>(c: &mut Criterion<M>) {
     // Batches of `CHAINS` (see `bench_blk`), for the notification floor too.
     let batch = BatchSize::NumIterations(u64::from(CHAINS));
     let bench = |group: &mut BenchmarkGroup<'_, M>, name: &str, req_type: u32, kick: bool| {
-        bench_blk(group, name, &mem, open(), req_type, kick);
+        bench_blk(group, name, &mem, open(), req_type, kick, false);
     };
     // The floor: the same 4 KiB system calls on the same file at the same offsets, from
     // and into a host buffer, with no queue and no guest memory.
@@ -457,10 +483,78 @@ fn virtio_blk<M: Measurement>(c: &mut Criterion<M>) {
         open(),
         VIRTIO_BLK_T_IN,
         false,
+        false,
+    );
+    bench_blk(
+        &mut group,
+        "read_4k_drain",
+        &mem,
+        open(),
+        VIRTIO_BLK_T_IN,
+        false,
+        true,
     );
     floor(&mut group, "floor_pwrite_4k", true);
     bench(&mut group, "write_4k", VIRTIO_BLK_T_OUT, false);
     bench(&mut group, "write_4k_kick", VIRTIO_BLK_T_OUT, true);
+    group.finish();
+}
+
+// ---------------------------------------------------------------------------------------
+// virtio-mmio registers
+
+/// A device with one queue that is never started: only its transport's registers are
+/// measured.
+struct Quiet;
+
+impl VirtioDevice for Quiet {
+    fn device_type(&self) -> u32 {
+        ember_virtio::device_type::RNG
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+    fn device_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+    fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    fn reset(&mut self) {}
+}
+
+impl<M: GuestAddressSpace> ActivateDevice<M> for Quiet {
+    fn activate(&mut self, _activation: Activation<M>) -> Result<(), ActivateError> {
+        Ok(())
+    }
+}
+
+/// The two register accesses a guest makes for every virtio interrupt: reading
+/// InterruptStatus and writing InterruptACK, each a `BusDevice` call on the vCPU
+/// thread after an MMIO exit.
+fn virtio_mmio<M: Measurement>(c: &mut Criterion<M>) {
+    let mem = Arc::new(
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory"),
+    );
+    let transport = MmioTransport::new(
+        Box::new(Quiet),
+        mem,
+        EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+    )
+    .expect("transport");
+    let mut group = c.benchmark_group("virtio_mmio");
+    short(&mut group);
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("interrupt_status_read", |b| {
+        let mut data = [0u8; 4];
+        b.iter(|| {
+            BusDevice::read(&transport, black_box(reg::INTERRUPT_STATUS), &mut data);
+            black_box(data)
+        })
+    });
+    group.bench_function("interrupt_ack_write", |b| {
+        let ack = 1u32.to_le_bytes();
+        b.iter(|| BusDevice::write(&transport, black_box(reg::INTERRUPT_ACK), &ack))
+    });
     group.finish();
 }
 
@@ -471,6 +565,7 @@ fn virtio_blk<M: Measurement>(c: &mut Criterion<M>) {
 fn groups<M: Measurement + 'static>(c: &mut Criterion<M>) {
     serial(c);
     virtio_blk(c);
+    virtio_mmio(c);
 }
 
 fn summary(clock: &str, since: SystemTime) {
@@ -517,6 +612,14 @@ fn summary(clock: &str, since: SystemTime) {
             f64::from(BLOCK),
             Some("floor_pread_4k"),
         ),
+        (
+            "virtio_blk",
+            "read_4k_drain",
+            f64::from(BLOCK),
+            Some("floor_pread_4k"),
+        ),
+        ("virtio_mmio", "interrupt_status_read", 0.0, None),
+        ("virtio_mmio", "interrupt_ack_write", 0.0, None),
     ];
     for (group, id, bytes, floor) in rows {
         let Some(ns) = median_ns(group, id, since) else {
