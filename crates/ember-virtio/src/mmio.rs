@@ -515,7 +515,9 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
     }
 
     /// The [`LogSource`] this transport's rate-limited log lines are charged to: its
-    /// register accesses run under it, and its device's threads enter it before the
+    /// register accesses that may log run under it (not InterruptStatus, InterruptACK
+    /// and QueueNotify, the accesses of every request, which never log on their own),
+    /// and its device's threads enter it before the
     /// [thread hook](Self::set_thread_hook). A VMM can enter it too, on a thread of its
     /// own that serves this device.
     ///
@@ -693,23 +695,37 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
             | reg::QUEUE_DRIVER_HIGH
             | reg::QUEUE_DEVICE_LOW
             | reg::QUEUE_DEVICE_HIGH
-            | reg::SHM_SEL => {
-                let mut inner = self.lock();
-                self.write_locked(&mut inner, offset, value)
-            }
+            | reg::SHM_SEL => self.write_setup_register(offset, value),
             _ => {
                 self.bad_access(false, true, offset, 4);
                 return;
             }
         };
         if !accepted {
-            bump(&self.stats.refused_writes);
-            ember_rate_limiter::log_limited!(
-                log::Level::Debug,
-                "virtio-mmio (device type {}): write of {value:#x} to register {offset:#x} refused",
-                self.device_type
-            );
+            self.refused_write(offset, value);
         }
+    }
+
+    /// A set-up register (features, queues, STATUS, which activates and resets the
+    /// device): under the state lock and this transport's log source, since the
+    /// device's own code runs here too. Kept out of line, away from the registers
+    /// every request uses.
+    #[inline(never)]
+    fn write_setup_register(&self, offset: u64, value: u32) -> bool {
+        let _device = self.log_source.scope();
+        let mut inner = self.lock();
+        self.write_locked(&mut inner, offset, value)
+    }
+
+    #[cold]
+    fn refused_write(&self, offset: u64, value: u32) {
+        bump(&self.stats.refused_writes);
+        let _device = self.log_source.scope();
+        ember_rate_limiter::log_limited!(
+            log::Level::Debug,
+            "virtio-mmio (device type {}): write of {value:#x} to register {offset:#x} refused",
+            self.device_type
+        );
     }
 
     /// Writes a register that needs the state lock; returns whether the write was
@@ -799,6 +815,7 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
         bump(&self.stats.queue_notifies);
         // EAGAIN only if the counter is about to overflow: the device is woken anyway.
         if let Err(e) = evt.write(1) {
+            let _device = self.log_source.scope();
             ember_rate_limiter::log_limited!(
                 log::Level::Debug,
                 "virtio-mmio: notify of queue {value}: {e}"
@@ -991,6 +1008,7 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
     /// decides how often).
     #[cold]
     fn bad_access(&self, bad_width: bool, write: bool, offset: u64, len: usize) {
+        let _device = self.log_source.scope();
         let what = if bad_width {
             bump(&self.stats.bad_widths);
             "not a 4-byte aligned 32-bit register access"
@@ -1026,11 +1044,13 @@ fn rings_in_memory<G: GuestMemory>(mem: &G, queue: &Queue) -> bool {
 
 impl<M: GuestAddressSpace + Send + Sync> ember_bus::BusDevice for MmioTransport<M> {
     fn read(&self, offset: u64, data: &mut [u8]) {
-        let _device = self.log_source.scope();
         data.fill(0);
         if offset >= reg::CONFIG {
             match Self::config_offset(offset, data.len()) {
-                Some(config) => self.lock().device.read_config(config, data),
+                Some(config) => {
+                    let _device = self.log_source.scope();
+                    self.lock().device.read_config(config, data)
+                }
                 None => self.bad_access(false, false, offset, data.len()),
             }
             return;
@@ -1046,10 +1066,12 @@ impl<M: GuestAddressSpace + Send + Sync> ember_bus::BusDevice for MmioTransport<
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
-        let _device = self.log_source.scope();
         if offset >= reg::CONFIG {
             match Self::config_offset(offset, data.len()) {
-                Some(config) => self.lock().device.write_config(config, data),
+                Some(config) => {
+                    let _device = self.log_source.scope();
+                    self.lock().device.write_config(config, data)
+                }
                 None => self.bad_access(false, true, offset, data.len()),
             }
             return;
