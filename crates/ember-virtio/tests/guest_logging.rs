@@ -71,10 +71,29 @@ impl<M: GuestAddressSpace> ActivateDevice<M> for Inert {
 
 const HAMMER: usize = 10_000;
 
-fn hammer_the_transport() {
+/// A transport for [`Inert`] on 1 MiB of guest memory.
+fn inert_transport() -> MmioTransport<Arc<GuestMemoryMmap>> {
     let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
-    let transport =
-        MmioTransport::new(Box::new(Inert), mem, EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
+    MmioTransport::new(Box::new(Inert), mem, EventFd::new(EFD_NONBLOCK).unwrap()).unwrap()
+}
+
+/// A guest's 32-bit register write.
+fn write_reg(transport: &MmioTransport<Arc<GuestMemoryMmap>>, offset: u64, value: u32) {
+    transport.write(offset, &value.to_le_bytes());
+}
+
+/// The driver's feature negotiation: ACKNOWLEDGE, DRIVER, the high 32 feature bits
+/// `high`, then FEATURES_OK (which the transport refuses for features not offered).
+fn negotiate(transport: &MmioTransport<Arc<GuestMemoryMmap>>, high: u32) {
+    use ember_virtio::mmio::status::{ACKNOWLEDGE, DRIVER, FEATURES_OK};
+    write_reg(transport, reg::STATUS, ACKNOWLEDGE | DRIVER);
+    write_reg(transport, reg::DRIVER_FEATURES_SEL, 1);
+    write_reg(transport, reg::DRIVER_FEATURES, high);
+    write_reg(transport, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+}
+
+fn hammer_the_transport() {
+    let transport = inert_transport();
     take_lines();
     let started = Instant::now();
     for _ in 0..HAMMER {
@@ -164,20 +183,13 @@ fn hammer_bad_avail_index() {
 /// A driver that sets FEATURES_OK with a feature the device never offered, resets the
 /// device and tries again, over and over.
 fn hammer_features_ok_refusals() {
-    use ember_virtio::mmio::status::{ACKNOWLEDGE, DRIVER, FEATURES_OK};
-    let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
-    let transport =
-        MmioTransport::new(Box::new(Inert), mem, EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
-    let write = |offset, value: u32| transport.write(offset, &value.to_le_bytes());
+    let transport = inert_transport();
     take_lines();
     let started = Instant::now();
     for _ in 0..HAMMER {
-        write(reg::STATUS, ACKNOWLEDGE | DRIVER);
         // Feature bit 62, never offered (VERSION_1 is bit 32).
-        write(reg::DRIVER_FEATURES_SEL, 1);
-        write(reg::DRIVER_FEATURES, 1 << 30);
-        write(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-        write(reg::STATUS, 0);
+        negotiate(&transport, 1 << 30);
+        write_reg(&transport, reg::STATUS, 0);
     }
     let lines = take_lines();
     assert_bounded(&lines, "FEATURES_OK refused", 1, started, HAMMER);
@@ -219,17 +231,12 @@ fn hammer_unpoppable_ring() {
 /// have logged an unlimited line each time).
 fn hammer_rings_outside_memory() {
     use ember_virtio::mmio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
-    let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
-    let transport =
-        MmioTransport::new(Box::new(Inert), mem, EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
-    let write = |offset, value: u32| transport.write(offset, &value.to_le_bytes());
+    let transport = inert_transport();
     take_lines();
     let started = Instant::now();
+    let write = |offset, value| write_reg(&transport, offset, value);
     for round in 0..HAMMER as u32 {
-        write(reg::STATUS, ACKNOWLEDGE | DRIVER);
-        write(reg::DRIVER_FEATURES_SEL, 1);
-        write(reg::DRIVER_FEATURES, 1); // VERSION_1
-        write(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        negotiate(&transport, 1); // VERSION_1
         write(reg::QUEUE_SEL, 0);
         write(reg::QUEUE_NUM, 16);
         // Each ring in turn past the end of the 1 MiB of memory.
@@ -254,16 +261,7 @@ fn hammer_rings_outside_memory() {
 /// A guest flooding one transport with bad accesses uses up that transport's lines
 /// only: another transport's first bad accesses are still logged.
 fn one_flooded_transport_leaves_another_its_lines() {
-    let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
-    let new = || {
-        MmioTransport::new(
-            Box::new(Inert),
-            mem.clone(),
-            EventFd::new(EFD_NONBLOCK).unwrap(),
-        )
-        .unwrap()
-    };
-    let (flooded, quiet) = (new(), new());
+    let (flooded, quiet) = (inert_transport(), inert_transport());
     take_lines();
     let started = Instant::now();
     for _ in 0..HAMMER {
