@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ember_vcpu::VcpuGroup;
 
@@ -15,6 +15,10 @@ use crate::api::{ApiReply, ApiRequest, ApiRequests, InstanceInfo, InstanceState,
 use crate::builder::{self, Vm};
 use crate::config::{KernelSource, VmConfig};
 use crate::snapshot::{self, PausedVm, SnapshotKind};
+
+/// How long a pause waits for the console output the guest wrote before it: bounded,
+/// so that a console nobody reads does not hold up the pause.
+const PAUSE_CONSOLE_FLUSH: Duration = Duration::from_millis(100);
 
 /// The instance ID `GET /` reports (Firecracker's default when `--id` is not given).
 pub const INSTANCE_ID: &str = "anonymous-instance";
@@ -238,7 +242,8 @@ impl<'a> Control<'a> {
     }
 
     /// Pauses the VM: every vCPU out of `KVM_RUN` and parked, then every device worker
-    /// stopped after the request it is serving (the queues keep their positions).
+    /// stopped after the request it is serving (the queues keep their positions), then
+    /// the console output written out (waiting at most `PAUSE_CONSOLE_FLUSH`).
     pub fn pause(&mut self) -> Result<(), String> {
         if self.paused {
             return Ok(());
@@ -258,6 +263,15 @@ impl<'a> Control<'a> {
             }
         }
         self.paused = true;
+        // Everything the guest printed before the pause is written when the pause is
+        // reported, so a reader of the console sees where it stopped and a snapshot
+        // followed by a kill loses none of it.
+        if !self.vm.serial.flush_output(PAUSE_CONSOLE_FLUSH) {
+            log::info!(
+                "VM paused with {} bytes of console output not written yet (the console is not taking it)",
+                self.vm.serial.pending_output()
+            );
+        }
         log::info!(
             "VM paused in {:.3} ms",
             started.elapsed().as_secs_f64() * 1e3

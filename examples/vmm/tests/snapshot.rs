@@ -188,6 +188,9 @@ fn a_guest_snapshotted_killed_and_restored_finishes_like_an_uninterrupted_one() 
     let (status, info) = api(&socket, "GET", "/", None);
     assert_eq!(status, 200, "{info}");
     assert!(info.contains(r#""state":"Paused""#), "{info}");
+    // The pause is reported once the output from before it is written; this process's
+    // reader thread may take a moment more to read it.
+    std::thread::sleep(Duration::from_millis(100));
     let paused_at = last_round(&first.lines()).unwrap();
     // Paused means paused: no round ends while it is.
     std::thread::sleep(Duration::from_millis(300));
