@@ -979,7 +979,6 @@ mod snapshot {
     use ember_virtio::vm_memory::{GuestAddress, GuestMemoryMmap};
     use ember_virtio::vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     use ember_virtio::{ActivateDevice, MmioTransportState};
-    use ember_virtio_devices::{Net, NetBackend, Rng};
     use ember_vm::VmState;
     use kvm_bindings::{
         kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state,
@@ -990,7 +989,8 @@ mod snapshot {
 
     use super::{raw, Seed};
     use crate::targets::snapshot_state::{
-        FuzzState, MEMORY_SIZE as SNAPSHOT_MEMORY, VERSION as SNAPSHOT_VERSION,
+        harness_net, harness_rng, FuzzState, MEMORY_SIZE as SNAPSHOT_MEMORY,
+        VERSION as SNAPSHOT_VERSION,
     };
 
     fn vcpu_state(index: u8) -> VcpuState {
@@ -1137,7 +1137,7 @@ mod snapshot {
     /// and 12 KiB, inside the harness's memory), then paused: a real running device's state.
     fn activated_rng_state() -> MmioTransportState {
         use ember_virtio::mmio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
-        let t = transport(Box::new(Rng::new()));
+        let t = transport(Box::new(harness_rng()));
         negotiate(&t);
         mmio_write(&t, reg::QUEUE_SEL, 0);
         mmio_write(&t, reg::QUEUE_NUM, 64);
@@ -1159,31 +1159,15 @@ mod snapshot {
 
     /// A virtio-net the driver negotiated features with and set one queue's size on.
     fn negotiated_net_state() -> MmioTransportState {
-        let t = transport(Box::new(Net::with_backend(
-            Box::new(NoFrames),
-            Some([2, 0, 0, 0, 0, 1]),
-        )));
+        let t = transport(Box::new(harness_net()));
         negotiate(&t);
         mmio_write(&t, reg::QUEUE_SEL, 1);
         mmio_write(&t, reg::QUEUE_NUM, 128);
         t.save_state().expect("save")
     }
 
-    /// A virtio-net backend with nothing to receive.
-    struct NoFrames;
-
-    impl NetBackend for NoFrames {
-        fn read_frame(&mut self, _buf: &mut [u8]) -> std::io::Result<usize> {
-            Err(std::io::ErrorKind::WouldBlock.into())
-        }
-
-        fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<usize> {
-            Ok(frame.len())
-        }
-    }
-
     pub(super) fn snapshot_seeds() -> Vec<Seed> {
-        let fresh_rng = transport(Box::new(Rng::new())).save_state().expect("save");
+        let fresh_rng = transport(Box::new(harness_rng())).save_state().expect("save");
         let one = FuzzState {
             vm: vm_state(),
             vcpus: vec![vcpu_state(0)],

@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::state::TokenBucketState;
 use crate::RateLimiterError;
 
 /// The longest refill time a bucket accepts: 2^32 ms, about 49 days. It keeps every
@@ -196,6 +197,77 @@ impl TokenBucket {
     /// Tokens owed after an over-consumption, as of the last update.
     pub fn debt(&self) -> u64 {
         self.debt
+    }
+
+    /// The bucket's levels now (refill up to now included), for a snapshot.
+    ///
+    /// ```
+    /// use ember_rate_limiter::{TokenBucket, TokenBucketConfig};
+    ///
+    /// let config = TokenBucketConfig { size: 100, one_time_burst: 50, refill_time_ms: 60_000 };
+    /// let mut bucket = TokenBucket::new(config)?;
+    /// bucket.reduce(80); // the whole burst, then 30 of the budget
+    /// let saved = bucket.save_state();
+    /// assert_eq!((saved.one_time_burst, saved.budget), (0, 70));
+    ///
+    /// let mut restored = TokenBucket::new(config)?; // full, with its burst
+    /// restored.restore_state(&saved)?;
+    /// assert_eq!((restored.one_time_burst(), restored.budget()), (0, 70));
+    /// # Ok::<(), ember_rate_limiter::RateLimiterError>(())
+    /// ```
+    pub fn save_state(&mut self) -> TokenBucketState {
+        self.replenish_at(Instant::now());
+        TokenBucketState {
+            budget: self.budget,
+            one_time_burst: self.one_time_burst,
+            debt: self.debt,
+        }
+    }
+
+    /// Sets the bucket's levels to `state` (saved by [`save_state`](Self::save_state)
+    /// from a bucket with the same settings); refill counts from now. A state this
+    /// bucket's settings cannot hold (a budget above its size, a burst above its
+    /// configured burst, a debt beside a non-empty bucket) is refused with
+    /// [`RateLimiterError::StateOutOfRange`], and the bucket is left as it was.
+    ///
+    /// ```
+    /// use ember_rate_limiter::{TokenBucket, TokenBucketConfig, TokenBucketState};
+    ///
+    /// let mut bucket = TokenBucket::new(TokenBucketConfig { size: 100, one_time_burst: 0, refill_time_ms: 1000 })?;
+    /// let too_much = TokenBucketState { budget: 101, one_time_burst: 0, debt: 0 };
+    /// assert!(bucket.restore_state(&too_much).is_err());
+    /// assert_eq!(bucket.budget(), 100);
+    /// # Ok::<(), ember_rate_limiter::RateLimiterError>(())
+    /// ```
+    pub fn restore_state(&mut self, state: &TokenBucketState) -> Result<(), RateLimiterError> {
+        self.check_state(state)?;
+        self.budget = state.budget;
+        self.one_time_burst = state.one_time_burst;
+        self.debt = state.debt;
+        self.last_update = Instant::now();
+        Ok(())
+    }
+
+    /// Refuses a saved state this bucket's settings cannot hold.
+    pub(crate) fn check_state(&self, state: &TokenBucketState) -> Result<(), RateLimiterError> {
+        let out_of_range = |field, value, max| {
+            if value > max {
+                Err(RateLimiterError::StateOutOfRange { field, value, max })
+            } else {
+                Ok(())
+            }
+        };
+        out_of_range("budget", state.budget, self.config.size)?;
+        out_of_range(
+            "one-time burst",
+            state.one_time_burst,
+            self.config.one_time_burst,
+        )?;
+        // A debt arises only once the bucket is empty and is repaid before it refills.
+        if state.budget > 0 {
+            out_of_range("debt", state.debt, 0)?;
+        }
+        Ok(())
     }
 
     /// Takes `tokens`, from the one-time burst first and then the bucket.

@@ -10,6 +10,8 @@
 //!   A device worker waits on that fd beside its queues (it is `CLOEXEC` and
 //!   non-blocking), leaves requests in the ring while blocked, and calls
 //!   [`RateLimiter::event_handler`] when it fires.
+//! * [`state`]: a limiter's bucket levels for snapshots ([`RateLimiter::save_state`],
+//!   [`RateLimiter::restore_state`]).
 //! * [`log_limit`] and the [`warn_limited!`], [`error_limited!`] and [`info_limited!`]
 //!   macros: at most 10 lines per 5 s from each call site for each device (the thread's
 //!   [`log_limit::LogSource`]), with a count of what was
@@ -45,6 +47,7 @@
 mod bucket;
 mod limiter;
 pub mod log_limit;
+pub mod state;
 #[cfg(feature = "test-utils")]
 pub mod testing;
 
@@ -52,6 +55,7 @@ use std::io;
 
 pub use bucket::{BucketReduction, TokenBucket, TokenBucketConfig, MAX_REFILL_TIME_MS};
 pub use limiter::{RateLimiter, RateLimiterConfig, TokenType, MIN_TIMER_WAIT};
+pub use state::{RateLimiterState, TokenBucketState};
 
 /// The log crate the `*_limited!` macros log through.
 pub use log;
@@ -94,6 +98,36 @@ pub enum RateLimiterError {
         /// The OS error.
         #[source]
         source: io::Error,
+    },
+    /// A saved bucket level is larger than the bucket's settings allow.
+    #[error("saved {field} {value} is more than the bucket allows ({max})")]
+    StateOutOfRange {
+        /// Which level: "budget", "one-time burst", "debt".
+        field: &'static str,
+        /// The saved value.
+        value: u64,
+        /// The most it may be.
+        max: u64,
+    },
+    /// A saved state has a bucket the limiter does not have, or the other way round.
+    #[error("{}", if *saved {
+        format!("the saved state has {token_type} bucket levels but the limiter has no {token_type} bucket")
+    } else {
+        format!("the saved state has no levels for the limiter's {token_type} bucket")
+    })]
+    StateBucketMismatch {
+        /// Which bucket.
+        token_type: TokenType,
+        /// Whether the saved state has it.
+        saved: bool,
+    },
+    /// A device was given another number of saved limiter states than it has limiters.
+    #[error("{got} saved rate limiter states for a device with {expected} rate limiters")]
+    StateCount {
+        /// The device's limiters.
+        expected: usize,
+        /// The states given.
+        got: usize,
     },
     /// [`RateLimiter::event_handler`] was called but the timer had not expired.
     #[error("rate limiter timer event handled before the timer expired")]

@@ -7,6 +7,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use crate::bucket::{BucketReduction, TokenBucket, TokenBucketConfig};
+use crate::state::{RateLimiterState, TokenBucketState};
 use crate::RateLimiterError;
 
 /// The shortest wait the timer is armed for: a blocked limiter wakes its device at most
@@ -298,6 +299,92 @@ impl RateLimiter {
         Ok(())
     }
 
+    /// The buckets' levels now, for a snapshot of a paused device. Whether the limiter
+    /// is blocked follows from them: a limiter in debt is restored blocked, and one
+    /// short of tokens blocks again on its first refused request.
+    ///
+    /// ```
+    /// use ember_rate_limiter::{RateLimiter, RateLimiterConfig, TokenBucketConfig, TokenType};
+    ///
+    /// let config = RateLimiterConfig {
+    ///     bandwidth: None,
+    ///     ops: Some(TokenBucketConfig { size: 10, one_time_burst: 0, refill_time_ms: 60_000 }),
+    /// };
+    /// let mut limiter = RateLimiter::new(&config)?;
+    /// assert!(limiter.consume(10, TokenType::Ops));
+    /// let saved = limiter.save_state();
+    ///
+    /// // The new process: the same settings, and the levels of the old one.
+    /// let mut restored = RateLimiter::new(&config)?;
+    /// restored.restore_state(&saved)?;
+    /// assert!(!restored.consume(1, TokenType::Ops));
+    /// # Ok::<(), ember_rate_limiter::RateLimiterError>(())
+    /// ```
+    pub fn save_state(&mut self) -> RateLimiterState {
+        RateLimiterState {
+            bandwidth: self.bandwidth.as_mut().map(TokenBucket::save_state),
+            ops: self.ops.as_mut().map(TokenBucket::save_state),
+        }
+    }
+
+    /// Sets the buckets' levels to `state`, saved by [`save_state`](Self::save_state)
+    /// from a limiter with the same settings, into a limiter not used yet; refill counts
+    /// from now. A bucket in debt blocks the limiter, its timer armed for when the debt
+    /// is repaid (a failure to arm it is [`RateLimiterError::Timer`]). Refused, with the
+    /// limiter left as it was:
+    /// a bucket the state has and the limiter does not, or the other way round
+    /// ([`RateLimiterError::StateBucketMismatch`]), or a level the bucket cannot hold
+    /// ([`RateLimiterError::Bucket`] naming the bucket, around
+    /// [`RateLimiterError::StateOutOfRange`]).
+    ///
+    /// ```
+    /// use ember_rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterState, TokenBucketState};
+    ///
+    /// let mut unlimited = RateLimiter::new(&RateLimiterConfig::default())?;
+    /// let one_bucket = RateLimiterState {
+    ///     bandwidth: Some(TokenBucketState { budget: 0, one_time_burst: 0, debt: 0 }),
+    ///     ops: None,
+    /// };
+    /// let err = unlimited.restore_state(&one_bucket).unwrap_err();
+    /// assert!(err.to_string().contains("bandwidth"), "{err}");
+    /// # Ok::<(), ember_rate_limiter::RateLimiterError>(())
+    /// ```
+    pub fn restore_state(&mut self, state: &RateLimiterState) -> Result<(), RateLimiterError> {
+        self.check_state(state)?;
+        let now = Instant::now();
+        let mut repaid_in = None;
+        for (bucket, saved) in [
+            (self.bandwidth.as_mut(), state.bandwidth.as_ref()),
+            (self.ops.as_mut(), state.ops.as_ref()),
+        ] {
+            if let (Some(bucket), Some(saved)) = (bucket, saved) {
+                bucket.restore_state(saved)?;
+                if saved.debt > 0 {
+                    let wait = bucket.time_until_available_at(0, now);
+                    repaid_in = repaid_in.max(Some(wait));
+                }
+            }
+        }
+        // A limiter in debt was blocked when it was saved (devices that charge after
+        // the fact only look at `is_blocked`): blocked again, until the debt is repaid.
+        if let Some(wait) = repaid_in {
+            self.arm(wait)?;
+            self.blocked = true;
+        }
+        Ok(())
+    }
+
+    /// What [`restore_state`](Self::restore_state) would say about `state`, changing
+    /// nothing: for a device that restores several limiters all or none.
+    pub fn check_state(&self, state: &RateLimiterState) -> Result<(), RateLimiterError> {
+        check_bucket(
+            self.bandwidth.as_ref(),
+            state.bandwidth.as_ref(),
+            TokenType::Bytes,
+        )?;
+        check_bucket(self.ops.as_ref(), state.ops.as_ref(), TokenType::Ops)
+    }
+
     /// The bandwidth bucket, if the limiter has one.
     pub fn bandwidth(&self) -> Option<&TokenBucket> {
         self.bandwidth.as_ref()
@@ -392,6 +479,30 @@ fn new_timerfd() -> Result<OwnedFd, RateLimiterError> {
     // SAFETY: `fd` was just returned by timerfd_create, is open and owned by nobody
     // else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Refuses a saved bucket that does not match the limiter's (present in one only, or
+/// out of range), naming the bucket.
+fn check_bucket(
+    bucket: Option<&TokenBucket>,
+    saved: Option<&TokenBucketState>,
+    token_type: TokenType,
+) -> Result<(), RateLimiterError> {
+    match (bucket, saved) {
+        (None, None) => Ok(()),
+        (Some(bucket), Some(saved)) => {
+            bucket
+                .check_state(saved)
+                .map_err(|source| RateLimiterError::Bucket {
+                    token_type,
+                    source: Box::new(source),
+                })
+        }
+        (bucket, _) => Err(RateLimiterError::StateBucketMismatch {
+            token_type,
+            saved: bucket.is_none(),
+        }),
+    }
 }
 
 impl AsRawFd for RateLimiter {
@@ -568,5 +679,129 @@ mod tests {
         .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("ops") && msg.contains('7'), "{msg}");
+    }
+
+    fn both(size: u64, burst: u64) -> RateLimiterConfig {
+        RateLimiterConfig {
+            bandwidth: bucket(size, burst, 60_000),
+            ops: bucket(10, 0, 60_000),
+        }
+    }
+
+    #[test]
+    fn saved_levels_come_back_in_a_new_limiter_through_serde() {
+        let mut old = RateLimiter::new(&both(1000, 300)).unwrap();
+        assert!(old.consume(500, TokenType::Bytes)); // the burst, then 200
+        assert!(old.consume(4, TokenType::Ops));
+        let saved = old.save_state();
+        assert_eq!(
+            saved.bandwidth,
+            Some(TokenBucketState {
+                budget: 800,
+                one_time_burst: 0,
+                debt: 0
+            })
+        );
+        let bytes = postcard::to_stdvec(&saved).unwrap();
+        let back: RateLimiterState = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, saved);
+
+        let mut new = RateLimiter::new(&both(1000, 300)).unwrap();
+        new.restore_state(&back).unwrap();
+        let bandwidth = new.bandwidth().unwrap();
+        assert_eq!((bandwidth.budget(), bandwidth.one_time_burst()), (800, 0));
+        assert_eq!(new.ops().unwrap().budget(), 6);
+        // The restored levels limit: 6 more requests, not 10.
+        for _ in 0..6 {
+            assert!(new.consume(1, TokenType::Ops));
+        }
+        assert!(!new.consume(1, TokenType::Ops));
+    }
+
+    #[test]
+    fn a_saved_debt_blocks_the_restored_limiter() {
+        let config = RateLimiterConfig {
+            bandwidth: bucket(1000, 0, 60_000),
+            ops: None,
+        };
+        let mut old = RateLimiter::new(&config).unwrap();
+        old.force_consume(1500, TokenType::Bytes);
+        let saved = old.save_state();
+        assert_eq!(saved.bandwidth.map(|b| (b.budget, b.debt)), Some((0, 500)));
+        let mut new = RateLimiter::new(&config).unwrap();
+        new.restore_state(&saved).unwrap();
+        assert_eq!(new.bandwidth().unwrap().debt(), 500);
+        // Blocked at once, as the saved one was, with the timer set for the repayment
+        // (500 tokens at 1000 per minute: 30 s).
+        assert!(new.is_blocked());
+        let remaining = new.timer_remaining().unwrap().unwrap();
+        assert!(
+            remaining > Duration::from_secs(25) && remaining <= Duration::from_secs(30),
+            "{remaining:?}"
+        );
+        assert!(!new.consume(1, TokenType::Bytes));
+    }
+
+    #[test]
+    fn saved_states_the_limiter_cannot_hold_are_refused_and_change_nothing() {
+        let mut limiter = RateLimiter::new(&both(1000, 300)).unwrap();
+        let good = limiter.save_state();
+        let full = |l: &RateLimiter| {
+            let b = l.bandwidth().unwrap();
+            (b.budget(), b.one_time_burst(), l.ops().unwrap().budget())
+        };
+        let before = full(&limiter);
+        let level = |budget, one_time_burst, debt| TokenBucketState {
+            budget,
+            one_time_burst,
+            debt,
+        };
+        let cases = [
+            // Empty bandwidth levels are fine; the ops budget is not: nothing applied.
+            (
+                RateLimiterState {
+                    bandwidth: Some(level(0, 0, 0)),
+                    ops: Some(level(11, 0, 0)),
+                },
+                ["ops", "budget", "11", "10"].as_slice(),
+            ),
+            (
+                RateLimiterState {
+                    bandwidth: Some(level(10, 301, 0)),
+                    ..good
+                },
+                ["bandwidth", "one-time burst", "301", "300"].as_slice(),
+            ),
+            (
+                RateLimiterState {
+                    bandwidth: Some(level(10, 0, 5)),
+                    ..good
+                },
+                ["bandwidth", "debt", "5"].as_slice(),
+            ),
+            (
+                RateLimiterState {
+                    bandwidth: None,
+                    ..good
+                },
+                ["no levels for the limiter's bandwidth bucket"].as_slice(),
+            ),
+        ];
+        for (state, words) in cases {
+            let err = limiter.restore_state(&state).unwrap_err().to_string();
+            for word in words {
+                assert!(err.contains(word), "{state:?}: {err:?} lacks {word:?}");
+            }
+            assert_eq!(full(&limiter), before, "{state:?} changed the limiter");
+        }
+        let mut unlimited = RateLimiter::new(&RateLimiterConfig::default()).unwrap();
+        let err = unlimited.restore_state(&good).unwrap_err().to_string();
+        assert!(
+            err.contains("bandwidth bucket levels but the limiter has no bandwidth bucket"),
+            "{err}"
+        );
+        unlimited
+            .restore_state(&RateLimiterState::default())
+            .unwrap();
     }
 }

@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use ember_rate_limiter::{
-    error_limited, warn_limited, RateLimiter, RateLimiterConfig, RateLimiterError,
+    error_limited, warn_limited, RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState,
 };
 use ember_virtio::{
     device_type, ActivateDevice, ActivateError, Activation, ActiveQueue, PauseError, VirtioDevice,
@@ -1216,6 +1216,17 @@ impl VirtioDevice for Block {
         if let Some(worker) = self.worker.take() {
             self.take_back(worker.stop());
         }
+    }
+
+    fn save_rate_limiters(&mut self) -> Vec<RateLimiterState> {
+        crate::limited::save_limiters([self.rate_limiter.as_mut()])
+    }
+
+    fn restore_rate_limiters(
+        &mut self,
+        states: &[RateLimiterState],
+    ) -> Result<(), RateLimiterError> {
+        crate::limited::restore_limiters([self.rate_limiter.as_mut()], states)
     }
 
     /// Stops the worker after the request in flight (its data is on the disk, or read,

@@ -2,11 +2,14 @@
 //! virtio-rng: each request is charged once done ([`charge_done`]), the drain stops as
 //! soon as the limiter blocks (the chains left wait in the ring) or the worker is asked
 //! to stop, and the limiter's timerfd, one of the worker's backend fds, brings the
-//! worker back ([`handle_timer`]).
+//! worker back ([`handle_timer`]). A paused device's limiters' levels go into and
+//! come back from a snapshot with [`save_limiters`] and [`restore_limiters`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use ember_rate_limiter::{error_limited, RateLimiter, RateLimiterError, TokenType};
+use ember_rate_limiter::{
+    error_limited, RateLimiter, RateLimiterError, RateLimiterState, TokenType,
+};
 use ember_virtio::worker::{drain_queue_until, WorkerContext, QUEUE_BUDGET};
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestAddressSpace;
@@ -17,6 +20,52 @@ use vm_memory::GuestAddressSpace;
 pub(crate) fn charge_done(limiter: &mut RateLimiter, bytes: u64) {
     limiter.force_consume(1, TokenType::Ops);
     limiter.force_consume(bytes, TokenType::Bytes);
+}
+
+/// The levels of a device's limiters, one per slot (`None`: a slot that limits
+/// nothing, saved as [`RateLimiterState::default`]).
+pub(crate) fn save_limiters<const N: usize>(
+    limiters: [Option<&mut RateLimiter>; N],
+) -> Vec<RateLimiterState> {
+    limiters
+        .into_iter()
+        .map(|limiter| limiter.map(RateLimiter::save_state).unwrap_or_default())
+        .collect()
+}
+
+/// Restores the levels `states` into a device's limiter slots, all or none: every
+/// state is checked before any is applied.
+pub(crate) fn restore_limiters<const N: usize>(
+    mut limiters: [Option<&mut RateLimiter>; N],
+    states: &[RateLimiterState],
+) -> Result<(), RateLimiterError> {
+    if states.len() != N {
+        return Err(RateLimiterError::StateCount {
+            expected: N,
+            got: states.len(),
+        });
+    }
+    for (limiter, state) in limiters.iter().zip(states) {
+        match limiter {
+            Some(limiter) => limiter.check_state(state)?,
+            None if state.is_unlimited() => {}
+            None => {
+                return Err(RateLimiterError::StateBucketMismatch {
+                    token_type: match state.bandwidth {
+                        Some(_) => TokenType::Bytes,
+                        None => TokenType::Ops,
+                    },
+                    saved: true,
+                })
+            }
+        }
+    }
+    for (limiter, state) in limiters.iter_mut().zip(states) {
+        if let Some(limiter) = limiter {
+            limiter.restore_state(state)?;
+        }
+    }
+    Ok(())
 }
 
 /// The limiter's timer fired (or its fd is otherwise readable): unblock it. A spurious

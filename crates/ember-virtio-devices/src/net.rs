@@ -35,7 +35,9 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
-use ember_rate_limiter::{warn_limited, RateLimiter, RateLimiterConfig, RateLimiterError};
+use ember_rate_limiter::{
+    warn_limited, RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState,
+};
 use ember_virtio::{
     device_type, ActivateDevice, ActivateError, Activation, ActiveQueue, PauseError, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -582,6 +584,21 @@ impl VirtioDevice for Net {
             }
             self.limiters_replaced = false;
         }
+    }
+
+    /// Two states: rx, then tx.
+    fn save_rate_limiters(&mut self) -> Vec<RateLimiterState> {
+        crate::limited::save_limiters([self.rx_limiter.as_mut(), self.tx_limiter.as_mut()])
+    }
+
+    fn restore_rate_limiters(
+        &mut self,
+        states: &[RateLimiterState],
+    ) -> Result<(), RateLimiterError> {
+        crate::limited::restore_limiters(
+            [self.rx_limiter.as_mut(), self.tx_limiter.as_mut()],
+            states,
+        )
     }
 
     /// Stops the worker after the frame in flight (an rx pass ends within

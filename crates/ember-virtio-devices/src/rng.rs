@@ -14,7 +14,9 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
-use ember_rate_limiter::{error_limited, RateLimiter, RateLimiterConfig, RateLimiterError};
+use ember_rate_limiter::{
+    error_limited, RateLimiter, RateLimiterConfig, RateLimiterError, RateLimiterState,
+};
 use ember_virtio::{
     device_type, ActivateDevice, ActivateError, Activation, ActiveQueue, PauseError, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -183,6 +185,17 @@ impl VirtioDevice for Rng {
                 self.limiter = handler.limiter;
             }
         }
+    }
+
+    fn save_rate_limiters(&mut self) -> Vec<RateLimiterState> {
+        crate::limited::save_limiters([self.limiter.as_mut()])
+    }
+
+    fn restore_rate_limiters(
+        &mut self,
+        states: &[RateLimiterState],
+    ) -> Result<(), RateLimiterError> {
+        crate::limited::restore_limiters([self.limiter.as_mut()], states)
     }
 
     /// Stops the worker after the chain in flight and gives back the queue; the rate

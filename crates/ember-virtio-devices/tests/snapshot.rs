@@ -14,6 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ember_bus::BusDevice;
+use ember_rate_limiter::{
+    RateLimiterConfig, RateLimiterState, TokenBucketConfig, TokenBucketState,
+};
 use ember_virtio_devices::block::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT};
 use ember_virtio_devices::ember_virtio::mmio::{reg, status, MmioTransport};
 use ember_virtio_devices::ember_virtio::{
@@ -714,4 +717,149 @@ fn restore_rejects_mismatched_states() {
     notify(&blk, 0);
     guest.wait_used(0, 1);
     assert_written(&guest, &path, 0..1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Rate limiter levels
+
+/// A bucket that refills in an hour: nothing comes back while a test runs.
+fn slow_bucket(size: u64) -> Option<TokenBucketConfig> {
+    Some(TokenBucketConfig {
+        size,
+        one_time_burst: 0,
+        refill_time_ms: 3_600_000,
+    })
+}
+
+fn limited_block(path: &Path, ops: u64) -> Box<Block> {
+    let limits = RateLimiterConfig {
+        bandwidth: None,
+        ops: slow_bucket(ops),
+    };
+    Box::new(block(path).with_rate_limiter(limits).unwrap())
+}
+
+/// (e) A restored disk goes on with the tokens its limiter had: a guest that spent its
+/// ops bucket before the snapshot gets no fresh one from the restore, while the same
+/// snapshot with full buckets serves the request at once.
+#[test]
+fn block_rate_limiter_levels_survive_a_restore() {
+    const OPS: u64 = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(&dir);
+    let mem = memory();
+    let mut guest = Guest::new(&mem, 1);
+    let old = transport(limited_block(&path, OPS), &mem);
+    guest.set_up(&old);
+    // The bucket's 4 requests, and one more charged after it was done: a debt of 1.
+    for r in 0..=OPS {
+        add_write(&mut guest, r).unwrap();
+    }
+    notify(&old, 0);
+    guest.wait_used(0, OPS as u16 + 1);
+    old.pause().unwrap();
+    let state = snapshot(&old);
+    drop(old);
+    let in_debt = TokenBucketState {
+        budget: 0,
+        one_time_burst: 0,
+        debt: 1,
+    };
+    assert_eq!(
+        state.rate_limiters,
+        [RateLimiterState {
+            bandwidth: None,
+            ops: Some(in_debt)
+        }]
+    );
+
+    // The guest's next request waits in the ring: the restored limiter is in debt.
+    let restored = transport(limited_block(&path, OPS), &mem);
+    restored.restore_state(&state).unwrap();
+    add_write(&mut guest, OPS + 1).unwrap();
+    notify(&restored, 0);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        guest.used_idx(0),
+        OPS as u16 + 1,
+        "a restored disk served a request its limiter had no tokens for"
+    );
+    restored.pause().unwrap();
+    assert_eq!(
+        restored.save_state().unwrap().rate_limiters,
+        state.rate_limiters
+    );
+    drop(restored);
+
+    // The same snapshot with a fresh limiter's levels: served at once.
+    let fresh = transport(limited_block(&path, OPS), &mem);
+    let mut full = state.clone();
+    full.rate_limiters = fresh.save_state().unwrap().rate_limiters;
+    assert_eq!(full.rate_limiters[0].ops.map(|b| b.budget), Some(OPS));
+    fresh.restore_state(&full).unwrap();
+    guest.wait_used(0, OPS as u16 + 2);
+    assert_written(&guest, &path, 0..OPS + 2);
+}
+
+/// (f) Saved limiter levels that do not fit the new device's limiters are refused by
+/// name, and the transport stays usable.
+#[test]
+fn restore_rejects_rate_limiter_states_that_do_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(&dir);
+    let mem = memory();
+    let limited = transport(limited_block(&path, 8), &mem);
+    let saved = limited.save_state().unwrap();
+    drop(limited);
+    let unlimited_state = transport(block(&path), &mem).save_state().unwrap();
+    assert_eq!(unlimited_state.rate_limiters, [RateLimiterState::default()]);
+
+    let cases: [(Vec<RateLimiterState>, &[&str]); 3] = [
+        (Vec::new(), &["rate limiters", "0 saved", "1 rate limiters"]),
+        (
+            unlimited_state.rate_limiters.clone(),
+            &["no levels for the limiter's ops bucket"],
+        ),
+        (
+            vec![RateLimiterState {
+                bandwidth: None,
+                ops: Some(TokenBucketState {
+                    budget: 9,
+                    one_time_burst: 0,
+                    debt: 0,
+                }),
+            }],
+            &["ops", "budget 9", "(8)"],
+        ),
+    ];
+    let t = transport(limited_block(&path, 8), &mem);
+    for (rate_limiters, words) in cases {
+        let state = MmioTransportState {
+            rate_limiters,
+            ..saved.clone()
+        };
+        let err = t.restore_state(&state).unwrap_err();
+        assert!(matches!(err, TransportError::RestoreInvalid(_)), "{err:?}");
+        let message = err.to_string();
+        for word in words {
+            assert!(message.contains(word), "{message:?} lacks {word:?}");
+        }
+        assert_eq!(t.save_state().unwrap(), saved, "a refused state changed it");
+    }
+    // A limited state into an unlimited disk, and a net's two limiters into a disk.
+    let other_dir = tempfile::tempdir().unwrap();
+    let err = transport(block(&image(&other_dir)), &mem)
+        .restore_state(&saved)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("ops bucket levels but the limiter has no ops bucket"),
+        "{err}"
+    );
+    let net = transport(
+        Box::new(Net::with_backend(Box::new(Fake::default()), Some(MAC))),
+        &mem,
+    );
+    assert_eq!(net.save_state().unwrap().rate_limiters.len(), 2, "rx, tx");
+    t.restore_state(&saved).unwrap();
 }

@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use ember_rate_limiter::{RateLimiterError, RateLimiterState};
 use virtio_queue::Queue;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
@@ -237,6 +238,38 @@ pub trait VirtioDevice: Send {
         Err(PauseError::Unsupported {
             device_type: self.device_type(),
         })
+    }
+
+    /// The levels of the device's rate limiters, for a snapshot of a paused (or never
+    /// activated) device: one state per limiter the device can have, in an order of its
+    /// own (a disk: one; a network card: rx, tx), [`RateLimiterState::default`] for one
+    /// that limits nothing. Without them a restored guest would start with full buckets
+    /// and its one-time bursts again.
+    ///
+    /// The default: a device without rate limiters.
+    fn save_rate_limiters(&mut self) -> Vec<RateLimiterState> {
+        Vec::new()
+    }
+
+    /// Sets the device's rate limiters to levels [`save_rate_limiters`] gave, on a
+    /// device built with the same limits, before it is activated. A state that does not
+    /// fit (another number of limiters, a bucket the limiter lacks, a level above its
+    /// settings) is refused with the error naming it.
+    ///
+    /// The default accepts only states of no limit at all.
+    ///
+    /// [`save_rate_limiters`]: VirtioDevice::save_rate_limiters
+    fn restore_rate_limiters(
+        &mut self,
+        states: &[RateLimiterState],
+    ) -> Result<(), RateLimiterError> {
+        match states.iter().all(RateLimiterState::is_unlimited) {
+            true => Ok(()),
+            false => Err(RateLimiterError::StateCount {
+                expected: 0,
+                got: states.len(),
+            }),
+        }
     }
 }
 

@@ -140,6 +140,8 @@ pub use state::{MmioQueueState, MmioTransportState, QueueState};
 
 /// The bus crate whose `BusDevice` the transport implements.
 pub use ember_bus;
+/// The rate limiter crate whose saved states [`VirtioDevice`] devices give and take.
+pub use ember_rate_limiter;
 /// The virtio-queue crate this crate is built on (its `Queue` is in [`ActiveQueue`]).
 pub use virtio_queue;
 /// The vm-memory crate this crate is built on (guest memory, [`Activation::mem`]).

@@ -9,6 +9,7 @@
 //! [`MmioTransport::save_state`]: crate::MmioTransport::save_state
 //! [`MmioTransport::restore_state`]: crate::MmioTransport::restore_state
 
+use ember_rate_limiter::RateLimiterState;
 use serde::{Deserialize, Serialize};
 
 /// A serde mirror of virtio-queue's [`QueueState`](virtio_queue::QueueState): a queue's
@@ -134,4 +135,9 @@ pub struct MmioTransportState {
     pub activated: bool,
     /// One per device queue, in index order.
     pub queues: Vec<MmioQueueState>,
+    /// The levels of the device's rate limiters
+    /// ([`VirtioDevice::save_rate_limiters`](crate::VirtioDevice::save_rate_limiters));
+    /// none when a self-describing format (JSON) leaves them out.
+    #[serde(default)]
+    pub rate_limiters: Vec<RateLimiterState>,
 }

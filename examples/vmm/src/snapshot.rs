@@ -31,7 +31,7 @@ pub const STATE_FILE: &str = "vmstate";
 pub const MEMORY_FILE: &str = "memory";
 
 /// The state file's format version; a file of another version is refused.
-pub const SNAPSHOT_VERSION: u32 = 1;
+pub const SNAPSHOT_VERSION: u32 = 2;
 
 /// A full snapshot, or only what changed since the previous one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -36,10 +36,12 @@ fn cmdline(rounds: u32, idle: bool) -> String {
     )
 }
 
-/// `ember` running the scenario on `disk`, serving the API on `socket`.
+/// `ember` running the scenario on `disk` (with `disk_options` after its path),
+/// serving the API on `socket`.
 fn ember_with_api(
     guest: &Path,
     disk: &Path,
+    disk_options: &str,
     socket: &Path,
     rounds: u32,
     extra: &[&str],
@@ -57,7 +59,7 @@ fn ember_with_api(
             "2",
         ])
         .arg("--disk")
-        .arg(format!("path={}", disk.display()))
+        .arg(format!("path={}{disk_options}", disk.display()))
         .arg("--api-sock")
         .arg(socket)
         .args(extra);
@@ -176,7 +178,7 @@ fn a_guest_snapshotted_killed_and_restored_finishes_like_an_uninterrupted_one() 
 
     let disk = disk_image(dir.path(), "snap.img");
     let socket = dir.path().join("api.sock");
-    let mut first = ember_with_api(&guest, &disk, &socket, ROUNDS, &[]);
+    let mut first = ember_with_api(&guest, &disk, "", &socket, ROUNDS, &[]);
     first
         .wait_for_line(
             "virtio-guest: snapshot round 100 ",
@@ -248,7 +250,16 @@ fn snapshot_load_through_the_api_and_pause_resume_in_place() {
 
     let disk = disk_image(dir.path(), "snap.img");
     let socket = dir.path().join("api.sock");
-    let mut first = ember_with_api(&guest, &disk, &socket, ROUNDS, &[]);
+    // A rate-limited disk (generous: the result is the unlimited reference's), so the
+    // load restores its limiter's levels into a limiter built from the saved config.
+    let mut first = ember_with_api(
+        &guest,
+        &disk,
+        ",ops_size=100000,ops_refill_time=1000",
+        &socket,
+        ROUNDS,
+        &[],
+    );
     first
         .wait_for_line(
             "virtio-guest: snapshot round 20 ",
@@ -358,7 +369,7 @@ fn a_diff_snapshot_holds_only_the_pages_that_changed() {
     let expected = reference(&guest, dir.path(), ROUNDS);
     let disk = disk_image(dir.path(), "snap.img");
     let socket = dir.path().join("api.sock");
-    let mut run = ember_with_api(&guest, &disk, &socket, ROUNDS, &["--track-dirty-pages"]);
+    let mut run = ember_with_api(&guest, &disk, "", &socket, ROUNDS, &["--track-dirty-pages"]);
     run.wait_for_line(
         "virtio-guest: snapshot round 30 ",
         0,
@@ -472,7 +483,7 @@ fn corrupt_truncated_or_other_version_snapshots_are_refused_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let disk = disk_image(dir.path(), "snap.img");
     let socket = dir.path().join("api.sock");
-    let mut run = ember_with_api(&guest, &disk, &socket, ROUNDS, &[]);
+    let mut run = ember_with_api(&guest, &disk, "", &socket, ROUNDS, &[]);
     run.wait_for_line(
         "virtio-guest: snapshot round 5 ",
         0,

@@ -10,7 +10,8 @@
 //!    an [`ember_devices::Serial`] with a sink output, an [`ember_devices::I8042`], and
 //!    per [`MmioTransportState`] a fresh [`MmioTransport`] over 1 MiB of guest memory
 //!    with a real device (virtio-net on a quiet backend if the state says device type
-//!    1, virtio-rng otherwise, so that other types exercise the device-type check). An
+//!    1, virtio-rng otherwise, so that other types exercise the device-type check),
+//!    each with real rate limiters (so saved limiter levels are checked against them). An
 //!    activated state that is accepted starts the device's worker thread on the
 //!    restored queues; a few register reads follow, then everything is dropped (which
 //!    stops the worker). vCPU and VM (irqchip, PIT, clock) states are only parsed:
@@ -32,7 +33,7 @@
 //! one saves); one that accepts it reads back its identity, status, queue selection
 //! and configuration generation, saves back the state (not activated), or pauses and
 //! saves back the same registers and queues (activated; ring positions and interrupt
-//! bits may move while the worker runs).
+//! bits may move while the worker runs, and limiter levels may only go down).
 //!
 //! Cost per input: at most [`MAX_TRANSPORTS`] transports, and a worker thread only for
 //! an activated state that passes every check. Spawning and joining it is the cost
@@ -49,6 +50,7 @@ use ember_devices::{
     ExitSignal, I8042State, IrqLine, Serial, SerialOutput, SerialState, I8042,
     I8042_OUTPUT_BUFFER_SIZE, SERIAL_FIFO_SIZE,
 };
+use ember_rate_limiter::{RateLimiterConfig, TokenBucketConfig, TokenBucketState};
 use ember_snapshot::{decode, encode, frame, unframe, SnapshotError};
 use ember_vcpu::state::VcpuState;
 use ember_virtio::mmio::{reg, MmioTransport};
@@ -60,7 +62,7 @@ use ember_vm::VmState;
 use serde::{Deserialize, Serialize};
 
 /// The format version the harness reads and writes.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Guest memory behind the restored transports.
 pub const MEMORY_SIZE: usize = 1 << 20;
@@ -261,12 +263,51 @@ fn read_reg(t: &MmioTransport<Mem>, offset: u64) -> u32 {
     u32::from_le_bytes(bytes)
 }
 
+/// A bucket that refills so slowly (an hour) that its level cannot change while an
+/// input runs, except by what the device takes.
+fn slow_bucket(size: u64, one_time_burst: u64) -> Option<TokenBucketConfig> {
+    Some(TokenBucketConfig {
+        size,
+        one_time_burst,
+        refill_time_ms: 3_600_000,
+    })
+}
+
+/// The network device the harness restores: rx limited by bandwidth, tx by
+/// operations, so that saved limiter levels meet real limiters (and every mismatch).
+pub fn harness_net() -> Net {
+    let mut net = Net::with_backend(Box::new(Quiet), Some([2, 0, 0, 0, 0, 1]));
+    net.set_rate_limiters(
+        RateLimiterConfig {
+            bandwidth: slow_bucket(1 << 20, 4096),
+            ops: None,
+        },
+        RateLimiterConfig {
+            bandwidth: None,
+            ops: slow_bucket(256, 0),
+        },
+    )
+    .expect("valid limits");
+    net
+}
+
+/// The entropy device the harness restores for every other device type: limited by
+/// both buckets.
+pub fn harness_rng() -> Rng {
+    Rng::new()
+        .with_rate_limiter(RateLimiterConfig {
+            bandwidth: slow_bucket(1 << 16, 1 << 12),
+            ops: slow_bucket(64, 8),
+        })
+        .expect("valid limits")
+}
+
 /// Restores `saved` into a new transport; `None` if refused, else whether it runs.
 fn restore_transport(mem: &Mem, saved: &MmioTransportState) -> Option<bool> {
     let device: Box<dyn ActivateDevice<Mem>> = if saved.device_type == NET {
-        Box::new(Net::with_backend(Box::new(Quiet), Some([2, 0, 0, 0, 0, 1])))
+        Box::new(harness_net())
     } else {
-        Box::new(Rng::new())
+        Box::new(harness_rng())
     };
     let irq = EventFd::new(EFD_NONBLOCK).ok()?;
     let t = MmioTransport::new(device, Arc::clone(mem), irq).ok()?;
@@ -316,12 +357,25 @@ fn restore_transport(mem: &Mem, saved: &MmioTransportState) -> Option<bool> {
         );
         return Some(false);
     }
-    // Running: the worker may have served chains (moving ring positions) and raised
-    // the used-buffer interrupt; nothing else moves.
+    // Running: the worker may have served chains (moving ring positions, taking
+    // tokens) and raised the used-buffer interrupt; nothing else moves.
     assert_eq!(interrupts & saved.interrupt_status, saved.interrupt_status);
     t.pause().expect("a restored device pauses");
     let mut back = t.save_state().expect("a paused transport saves");
     back.interrupt_status = saved.interrupt_status;
+    assert_eq!(back.rate_limiters.len(), saved.rate_limiters.len());
+    for (b, s) in back.rate_limiters.iter().zip(&saved.rate_limiters) {
+        for (b, s) in [(b.bandwidth, s.bandwidth), (b.ops, s.ops)] {
+            let tokens = |l: TokenBucketState| {
+                i128::from(l.budget) + i128::from(l.one_time_burst) - i128::from(l.debt)
+            };
+            let (Some(b), Some(s)) = (b, s) else {
+                panic!("a restored limiter lost or gained a bucket: {b:?}, {s:?}");
+            };
+            assert!(tokens(b) <= tokens(s), "tokens appeared: {b:?} after {s:?}");
+        }
+    }
+    back.rate_limiters.clone_from(&saved.rate_limiters);
     for (b, s) in back.queues.iter_mut().zip(&saved.queues) {
         if let (Some(b), Some(s)) = (&mut b.active, &s.active) {
             b.next_avail = s.next_avail;

@@ -135,16 +135,19 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
     /// and each queue with its ring positions. Requires the device to be paused, or
     /// not activated ([`TransportError::NotPaused`] otherwise).
     ///
-    /// Device-specific state (a disk's path, a tap, a MAC address) is not in it: a
-    /// restore builds the same device again and gives it to a new transport.
+    /// Of the device's own state it holds only the levels of its rate limiters
+    /// ([`VirtioDevice::save_rate_limiters`](crate::VirtioDevice::save_rate_limiters)):
+    /// the rest (a disk's path, a tap, a MAC address) is configuration, and a restore
+    /// builds the same device again and gives it to a new transport.
     pub fn save_state(&self) -> Result<MmioTransportState, TransportError> {
-        let inner = self.lock();
-        let regs = &inner.regs;
-        if regs.activated && inner.paused.is_none() {
+        let mut inner = self.lock();
+        if inner.regs.activated && inner.paused.is_none() {
             return Err(TransportError::NotPaused {
                 device_type: self.device_type,
             });
         }
+        let rate_limiters = inner.device.save_rate_limiters();
+        let regs = &inner.regs;
         let mut queues: Vec<MmioQueueState> = regs
             .queues
             .iter()
@@ -175,6 +178,7 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
             config_generation: inner.config_generation(),
             activated: regs.activated,
             queues,
+            rate_limiters,
         })
     }
 
@@ -188,7 +192,8 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
     ///
     /// Nothing changes if the state is refused: another device type
     /// ([`TransportError::RestoreDeviceType`]), queue count or maximum size, features
-    /// the device does not offer, inconsistent registers or rings outside guest memory
+    /// the device does not offer, inconsistent registers, rings outside guest memory or
+    /// rate limiter levels the device's limiters cannot take
     /// ([`TransportError::RestoreInvalid`]), a transport the driver already set up
     /// ([`TransportError::RestoreNotFresh`]), or a device that fails to start
     /// ([`TransportError::Start`]).
@@ -210,6 +215,12 @@ impl<M: GuestAddressSpace> MmioTransport<M> {
                 }
             }
         }
+        // Validated whole before anything changes, and applied to a device that is not
+        // running yet.
+        inner
+            .device
+            .restore_rate_limiters(&state.rate_limiters)
+            .map_err(|e| invalid(format!("rate limiters: {e}")))?;
         let indices: Vec<u16> = queues.iter().map(|q| q.index).collect();
         inner.regs = regs;
         self.interrupt
