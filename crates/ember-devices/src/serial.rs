@@ -664,10 +664,17 @@ mod tests {
     }
 
     /// A writer stuck in its first write until the test drops the sender, like
-    /// `write(2)` to a pipe nobody reads.
-    struct Stuck(std::sync::mpsc::Receiver<()>, SharedBuf);
+    /// `write(2)` to a pipe nobody reads. It says when it is stuck on the third field.
+    struct Stuck(
+        std::sync::mpsc::Receiver<()>,
+        SharedBuf,
+        Option<std::sync::mpsc::Sender<()>>,
+    );
     impl Write for Stuck {
         fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            if let Some(entered) = self.2.take() {
+                let _ = entered.send(());
+            }
             let _ = self.0.recv();
             self.1.write(data)
         }
@@ -679,21 +686,28 @@ mod tests {
     #[test]
     fn a_stalled_output_never_blocks_the_guest() {
         let (release, stuck) = std::sync::mpsc::channel();
+        let (entered, writer_stuck) = std::sync::mpsc::channel();
         let out = SharedBuf::default();
         let serial = Serial::with_buffer_size(
-            SerialOutput::Background(Box::new(Stuck(stuck, out.clone()))),
+            SerialOutput::Background(Box::new(Stuck(stuck, out.clone(), Some(entered)))),
             IrqLine::new().unwrap(),
             64,
         )
         .unwrap();
         let (bus, serial) = bus_with(serial);
         let bus = Arc::new(bus);
-        // The guest floods THR from a vCPU thread while the writer is stuck; with a
-        // blocking output this thread would never finish.
+        // The writer takes the first byte and is stuck writing it (so a byte is in
+        // flight whatever the scheduler does)...
+        bus.write(THR, b"a").unwrap();
+        writer_stuck
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the writer never started writing");
+        // ...while the guest floods THR from a vCPU thread; with a blocking output this
+        // thread would never finish.
         let vcpu_bus = Arc::clone(&bus);
         let (done, finished) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            for i in 0..10_000u32 {
+            for i in 1..10_000u32 {
                 vcpu_bus.write(THR, &[b'a' + (i % 26) as u8]).unwrap();
             }
             let _ = done.send(());
@@ -711,7 +725,7 @@ mod tests {
         assert_eq!(read_byte(&bus, RBR), b'k');
         assert!(!serial.flush_output(Duration::ZERO));
 
-        // Giving up drops what is queued (the stuck write keeps its bytes).
+        // Giving up drops what is queued (the stuck write keeps its byte).
         serial.abandon_output();
         assert!(!serial.flush_output(Duration::from_secs(60)));
         assert_eq!(
@@ -726,7 +740,7 @@ mod tests {
         let (release, stuck) = std::sync::mpsc::channel();
         let out = SharedBuf::default();
         let serial = Serial::new(
-            SerialOutput::Background(Box::new(Stuck(stuck, out.clone()))),
+            SerialOutput::Background(Box::new(Stuck(stuck, out.clone(), None))),
             IrqLine::new().unwrap(),
         )
         .unwrap();
