@@ -171,6 +171,8 @@ pub const HIGH_MMIO_ALIGN: u64 = GIB;
 pub const I8042_PORT: u16 = 0x60;
 /// Size of the i8042's port range (0x60..=0x64).
 pub const I8042_PORT_SIZE: u64 = 5;
+/// The i8042's command/status port, the last of its range.
+pub const I8042_COMMAND_PORT: u16 = I8042_PORT + (I8042_PORT_SIZE as u16 - 1);
 /// The first serial port (COM1), a 16550A.
 pub const COM1_PORT: u16 = 0x3f8;
 /// Size of a 16550A's port range.

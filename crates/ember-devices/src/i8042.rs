@@ -331,8 +331,11 @@ impl State {
 /// Linux does not do once booted. For Linux to act on the keys it needs its i8042 and
 /// AT keyboard drivers (`CONFIG_SERIO_I8042`, `CONFIG_KEYBOARD_ATKBD`) and, since the
 /// keyboard itself does not answer commands, `i8042.dumbkbd` on its command line (as
-/// Firecracker documents for `SendCtrlAltDel`); it then handles Ctrl+Alt+Del as
-/// `ctrl_alt_del()` does (by default, signalling init).
+/// Firecracker documents for `SendCtrlAltDel`), plus `CONFIG_VT` for the keyboard
+/// handler; it then handles Ctrl+Alt+Del as `ctrl_alt_del()` does: a restart at once,
+/// or, once init has turned that off (as inits do, or by writing 0 to
+/// `/proc/sys/kernel/ctrl-alt-del`), `SIGINT` to init. `examples/vmm`'s
+/// `linux_devices` test checks the second with Ember's small kernel.
 ///
 /// ```
 /// use std::sync::Arc;

@@ -81,8 +81,8 @@
 //! (`acpi_generic_reduced_hw_init` installs `null_legacy_pic`), so it does
 //! not pre-assign Linux IRQs 0-15 to IOAPIC pins 0-15: an interrupt is
 //! usable once a device description asks for its GSI. A device the guest
-//! should use with interrupts (COM1, virtio-mmio) therefore belongs in the
-//! DSDT.
+//! should use with interrupts (COM1, the i8042's keyboard, virtio-mmio)
+//! therefore belongs in the DSDT.
 
 use ember_arch::layout::{
     ACPI_DSDT_START, ACPI_FADT_START, ACPI_MADT_START, ACPI_RSDP_START, ACPI_XSDT_START,

@@ -1,12 +1,15 @@
-//! Ready-made DSDT descriptions of the devices Ember's VMM has: a 16550 serial port
-//! and a virtio-mmio transport. Each implements [`Aml`] and goes in
+//! Ready-made DSDT descriptions of the devices Ember's VMM has: a 16550 serial port,
+//! the i8042's keyboard port and a virtio-mmio transport. Each implements [`Aml`] and goes in
 //! [`AcpiConfig::devices`](crate::acpi::AcpiConfig::devices); a device of your own
 //! implements [`Aml`] the same way (see the [`aml`](crate::aml) module).
 //!
 //! Hardware-reduced ACPI gives Linux no legacy IRQs of its own: a device the guest
 //! should use with interrupts must be described here, with its GSI.
 
-use ember_arch::layout::{COM1_GSI, COM1_PORT, IOAPIC_PINS, SERIAL_PORT_SIZE};
+use ember_arch::layout::{
+    COM1_GSI, COM1_PORT, I8042_COMMAND_PORT, I8042_KEYBOARD_GSI, I8042_PORT, IOAPIC_PINS,
+    SERIAL_PORT_SIZE,
+};
 
 use crate::aml::{
     Aml, Device, EisaId, Interrupt, Io, Memory32Fixed, Name, NameSeg, ResourceTemplate,
@@ -54,6 +57,18 @@ pub enum DescriptionError {
 const SERIAL_HID: EisaId = match EisaId::new(b"PNP0501") {
     Ok(id) => id,
     Err(_) => panic!("PNP0501 is an EISA ID"),
+};
+
+/// `_HID` of a PC/AT keyboard controller (8042), which Linux's i8042 driver matches.
+const KEYBOARD_HID: EisaId = match EisaId::new(b"PNP0303") {
+    Ok(id) => id,
+    Err(_) => panic!("PNP0303 is an EISA ID"),
+};
+
+/// The i8042's device name in the DSDT.
+const KEYBOARD_NAME: NameSeg = match NameSeg::new(b"PS2K") {
+    Ok(name) => name,
+    Err(_) => panic!("PS2K is a NameSeg"),
 };
 
 /// `_HID` that Linux's virtio_mmio driver matches.
@@ -139,6 +154,76 @@ impl Aml for Serial16550 {
                 &Name::new(NameSeg::HID, &SERIAL_HID),
                 &Name::new(NameSeg::UID, &self.uid),
                 &Name::new(NameSeg::CRS, &ResourceTemplate::new(&[&io, &irq])),
+            ],
+        )
+        .append_aml_bytes(bytes);
+    }
+}
+
+/// The keyboard port of an i8042 controller: `Device(PS2K)` with `_HID
+/// EISAID("PNP0303")`, `_UID 0`, and in `_CRS` the data port, the command/status port
+/// (in that order, as Linux's i8042 driver reads them) and the keyboard interrupt
+/// (edge, active high), as Firecracker describes its i8042.
+///
+/// Without it a guest on hardware-reduced ACPI has no IRQ 1: Linux's i8042 driver finds
+/// no PNP keyboard, probes the ports directly and fails to request the interrupt
+/// (`probe of i8042 failed with error -22`), so no key (Ctrl+Alt+Del) reaches it.
+///
+/// ```
+/// use ember_firmware::aml::Aml;
+/// use ember_firmware::devices::I8042Keyboard;
+///
+/// let bytes = I8042Keyboard::EMBER.to_aml_bytes();
+/// assert!(bytes.windows(4).any(|w| w == b"PS2K"));
+/// assert!(I8042Keyboard::new(0x60, 0x64, 1).is_ok());
+/// assert!(I8042Keyboard::new(0x60, 0x64, 24).is_err()); // no pin 24
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct I8042Keyboard {
+    data_port: u16,
+    command_port: u16,
+    gsi: u32,
+}
+
+impl I8042Keyboard {
+    /// The i8042 as Ember lays it out: data port [`I8042_PORT`], command/status port
+    /// [`I8042_COMMAND_PORT`], [`I8042_KEYBOARD_GSI`].
+    pub const EMBER: I8042Keyboard = I8042Keyboard {
+        data_port: I8042_PORT,
+        command_port: I8042_COMMAND_PORT,
+        gsi: I8042_KEYBOARD_GSI,
+    };
+
+    /// An i8042 with its data register at `data_port`, its command/status register at
+    /// `command_port`, and its keyboard interrupting on `gsi`.
+    ///
+    /// # Errors
+    ///
+    /// [`DescriptionError::BadGsi`] if `gsi` is not an IOAPIC pin.
+    pub fn new(data_port: u16, command_port: u16, gsi: u32) -> Result<Self, DescriptionError> {
+        check_gsi(gsi)?;
+        Ok(Self {
+            data_port,
+            command_port,
+            gsi,
+        })
+    }
+}
+
+impl Aml for I8042Keyboard {
+    fn append_aml_bytes(&self, bytes: &mut Vec<u8>) {
+        let data = Io::new(self.data_port, self.data_port, 1, 1);
+        let command = Io::new(self.command_port, self.command_port, 1, 1);
+        let irq = Interrupt::new(self.gsi);
+        Device::new(
+            KEYBOARD_NAME,
+            &[
+                &Name::new(NameSeg::HID, &KEYBOARD_HID),
+                &Name::new(NameSeg::UID, &0u32),
+                &Name::new(
+                    NameSeg::CRS,
+                    &ResourceTemplate::new(&[&data, &command, &irq]),
+                ),
             ],
         )
         .append_aml_bytes(bytes);
@@ -283,6 +368,38 @@ mod tests {
     fn virtio_mmio_bytes() {
         let v = VirtioMmio::new(0, 0xd000_0000, 0x1000, 5).unwrap();
         assert_eq!(v.to_aml_bytes(), VIRTIO_AML);
+    }
+
+    /// `Device(PS2K)` for Ember's i8042, assembled by hand as `COM1_AML` is.
+    const I8042_AML: &[u8] = &[
+        // ExtOpPrefix DeviceOp, PkgLength 57 = 0x39, "PS2K"
+        0x5b, 0x82, 0x39, b'P', b'S', b'2', b'K',
+        // Name(_HID, EISAID("PNP0303")): DWordPrefix 0x0303d041
+        0x08, b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x03, 0x03, // Name(_UID, Zero)
+        0x08, b'_', b'U', b'I', b'D', 0x00,
+        // Name(_CRS, Buffer(BytePrefix 27) {...}): BufferOp, PkgLength 30
+        0x08, b'_', b'C', b'R', b'S', 0x11, 0x1e, 0x0a, 0x1b,
+        // IO(Decode16, 0x60, 0x60, 1, 1): the data port
+        0x47, 0x01, 0x60, 0x00, 0x60, 0x00, 0x01, 0x01,
+        // IO(Decode16, 0x64, 0x64, 1, 1): the command/status port
+        0x47, 0x01, 0x64, 0x00, 0x64, 0x00, 0x01, 0x01,
+        // Interrupt(ResourceConsumer, Edge, ActiveHigh, Exclusive) {1}
+        0x89, 0x06, 0x00, 0x03, 0x01, 0x01, 0x00, 0x00, 0x00, // End Tag, checksum 0
+        0x79, 0x00,
+    ];
+
+    #[test]
+    fn i8042_bytes() {
+        assert_eq!(I8042Keyboard::EMBER.to_aml_bytes(), I8042_AML);
+        assert_eq!(KEYBOARD_HID.value(), 0x0303_d041);
+        assert_eq!(
+            I8042Keyboard::new(0x60, 0x64, 1).unwrap(),
+            I8042Keyboard::EMBER
+        );
+        assert_eq!(
+            I8042Keyboard::new(0x60, 0x64, 24),
+            Err(DescriptionError::BadGsi { gsi: 24, pins: 24 })
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ use ember_devices::{
 };
 use ember_firmware::acpi::{setup_acpi, AcpiConfig, AcpiShutdown as AcpiShutdownRegister};
 use ember_firmware::aml::Aml;
-use ember_firmware::devices::{Serial16550, VirtioMmio};
+use ember_firmware::devices::{I8042Keyboard, Serial16550, VirtioMmio};
 use ember_firmware::mptable::setup_mptable;
 use ember_memory::{create_guest_memory_with_bitmap, HugePages, MemoryError, MemoryLayout};
 use ember_memory::{AddressAllocator, GsiAllocator};
@@ -974,7 +974,7 @@ fn write_firmware_tables(
     // `check_vcpu_count` already held the count below the 8-bit APIC ID limit.
     let num_cpus = u8::try_from(vcpus).unwrap_or(u8::MAX);
     setup_mptable(memory, num_cpus).map_err(|e| BuildError::Firmware(e.into()))?;
-    let mut devices: Vec<&dyn Aml> = vec![&Serial16550::COM1];
+    let mut devices: Vec<&dyn Aml> = vec![&Serial16550::COM1, &I8042Keyboard::EMBER];
     devices.extend(virtio.iter().map(|d| d as &dyn Aml));
     setup_acpi(
         memory,

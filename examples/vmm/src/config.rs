@@ -159,6 +159,8 @@ pub struct VmConfig {
     pub track_dirty_pages: bool,
 }
 
-/// The command line a Linux guest gets when none is given: console on COM1, and reboot
-/// through the keyboard controller so that a guest `reboot` ends the VMM cleanly.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+/// The command line a Linux guest gets when none is given: console on COM1, reboot
+/// through the keyboard controller so that a guest `reboot` ends the VMM cleanly, and
+/// `i8042.dumbkbd` because the keyboard behind the i8042 sends keys (Ctrl+Alt+Del from
+/// `SendCtrlAltDel`) but answers no commands (Firecracker's default has it too).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 i8042.dumbkbd";

@@ -23,6 +23,10 @@
 //! * `net`: eth0 (virtio-net, the MAC from `--net`) on a tap in a network namespace the
 //!   test creates, link-local addresses only (169.254.77.1/16 on the tap, .2 in the guest):
 //!   3 pings to the host side all answered, and the tap's RX and TX counters moved;
+//! * `cad-wait`, `cad`: `/init` sets `/proc/sys/kernel/ctrl-alt-del` to 0 and waits; the
+//!   test presses Ctrl+Alt+Del (`PUT /actions` `SendCtrlAltDel` on `ember`'s API socket),
+//!   Linux's i8042 and AT keyboard drivers (`i8042.dumbkbd`) take the scancodes from
+//!   IRQ 1 and the kernel signals init, whose `SIGINT` trap reports it;
 //! * `done`, then `poweroff -f`: the ACPI power-off ends `ember` with exit status 0.
 //!
 //! A missing step line is a failure like a `FAIL` one, and so is a guest kernel panic or a
@@ -50,7 +54,8 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use ember_guests::testing::{
-    guest_script_path, kvm_available, linux_unavailable, tap_part_unavailable, TapNamespace,
+    api_request, guest_script_path, kvm_available, linux_unavailable, tap_part_unavailable,
+    TapNamespace,
 };
 
 const TEST: &str = "linux_userland_drives_every_device";
@@ -77,6 +82,8 @@ const STEPS: &[&str] = &[
     "rng",
     "net",
     "blk-umount",
+    "cad-wait",
+    "cad",
     "done",
 ];
 
@@ -226,6 +233,28 @@ elif err=$(umount /mnt 2>&1); then
 else
     step blk-umount FAIL "$err"
 fi
+
+# Ctrl+Alt+Del: the host presses it (SendCtrlAltDel on the API socket) when it sees
+# cad-wait. With /proc/sys/kernel/ctrl-alt-del 0 the kernel signals init (SIGINT)
+# instead of rebooting at once, as a real init asks it to.
+got_cad=0
+trap 'got_cad=1' INT
+if ! echo 0 >/proc/sys/kernel/ctrl-alt-del; then
+    step cad-wait FAIL "cannot write /proc/sys/kernel/ctrl-alt-del"
+else
+    step cad-wait OK "press Ctrl+Alt+Del"
+    waited=0
+    while [ "$got_cad" = 0 ] && [ "$waited" -lt 120 ]; do
+        sleep 1
+        waited=$((waited + 1))
+    done
+    if [ "$got_cad" = 1 ]; then
+        step cad OK "init got SIGINT within ${waited} s"
+    else
+        step cad FAIL "no SIGINT within 120 s"
+    fi
+fi
+trap - INT
 
 read -r up idle </proc/uptime
 step done OK "uptime=$up"
@@ -411,6 +440,9 @@ struct Boot {
     steps: BTreeMap<String, Step>,
     /// Since `ember` started, when it exited or was killed.
     ended: Duration,
+    /// The reply to `SendCtrlAltDel`, sent at the `cad-wait` step: status and body, or
+    /// why it could not be sent.
+    ctrl_alt_del: Option<Result<(u16, String), String>>,
 }
 
 impl Boot {
@@ -427,10 +459,11 @@ impl Boot {
     }
 }
 
-/// Runs `command` (`ember`, maybe under `ip netns exec`), collecting the console and the
-/// step lines, until it exits; kills it at `limit`, or 120 s after the `done` step when
-/// `poweroff -f` does not end it.
-fn boot(mut command: Command, limit: Duration) -> Boot {
+/// Runs `command` (`ember`, maybe under `ip netns exec`, serving its API on
+/// `api_socket`), collecting the console and the step lines, until it exits; presses
+/// Ctrl+Alt+Del at the `cad-wait` step; kills it at `limit`, or 120 s after the `done`
+/// step when `poweroff -f` does not end it.
+fn boot(mut command: Command, api_socket: &Path, limit: Duration) -> Boot {
     let start = Instant::now();
     let mut child = command
         .stdin(Stdio::null())
@@ -463,6 +496,7 @@ fn boot(mut command: Command, limit: Duration) -> Boot {
         stderr: String::new(),
         steps: BTreeMap::new(),
         ended: Duration::ZERO,
+        ctrl_alt_del: None,
     };
     let mut deadline = start + limit;
     let echo_all = required("EMBER_LINUX_DEVICES_ECHO");
@@ -492,6 +526,13 @@ fn boot(mut command: Command, limit: Duration) -> Boot {
                     let detail = words.next().unwrap_or_default().to_string();
                     if name == "done" {
                         deadline = deadline.min(Instant::now() + Duration::from_secs(120));
+                    }
+                    if name == "cad-wait" && status == "OK" && boot.ctrl_alt_del.is_none() {
+                        let body = r#"{"action_type": "SendCtrlAltDel"}"#;
+                        boot.ctrl_alt_del = Some(
+                            api_request(api_socket, "PUT", "/actions", Some(body))
+                                .map_err(|e| e.to_string()),
+                        );
                     }
                     boot.steps
                         .entry(name)
@@ -591,6 +632,7 @@ fn linux_userland_drives_every_device() {
     let ro_img = dir.path().join("ro.img");
     let ro_before = random_bytes(RO_DISK_BYTES);
     std::fs::write(&ro_img, &ro_before).unwrap();
+    let api_socket = dir.path().join("api.sock");
     let initrd = dir.path().join("initramfs.cpio");
     std::fs::write(&initrd, initramfs(&busybox)).unwrap();
 
@@ -603,8 +645,11 @@ fn linux_userland_drives_every_device() {
     };
     let counters_before = netns.as_ref().map(|ns| ns.packets().unwrap());
 
+    // i8042.dumbkbd: the keyboard behind Ember's i8042 sends scancodes and answers no
+    // commands (Firecracker documents the same for SendCtrlAltDel).
     let mut cmdline = format!(
-        "console=ttyS0 reboot=k panic=1 printk.devkmsg=on ember.token={write_token} ember.net={}",
+        "console=ttyS0 reboot=k panic=1 printk.devkmsg=on i8042.dumbkbd \
+         ember.token={write_token} ember.net={}",
         u8::from(netns.is_some())
     );
     if let Ok(extra) = std::env::var("EMBER_LINUX_DEVICES_CMDLINE") {
@@ -623,6 +668,8 @@ fn linux_userland_drives_every_device() {
         .args(["--disk", &format!("path={},readonly=on", ro_img.display())])
         .arg("--rng")
         .args(["--cmdline", &cmdline])
+        .arg("--api-sock")
+        .arg(&api_socket)
         .args(["--exit-stats", "-v"]);
     if netns.is_some() {
         command.args(["--net", &format!("tap={TAP},mac={GUEST_MAC}")]);
@@ -632,7 +679,7 @@ fn linux_userland_drives_every_device() {
         "{TEST}: booting {} (up to {limit:?}): {command:?}",
         vmlinux.display()
     );
-    let boot = boot(command, limit);
+    let boot = boot(command, &api_socket, limit);
 
     // -----------------------------------------------------------------------------------
     // Every step, checked; failures collected so that one run reports them all.
@@ -776,6 +823,14 @@ fn linux_userland_drives_every_device() {
             }
             Err(e) => fail(format!("{TAP} counters: {e}")),
         }
+    }
+    // cad: the API took the keys, and init got the signal (the step says so).
+    match &boot.ctrl_alt_del {
+        None if ok("cad-wait").is_some() => fail("SendCtrlAltDel was never sent".into()),
+        None => {}
+        Some(Ok((204, _))) => {}
+        Some(Ok((status, body))) => fail(format!("SendCtrlAltDel: HTTP {status}: {body}")),
+        Some(Err(e)) => fail(format!("SendCtrlAltDel: {e}")),
     }
     // poweroff -f: the ACPI power-off ends ember with status 0.
     match (&boot.killed_because, boot.exit_code) {
